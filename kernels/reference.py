@@ -82,11 +82,15 @@ def normalize_advantages(advantages: torch.Tensor, mask: torch.Tensor | None = N
     """(A - mean) / (std + 1e-8) over the valid entries, std with Bessel's correction (as CleanRL).
 
     With fewer than two valid entries the std is taken as 0 (torch's would be NaN), so the
-    normalised advantages are 0 rather than NaN. Invalid entries are set to 0.
+    normalised advantages are 0 rather than NaN; zero-variance advantages likewise give 0.
+    Invalid entries are set to 0.
     """
     m = torch.ones_like(advantages) if mask is None else mask.to(advantages.dtype)
     n = m.sum()
     mean = (advantages * m).sum() / n.clamp_min(1.0)
+    # Corrected two-pass mean: the rounding error of the first pass is summed back, so constant
+    # advantages give exactly zero deviations (else 1-ulp noise / (std ~ 1 ulp + 1e-8) is O(1)).
+    mean = mean + ((advantages - mean) * m).sum() / n.clamp_min(1.0)
     var = (((advantages - mean) * m) ** 2).sum() / (n - 1.0).clamp_min(1.0)
     return (advantages - mean) / (var.sqrt() + ADV_EPS) * m
 

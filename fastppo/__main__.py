@@ -1,0 +1,3 @@
+from fastppo.cli import entry
+
+entry()

@@ -1,0 +1,216 @@
+"""Training configuration: one dataclass, a docstring per field (tyro turns them into --help).
+
+Flag names follow CleanRL's ``ppo_atari_envpool.py`` / ``ppo.py`` so commands and W&B runs compare
+directly. A few defaults depend on the environment (CleanRL's Atari script and its classic-control
+``ppo.py`` differ): those fields default to ``None`` and :func:`resolve` fills them once the env is
+known. Derived sizes are computed and validated in one place, :func:`resolve`, before any
+environment or device memory is created.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from fastppo.envs import EnvInfo
+
+
+class ConfigError(ValueError):
+    """A bad user input; the CLI prints it as one line and exits with code 2."""
+
+
+@dataclass
+class Config:
+    # --- experiment -------------------------------------------------------------------------
+    exp_name: str = "fastppo"
+    """name of this experiment (part of the default run folder name)"""
+    seed: int = 1
+    """seed of torch, numpy and the environments (env i gets seed + i)"""
+    torch_deterministic: bool = True
+    """set torch.backends.cudnn.deterministic"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """training device: auto = cuda when available, else cpu"""
+    run_dir: str | None = None
+    """run folder (config.json, metrics.jsonl, checkpoints); default runs/<env>__<exp>__<seed>__<time>.
+    It must not hold a run already."""
+    save_every: int = 0
+    """write a checkpoint every this many iterations (0 = only at the end)"""
+
+    # --- environment ------------------------------------------------------------------------
+    env_id: str = "Pong-v5"
+    """EnvPool env id with a discrete action space (Atari '*-v5', or classic control such as
+    'CartPole-v1')"""
+    num_envs: int | None = None
+    """number of parallel environments (None: 8 for Atari, 4 for vector observations)"""
+    env_threads: int = 0
+    """EnvPool worker threads (0 = EnvPool's default)"""
+    repeat_action_probability: float = 0.0
+    """Atari sticky actions (0 as in CleanRL; 0.25 for the Machado et al. protocol)"""
+    max_episode_steps: int | None = None
+    """time limit in agent steps (None: EnvPool's, 27000 for Atari = 108k frames)"""
+
+    # --- algorithm --------------------------------------------------------------------------
+    total_timesteps: int | None = None
+    """total agent steps (None: 10M for Atari, 500k for vector observations)"""
+    learning_rate: float = 2.5e-4
+    """Adam learning rate (eps 1e-5)"""
+    anneal_lr: bool = True
+    """anneal the learning rate linearly to 0 over the run"""
+    num_steps: int = 128
+    """steps per env per rollout (T)"""
+    gamma: float = 0.99
+    """discount factor"""
+    gae_lambda: float = 0.95
+    """GAE lambda"""
+    num_minibatches: int = 4
+    """minibatches per epoch; num_envs * num_steps must divide by it"""
+    update_epochs: int = 4
+    """epochs over each rollout (K)"""
+    norm_adv: bool = True
+    """normalise advantages per minibatch, over its valid transitions"""
+    loss: Literal["clip", "penalty"] = "clip"
+    """PPO variant: clipped surrogate, or surrogate minus adaptive beta * KL(old || new)"""
+    clip_coef: float | None = None
+    """surrogate clip epsilon, also the value clip range (None: 0.1 for Atari, 0.2 otherwise)"""
+    clip_vloss: bool = True
+    """clip the value update to +-clip_coef around the collection-time value (CleanRL)"""
+    ent_coef: float = 0.01
+    """entropy bonus coefficient"""
+    vf_coef: float = 0.5
+    """value loss coefficient"""
+    max_grad_norm: float = 0.5
+    """global gradient-norm clip"""
+    target_kl: float | None = None
+    """stop the epochs of an update early when the k3 KL estimate exceeds this (CleanRL)"""
+    kl_coef: float = 1.0
+    """PPO-penalty: initial beta"""
+    kl_target: float = 0.01
+    """PPO-penalty: d; beta doubles when KL > kl_max and halves when KL < kl_min"""
+    kl_max: float | None = None
+    """PPO-penalty: upper KL bound (None: 1.5 * kl_target)"""
+    kl_min: float | None = None
+    """PPO-penalty: lower KL bound (None: kl_target / 1.5)"""
+    kernels: Literal["auto", "torch", "triton"] = "auto"
+    """implementation of GAE and the loss: auto = Triton on CUDA, torch reference on CPU"""
+
+    # --- derived sizes (read-only) ------------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        """Transitions per rollout: num_envs * num_steps."""
+        return self.num_envs * self.num_steps
+
+    @property
+    def minibatch_size(self) -> int:
+        return self.batch_size // self.num_minibatches
+
+    @property
+    def num_iterations(self) -> int:
+        """Rollout+update iterations: total_timesteps // batch_size."""
+        return self.total_timesteps // self.batch_size
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.update(batch_size=self.batch_size, minibatch_size=self.minibatch_size,
+                 num_iterations=self.num_iterations)
+        return d
+
+
+# CleanRL's per-kind defaults: ppo_atari_envpool.py for images, ppo.py for vector observations.
+ATARI_DEFAULTS = {"num_envs": 8, "total_timesteps": 10_000_000, "clip_coef": 0.1}
+VECTOR_DEFAULTS = {"num_envs": 4, "total_timesteps": 500_000, "clip_coef": 0.2}
+
+
+def resolve(cfg: Config, info: EnvInfo) -> Config:
+    """Fill the env-dependent defaults and validate every value; returns a new Config.
+
+    Raises ConfigError (one line, naming the value) on any bad input.
+    """
+    defaults = ATARI_DEFAULTS if info.is_atari else VECTOR_DEFAULTS
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
+    if cfg.kl_max is None:
+        cfg.kl_max = 1.5 * cfg.kl_target
+    if cfg.kl_min is None:
+        cfg.kl_min = cfg.kl_target / 1.5
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError on the first bad value."""
+    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "total_timesteps"):
+        value = getattr(cfg, name)
+        if value <= 0:
+            raise ConfigError(f"--{_flag(name)} must be positive, got {value}")
+    for name in ("env_threads", "save_every"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"--{_flag(name)} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.max_episode_steps is not None and cfg.max_episode_steps <= 0:
+        raise ConfigError(f"--max-episode-steps must be positive, got {cfg.max_episode_steps}")
+    for name in ("learning_rate", "clip_coef", "kl_target", "kl_max", "kl_min"):
+        if not getattr(cfg, name) > 0:
+            raise ConfigError(f"--{_flag(name)} must be positive, got {getattr(cfg, name)}")
+    for name in ("ent_coef", "vf_coef", "max_grad_norm", "kl_coef"):
+        if not getattr(cfg, name) >= 0:
+            raise ConfigError(f"--{_flag(name)} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.target_kl is not None and not cfg.target_kl > 0:
+        raise ConfigError(f"--target-kl must be positive, got {cfg.target_kl}")
+    for name in ("gamma", "gae_lambda"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise ConfigError(f"--{_flag(name)} must be in [0, 1], got {getattr(cfg, name)}")
+    if not 0.0 <= cfg.repeat_action_probability < 1.0:
+        raise ConfigError(f"--repeat-action-probability must be in [0, 1), got {cfg.repeat_action_probability}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: CUDA is not available on this machine (use --device cpu or auto)")
+    if cfg.kl_min >= cfg.kl_max:
+        raise ConfigError(f"--kl-min ({cfg.kl_min}) must be below --kl-max ({cfg.kl_max})")
+    if cfg.batch_size % cfg.num_minibatches:
+        raise ConfigError(
+            f"num_envs * num_steps = {cfg.num_envs} * {cfg.num_steps} = {cfg.batch_size} does not divide "
+            f"by --num-minibatches {cfg.num_minibatches}"
+        )
+    if cfg.total_timesteps < cfg.batch_size:
+        raise ConfigError(
+            f"--total-timesteps {cfg.total_timesteps} is less than one rollout "
+            f"(num_envs * num_steps = {cfg.batch_size})"
+        )
+
+
+def training_device(cfg: Config) -> torch.device:
+    """The device named by --device (auto = cuda when available)."""
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def default_run_dir(cfg: Config, now: float) -> str:
+    """runs/<env>__<exp>__<seed>__<unix time>, CleanRL's run name."""
+    name = f"{cfg.env_id}__{cfg.exp_name}__{cfg.seed}__{int(now)}"
+    return os.path.join("runs", re.sub(r"[^A-Za-z0-9_.-]", "_", name))
+
+
+RUN_MARKERS = ("config.json", "metrics.jsonl", "checkpoints")
+
+
+def check_run_dir(path: str) -> None:
+    """A run folder must be new or empty of run files: never overwrite a user's run."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"--run-dir {path!r} exists and is not a folder")
+    for marker in RUN_MARKERS:
+        if os.path.exists(os.path.join(path, marker)):
+            raise ConfigError(f"--run-dir {path!r} already holds a run ({marker}); choose another folder")
+
+
+def save_config(cfg: Config, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
+        f.write("\n")

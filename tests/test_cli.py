@@ -1,0 +1,161 @@
+"""The command line: bad input, a Pong smoke run, determinism, NaN handling, outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import read_metrics
+
+import fastppo.trainer
+from fastppo.checkpoint import list_checkpoints, load_checkpoint
+from fastppo.cli import main
+
+CARTPOLE = ["train", "--env-id", "CartPole-v1", "--device", "cpu"]
+
+
+@pytest.fixture
+def no_envs(monkeypatch):
+    """Bad input must be caught before any environment exists."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("an environment was created before the input was validated")
+
+    monkeypatch.setattr(fastppo.trainer, "make_envs", forbidden)
+
+
+BAD_INPUTS = [
+    (["--env-id", "Pongg-v5"], "unknown --env-id 'Pongg-v5'; close names: Pong-v5"),
+    (["--env-id", "Pendulum-v1"], "'Pendulum-v1' has a Box action space"),
+    (["--env-id", "CartPole-v1", "--num-envs", "3", "--num-steps", "5", "--num-minibatches", "4"],
+     "num_envs * num_steps = 3 * 5 = 15 does not divide by --num-minibatches 4"),
+    (["--env-id", "CartPole-v1", "--num-envs", "0"], "--num-envs must be positive, got 0"),
+    (["--env-id", "CartPole-v1", "--num-steps", "-3"], "--num-steps must be positive, got -3"),
+    (["--env-id", "CartPole-v1", "--update-epochs", "0"], "--update-epochs must be positive, got 0"),
+    (["--env-id", "CartPole-v1", "--num-minibatches", "0"], "--num-minibatches must be positive, got 0"),
+    (["--env-id", "CartPole-v1", "--total-timesteps", "100"], "--total-timesteps 100 is less than one rollout"),
+    (["--env-id", "CartPole-v1", "--learning-rate", "0"], "--learning-rate must be positive, got 0.0"),
+    (["--env-id", "CartPole-v1", "--gamma", "1.5"], "--gamma must be in [0, 1], got 1.5"),
+    (["--env-id", "CartPole-v1", "--loss", "penalty", "--kl-min", "0.1", "--kl-max", "0.05"],
+     "--kl-min (0.1) must be below --kl-max (0.05)"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD_INPUTS, ids=[m.split(" ")[0] + str(i) for i, (_, m) in
+                                                             enumerate(BAD_INPUTS)])
+def test_bad_input_is_one_line_exit_2(extra, message, tmp_path, capsys, no_envs):
+    run_dir = tmp_path / "run"
+    code = main(["train", "--device", "cpu", "--run-dir", str(run_dir), *extra])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert err.count("\n") == 1 and err.startswith("fastppo: error: ")
+    assert not run_dir.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda(tmp_path, capsys, no_envs):
+    code = main([*CARTPOLE[:-2], "--device", "cuda", "--run-dir", str(tmp_path / "r")])
+    assert code == 2
+    assert "--device cuda: CUDA is not available" in capsys.readouterr().err
+
+
+def test_run_dir_holding_a_run_is_refused_and_left_intact(tmp_path, capsys, no_envs):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"global_step": 1}\n')
+    code = main([*CARTPOLE, "--run-dir", str(run_dir)])
+    assert code == 2
+    assert f"--run-dir '{run_dir}' already holds a run (metrics.jsonl)" in capsys.readouterr().err
+    assert (run_dir / "metrics.jsonl").read_text() == '{"global_step": 1}\n'
+
+
+def test_help_lists_cleanrl_flags():
+    out = subprocess.run([sys.executable, "-m", "fastppo", "train", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for flag in ["--env-id", "--total-timesteps", "--num-envs", "--num-steps", "--num-minibatches",
+                 "--update-epochs", "--learning-rate", "--clip-coef", "--ent-coef", "--vf-coef",
+                 "--max-grad-norm", "--target-kl", "--loss", "--kl-coef", "--kl-target", "--seed", "--device",
+                 "--run-dir"]:
+        assert flag in out
+
+
+def test_pong_smoke_run(tmp_path):
+    run_dir = tmp_path / "pong"
+    code = main(["train", "--device", "cpu", "--run-dir", str(run_dir), "--num-steps", "32",
+                 "--total-timesteps", "1024"])
+    assert code == 0
+    metrics = read_metrics(run_dir)
+    assert [m["global_step"] for m in metrics] == [256, 512, 768, 1024]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["env_id"] == "Pong-v5" and config["num_envs"] == 8 and config["clip_coef"] == 0.1
+    ckpt = load_checkpoint(str(run_dir))
+    assert ckpt["global_step"] == 1024 and ckpt["iteration"] == 4
+    assert ckpt["model"]["network.0.weight"].shape == (32, 4, 8, 8)
+    for key in ["charts/SPS", "charts/learning_rate", "losses/policy_loss", "losses/value_loss", "losses/entropy",
+                "losses/approx_kl", "losses/old_approx_kl", "losses/clipfrac", "losses/explained_variance",
+                "losses/kl", "losses/kl_coef", "charts/episodic_return", "charts/episodic_length"]:
+        assert key in metrics[-1]
+
+
+def short_cartpole(run_dir, *extra):
+    return main([*CARTPOLE, "--run-dir", str(run_dir), "--total-timesteps", "4096", *extra])
+
+
+def test_same_seed_gives_identical_metrics(tmp_path):
+    assert short_cartpole(tmp_path / "a", "--seed", "7") == 0
+    assert short_cartpole(tmp_path / "b", "--seed", "7") == 0
+    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    for line in a + b:
+        line.pop("charts/SPS")
+    assert a == b
+    assert any(m["charts/episodic_return"] is not None for m in a)
+    # and a different seed gives a different run
+    assert short_cartpole(tmp_path / "c", "--seed", "8") == 0
+    c = read_metrics(tmp_path / "c")
+    assert [m["losses/value_loss"] for m in c] != [m["losses/value_loss"] for m in a]
+
+
+def test_penalty_variant_adapts_beta(tmp_path):
+    assert short_cartpole(tmp_path / "p", "--loss", "penalty", "--kl-coef", "1.0", "--kl-target", "0.01") == 0
+    metrics = read_metrics(tmp_path / "p")
+    betas = [m["losses/kl_coef"] for m in metrics]
+    kls = [m["losses/kl"] for m in metrics]
+    assert betas[0] == 1.0
+    for beta, kl, next_beta in zip(betas, kls, betas[1:], strict=False):
+        expected = beta * 2 if kl > 0.015 else beta / 2 if kl < 0.01 / 1.5 else beta
+        assert next_beta == pytest.approx(expected)
+    assert len(set(betas)) > 1
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    real = fastppo.trainer.minibatch_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss, stats = real(*args, **kwargs)
+        if calls["n"] > 2 * 16:  # iterations 1 and 2 are fine (16 minibatches each), then NaN
+            loss = loss * float("nan")
+        return loss, stats
+
+    monkeypatch.setattr(fastppo.trainer, "minibatch_loss", poisoned)
+    run_dir = tmp_path / "nan"
+    code = main([*CARTPOLE, "--run-dir", str(run_dir), "--total-timesteps", "4096", "--save-every", "1"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "loss is nan at iteration 3" in err and "ckpt_0000002.pt" in err
+    ckpts = list_checkpoints(str(run_dir))
+    assert [os.path.basename(p) for p in ckpts] == ["ckpt_0000001.pt", "ckpt_0000002.pt"]
+    state = load_checkpoint(str(run_dir))
+    assert state["iteration"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_target_kl_stops_epochs_early(tmp_path):
+    assert short_cartpole(tmp_path / "t", "--target-kl", "1e-9") == 0
+    assert all(m["losses/epochs"] == 1 for m in read_metrics(tmp_path / "t"))
