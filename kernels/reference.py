@@ -197,3 +197,64 @@ def ppo_loss(
         if kl_exact is not None:
             stats["kl"] = masked_mean(kl_exact, mask).detach()
     return loss, stats
+
+
+def gae_ppo_loss(
+    logits: torch.Tensor,
+    actions: torch.Tensor,
+    old_logp: torch.Tensor,
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    rewards: torch.Tensor,
+    terminated: torch.Tensor,
+    truncated: torch.Tensor,
+    *,
+    gamma: float,
+    gae_lambda: float,
+    clip_coef: float | None,
+    vf_coef: float,
+    ent_coef: float,
+    vf_clip_coef: float | None = None,
+    norm_adv: bool = True,
+    kl_coef: float = 0.0,
+    old_logits: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GAE from the current value predictions, then the PPO loss, for a minibatch of whole env columns.
+
+    Args:
+        logits: (T, n, A) current policy logits of the n env columns of this minibatch.
+        actions, old_logp, old_values: (T, n) as in ppo_loss.
+        values: (T + 1, n) current value predictions; row T is the bootstrap value. GAE runs on them
+            detached: advantages and returns are constants for the gradient (standard PPO), so the
+            gradient reaches values[:T] only through the value loss, and values[T] gets none.
+        rewards, terminated, truncated: (T, n) as in gae.
+        old_logits, mask: (T, n, A) and (T, n), optional, as in ppo_loss.
+        gamma, gae_lambda and the rest: as in gae and ppo_loss.
+
+    Returns:
+        (loss, stats) of ppo_loss on the T * n samples.
+    """
+    if logits.dim() != 3 or values.dim() != 2:
+        raise ValueError(f"logits must be (T, n, A) and values (T + 1, n), got {tuple(logits.shape)} "
+                         f"and {tuple(values.shape)}")
+    T, n, A = logits.shape
+    with torch.no_grad():
+        advantages, returns = gae(rewards, values.detach(), terminated, truncated, gamma, gae_lambda)
+    return ppo_loss(
+        logits.reshape(T * n, A),
+        actions.reshape(T * n),
+        old_logp.reshape(T * n),
+        advantages.reshape(T * n),
+        values[:T].reshape(T * n),
+        old_values.reshape(T * n),
+        returns.reshape(T * n),
+        clip_coef=clip_coef,
+        vf_coef=vf_coef,
+        ent_coef=ent_coef,
+        vf_clip_coef=vf_clip_coef,
+        norm_adv=norm_adv,
+        kl_coef=kl_coef,
+        old_logits=None if old_logits is None else old_logits.reshape(T * n, A),
+        mask=None if mask is None else mask.reshape(T * n),
+    )
