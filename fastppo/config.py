@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import tyro
 
 from fastppo.envs import EnvInfo
 
@@ -31,7 +32,8 @@ class Config:
     exp_name: str = "fastppo"
     """name of this experiment (part of the default run folder name)"""
     seed: int = 1
-    """seed of torch, numpy and the environments (env i gets seed + i)"""
+    """seed of torch, numpy and the environments (env i gets seed + i; under torchrun, env i of rank r gets
+    seed + r * num_envs + i and rank r seeds torch with seed + r)"""
     torch_deterministic: bool = True
     """set torch.backends.cudnn.deterministic"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -47,9 +49,10 @@ class Config:
     """EnvPool env id with a discrete action space (Atari '*-v5', or classic control such as
     'CartPole-v1')"""
     num_envs: int | None = None
-    """number of parallel environments (None: 8 for Atari, 4 for vector observations)"""
+    """number of parallel environments, per rank under torchrun (None: 8 for Atari, 4 for vector observations)"""
     env_threads: int = 0
-    """EnvPool worker threads (0 = EnvPool's default)"""
+    """EnvPool worker threads (0 = EnvPool's default; under torchrun with several local ranks, the
+    machine's cores split evenly across them)"""
     repeat_action_probability: float = 0.0
     """Atari sticky actions (0 as in CleanRL; 0.25 for the Machado et al. protocol)"""
     max_episode_steps: int | None = None
@@ -57,7 +60,7 @@ class Config:
 
     # --- algorithm --------------------------------------------------------------------------
     total_timesteps: int | None = None
-    """total agent steps (None: 10M for Atari, 500k for vector observations)"""
+    """total agent steps, all ranks together (None: 10M for Atari, 500k for vector observations)"""
     learning_rate: float = 2.5e-4
     """Adam learning rate (eps 1e-5)"""
     anneal_lr: bool = True
@@ -99,25 +102,38 @@ class Config:
     kernels: Literal["auto", "torch", "triton"] = "auto"
     """implementation of GAE and the loss: auto = Triton on CUDA, torch reference on CPU"""
 
+    # --- distributed (torchrun) ---------------------------------------------------------------
+    dist_timeout: float = 600.0
+    """torchrun only: seconds a rank waits for the others (rendezvous, a collective) before it fails
+    with an error instead of hanging"""
+    world_size: tyro.conf.Suppress[int] = 1
+    """ranks training together; set from torchrun's WORLD_SIZE, not a flag"""
+
     # --- derived sizes (read-only) ------------------------------------------------------------
     @property
     def batch_size(self) -> int:
-        """Transitions per rollout: num_envs * num_steps."""
+        """Transitions per rollout of one rank: num_envs * num_steps."""
         return self.num_envs * self.num_steps
 
     @property
     def minibatch_size(self) -> int:
+        """Transitions per minibatch of one rank (the gradient step averages world_size of them)."""
         return self.batch_size // self.num_minibatches
 
     @property
+    def global_batch_size(self) -> int:
+        """Transitions per iteration, all ranks together: batch_size * world_size."""
+        return self.batch_size * self.world_size
+
+    @property
     def num_iterations(self) -> int:
-        """Rollout+update iterations: total_timesteps // batch_size."""
-        return self.total_timesteps // self.batch_size
+        """Rollout+update iterations: total_timesteps // global_batch_size."""
+        return self.total_timesteps // self.global_batch_size
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.update(batch_size=self.batch_size, minibatch_size=self.minibatch_size,
-                 num_iterations=self.num_iterations)
+                 global_batch_size=self.global_batch_size, num_iterations=self.num_iterations)
         return d
 
 
@@ -126,13 +142,15 @@ ATARI_DEFAULTS = {"num_envs": 8, "total_timesteps": 10_000_000, "clip_coef": 0.1
 VECTOR_DEFAULTS = {"num_envs": 4, "total_timesteps": 500_000, "clip_coef": 0.2}
 
 
-def resolve(cfg: Config, info: EnvInfo) -> Config:
+def resolve(cfg: Config, info: EnvInfo, world_size: int = 1) -> Config:
     """Fill the env-dependent defaults and validate every value; returns a new Config.
 
+    world_size: ranks training together (torchrun's WORLD_SIZE; 1 for a plain run).
     Raises ConfigError (one line, naming the value) on any bad input.
     """
     defaults = ATARI_DEFAULTS if info.is_atari else VECTOR_DEFAULTS
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
+    cfg.world_size = world_size
     if cfg.kl_max is None:
         cfg.kl_max = 1.5 * cfg.kl_target
     if cfg.kl_min is None:
@@ -150,6 +168,8 @@ def validate(cfg: Config) -> None:
     for name in ("env_threads", "save_every"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"--{_flag(name)} must be >= 0, got {getattr(cfg, name)}")
+    if not cfg.dist_timeout > 0:
+        raise ConfigError(f"--dist-timeout must be positive, got {cfg.dist_timeout}")
     if cfg.max_episode_steps is not None and cfg.max_episode_steps <= 0:
         raise ConfigError(f"--max-episode-steps must be positive, got {cfg.max_episode_steps}")
     for name in ("learning_rate", "clip_coef", "kl_target", "kl_max", "kl_min"):
@@ -174,10 +194,11 @@ def validate(cfg: Config) -> None:
             f"num_envs * num_steps = {cfg.num_envs} * {cfg.num_steps} = {cfg.batch_size} does not divide "
             f"by --num-minibatches {cfg.num_minibatches}"
         )
-    if cfg.total_timesteps < cfg.batch_size:
+    if cfg.total_timesteps < cfg.global_batch_size:
+        ranks = f" * world_size {cfg.world_size}" if cfg.world_size > 1 else ""
         raise ConfigError(
             f"--total-timesteps {cfg.total_timesteps} is less than one rollout "
-            f"(num_envs * num_steps = {cfg.batch_size})"
+            f"(num_envs * num_steps{ranks} = {cfg.global_batch_size})"
         )
 
 

@@ -1,0 +1,180 @@
+"""Data-parallel training under torchrun: one process (rank) per device, each with its own EnvPool.
+
+    torchrun --nproc_per_node G -m fastppo train ...
+
+torchrun starts G processes and sets WORLD_SIZE, RANK, LOCAL_RANK, LOCAL_WORLD_SIZE and the
+rendezvous address in their environment. Every rank runs the same loop as a plain run on its own
+slice of the work:
+
+* its own EnvPool of ``num_envs`` envs (env i of rank r is seeded ``seed + r * num_envs + i``, so
+  the ranks together play the envs of one pool of ``world_size * num_envs``), its own rollout and
+  GAE, and its own shuffles (torch is seeded ``seed + r``);
+* the same K epochs x M minibatches; DistributedDataParallel averages the gradients of each
+  minibatch across ranks during backward, so each optimizer step is the step of the global
+  minibatch, and the parameters (broadcast from rank 0 when DDP wraps the model) stay identical;
+* host decisions (the --target-kl early stop, PPO-penalty's beta) and logged values are taken on
+  all-reduced numbers, identical on every rank (a collective delivers the same result to all).
+
+Backend: NCCL when the device is CUDA (rank -> cuda:LOCAL_RANK), gloo on CPU. Without torchrun's
+variables nothing here does anything, and a plain run is exactly the single-process trainer. A
+one-rank torchrun run takes the distributed path (process group, DDP, all-reduces) with the seeds of
+the plain run, and matches it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fastppo.config import ConfigError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class World:
+    """Where this process stands among the ranks; ``launched`` is False for a plain run."""
+
+    rank: int = 0
+    local_rank: int = 0
+    size: int = 1
+    local_size: int = 1
+    launched: bool = False
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> World:
+        """Read torchrun's variables; a plain run (no WORLD_SIZE) gives the one-process World."""
+        environ = os.environ if environ is None else environ
+        if "WORLD_SIZE" not in environ:
+            return cls()
+        try:
+            size, rank = int(environ["WORLD_SIZE"]), int(environ["RANK"])
+            local_rank = int(environ.get("LOCAL_RANK", "0"))
+            local_size = int(environ.get("LOCAL_WORLD_SIZE", str(size)))
+        except (KeyError, ValueError):
+            got = ", ".join(f"{n}={environ.get(n)!r}" for n in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"))
+            raise ConfigError(f"WORLD_SIZE is set but the torchrun environment is incomplete ({got}); "
+                              f"launch with torchrun") from None
+        if not 0 <= rank < size or not 0 <= local_rank < local_size:
+            raise ConfigError(f"bad torchrun environment: RANK {rank} of WORLD_SIZE {size}, "
+                              f"LOCAL_RANK {local_rank} of LOCAL_WORLD_SIZE {local_size}")
+        return cls(rank, local_rank, size, local_size, launched=True)
+
+
+def rank_seeds(seed: int, num_envs: int, rank: int) -> tuple[int, int]:
+    """(torch seed, first env seed) of a rank: seed + rank, and seed + rank * num_envs.
+
+    Env seeds never overlap across ranks; rank 0 gets exactly the plain run's seeds.
+    """
+    return seed + rank, seed + rank * num_envs
+
+
+def env_threads(requested: int, num_envs: int, world: World, cpus: int | None = None) -> int:
+    """EnvPool threads of one rank: the user's value, else the cores split across the local ranks.
+
+    0 (EnvPool's default, as in a plain run) when one rank runs on this machine; with several, each
+    gets cpus // local ranks (at least 1, at most its num_envs) so the pools do not oversubscribe.
+    """
+    if requested or world.local_size == 1:
+        return requested
+    cpus = len(os.sched_getaffinity(0)) if cpus is None else cpus
+    return max(1, min(num_envs, cpus // world.local_size))
+
+
+def rank_device(device: torch.device, world: World) -> torch.device:
+    """The rank's device: cuda:LOCAL_RANK for CUDA under torchrun, else device unchanged."""
+    if device.type != "cuda" or not world.launched:
+        return device
+    visible = torch.cuda.device_count()
+    # Every rank of a node computes the same answer, so a bad launch fails on all of them at once.
+    if world.local_size > visible:
+        raise ConfigError(f"torchrun starts {world.local_size} ranks on this node but {visible} CUDA device(s) "
+                          f"are visible; use --nproc-per-node {visible} or less")
+    return torch.device("cuda", world.local_rank)
+
+
+@contextlib.contextmanager
+def process_group(world: World, device: torch.device, timeout_s: float) -> Iterator[None]:
+    """Join the other ranks for the duration of the block (nothing for a plain run).
+
+    NCCL for CUDA, gloo on CPU. ``timeout_s`` bounds the rendezvous and every collective: a rank
+    that stops answering makes the others fail with an error after that long instead of hanging.
+    The group is destroyed on the way out, error or not.
+    """
+    if not world.launched:
+        yield
+        return
+    kwargs = {}
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        kwargs["device_id"] = device  # binds the rank to its GPU and creates the NCCL communicator now
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s),
+                            **kwargs)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def is_main() -> bool:
+    """True on rank 0 and in a plain run: the one process that prints and writes the run folder."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def wrap_model(policy: nn.Module, device: torch.device) -> nn.Module:
+    """DDP around policy under torchrun (gradients averaged across ranks in backward), else policy.
+
+    DDP broadcasts rank 0's parameters on construction, so all ranks start from the same weights.
+    Acting, checkpoints and the no-grad KL use the bare module; only the update calls the wrapper.
+    """
+    if not dist.is_initialized():
+        return policy
+    device_ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(policy, device_ids=device_ids)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of t over the ranks (a new tensor; t itself without a process group).
+
+    t must live on the backend's device (the training device). A collective: every rank must call.
+    """
+    if not dist.is_initialized():
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean of t over the ranks (t itself without a process group); see all_reduce_sum."""
+    if not dist.is_initialized():
+        return t
+    return all_reduce_sum(t) / dist.get_world_size()
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """Run fn on rank 0 only and give its result, or its ConfigError, to every rank.
+
+    For checks that read rank 0's file system (the run folder): every rank then exits with the same
+    one-line error instead of waiting for a rank that has gone.
+    """
+    if not dist.is_initialized():
+        return fn()
+    box: list = [None, None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = fn()
+        except ConfigError as e:
+            box[1] = str(e)
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise ConfigError(box[1])
+    return box[0]
