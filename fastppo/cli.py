@@ -26,11 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if isinstance(args, Config):
+            from fastppo.distributed import RanksLost
             from fastppo.trainer import TrainingDiverged, train
 
             try:
                 train(args)
-            except TrainingDiverged as e:
+            except (TrainingDiverged, RanksLost) as e:
                 print(f"fastppo: {e}", file=sys.stderr)
                 return 1
     except USER_ERRORS as e:

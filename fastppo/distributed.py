@@ -39,6 +39,19 @@ from fastppo.config import ConfigError
 T = TypeVar("T")
 
 
+class RanksLost(RuntimeError):
+    """A collective failed: another rank died, or stalled longer than --dist-timeout; one line for the CLI."""
+
+
+# How gloo and NCCL word a lost peer or a timed-out collective (they raise plain RuntimeErrors).
+_COMM_FAILURES = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting", "gloo/transport",
+                  "NCCL")
+
+
+def _is_comm_failure(e: BaseException) -> bool:
+    return isinstance(e, dist.DistError) or any(marker in str(e) for marker in _COMM_FAILURES)
+
+
 @dataclass(frozen=True)
 class World:
     """Where this process stands among the ranks; ``launched`` is False for a plain run."""
@@ -107,7 +120,8 @@ def process_group(world: World, device: torch.device, timeout_s: float) -> Itera
 
     NCCL for CUDA, gloo on CPU. ``timeout_s`` bounds the rendezvous and every collective: a rank
     that stops answering makes the others fail with an error after that long instead of hanging.
-    The group is destroyed on the way out, error or not.
+    Such a failure is re-raised as RanksLost, one line naming this rank. The group is destroyed on
+    the way out, error or not.
     """
     if not world.launched:
         yield
@@ -120,6 +134,12 @@ def process_group(world: World, device: torch.device, timeout_s: float) -> Itera
                             **kwargs)
     try:
         yield
+    except RuntimeError as e:
+        if not _is_comm_failure(e):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RanksLost(f"rank {world.rank} of {world.size} lost the other ranks: {first} (a rank died, or stalled "
+                        f"longer than --dist-timeout {timeout_s:g}s; see its output)") from e
     finally:
         dist.destroy_process_group()
 
