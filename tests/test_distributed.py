@@ -161,17 +161,25 @@ def test_one_rank_under_torchrun_matches_the_plain_run(tmp_path):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
-def test_run_dir_holding_a_run_fails_every_rank_with_one_line(tmp_path):
+@pytest.mark.parametrize("case", ["run-dir-holds-a-run", "num-envs-0"])
+def test_bad_input_fails_every_rank_with_one_line(case, tmp_path):
+    """A refused run folder is found on rank 0 after the ranks meet; a bad value before they meet."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "metrics.jsonl").write_text('{"global_step": 1}\n')
-    ranks = start_ranks(2, [*CARTPOLE, "--run-dir", str(run_dir), "--dist-timeout", "30"], cwd=tmp_path)
+    if case == "num-envs-0":
+        run_dir, extra = tmp_path / "new", ["--num-envs", "0"]
+        message = "fastppo: error: --num-envs must be positive, got 0"
+    else:
+        extra = []
+        message = f"fastppo: error: --run-dir '{run_dir}' already holds a run (metrics.jsonl); choose another folder"
+    ranks = start_ranks(2, [*CARTPOLE, "--run-dir", str(run_dir), "--dist-timeout", "30", *extra], cwd=tmp_path)
     for proc in ranks:
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 2, err
-        assert fastppo_lines(err) == [f"fastppo: error: --run-dir '{run_dir}' already holds a run (metrics.jsonl); "
-                                      f"choose another folder"]
-    assert (run_dir / "metrics.jsonl").read_text() == '{"global_step": 1}\n'
+        assert fastppo_lines(err) == [message]
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == '{"global_step": 1}\n'
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_stalled_rank_is_an_error_after_the_timeout(tmp_path):
