@@ -8,7 +8,6 @@ without triton). ``select(kind, device)`` returns the op set the trainer uses.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from typing import NamedTuple
 
@@ -59,7 +58,7 @@ def select(kind: str, device: torch.device | str) -> Ops:
     if kind == "torch":
         return reference_ops
     if kind == "auto":
-        if device.type != "cuda" or importlib.util.find_spec("triton") is None:
+        if device.type != "cuda":
             return reference_ops
         try:
             interpreted = _interpreted()
