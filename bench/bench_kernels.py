@@ -8,10 +8,11 @@ Rows (median microseconds, triton.testing.do_bench):
   ppo_loss       M in {256, 1024, 8192, 32768, 131072} x A in {6, 18}: forward, backward, both
   gae_ppo_loss   T=128, n=M/128 x A in {6, 18}: the fused op against reference.gae_ppo_loss
 
-GB/s is the op's minimum traffic (the bytes model in each kernel module's docstring) over the time of
-"both" (or of the call for gae), and %copy compares it with a device-to-device copy measured in the
-same run. The timings need CUDA; --smoke only checks that every row runs (CPU times under the
-interpreter mean nothing).
+Triton's loss "forward" already computes the gradients (its backward is a scale by grad_output),
+so the column to compare across providers is "both". GB/s is the op's minimum traffic (the bytes
+model in each kernel module's docstring) over the time of "both" (or of the call for gae), and
+%copy compares it with a device-to-device copy measured in the same run. The timings need CUDA;
+--smoke only checks that every row runs (CPU times under the interpreter mean nothing).
 """
 
 from __future__ import annotations

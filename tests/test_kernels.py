@@ -193,7 +193,7 @@ def test_gae_small_and_pow2_shapes(shape: tuple[int, int], impl: str) -> None:
     check_gae(gae_data(*shape, "random", seed=1), impl)
 
 
-@pytest.mark.parametrize("flag_dtype", [torch.uint8, torch.float32, torch.int64])
+@pytest.mark.parametrize("flag_dtype", [torch.uint8, torch.float32, torch.int64], ids=str)
 def test_gae_flag_dtypes(flag_dtype: torch.dtype) -> None:
     d = gae_data(T, N, "random", seed=2)
     d_cast = dict(d, terminated=d["terminated"].to(flag_dtype), truncated=d["truncated"].to(flag_dtype))
