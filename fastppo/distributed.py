@@ -52,6 +52,10 @@ def _is_comm_failure(e: BaseException) -> bool:
     return isinstance(e, dist.DistError) or any(marker in str(e) for marker in _COMM_FAILURES)
 
 
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 @dataclass(frozen=True)
 class World:
     """Where this process stands among the ranks; ``launched`` is False for a plain run."""
@@ -130,16 +134,19 @@ def process_group(world: World, device: torch.device, timeout_s: float) -> Itera
     if device.type == "cuda":
         torch.cuda.set_device(device)
         kwargs["device_id"] = device  # binds the rank to its GPU and creates the NCCL communicator now
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s),
-                            **kwargs)
+    try:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s),
+                                **kwargs)
+    except dist.DistError as e:
+        raise RanksLost(f"rank {world.rank} of {world.size} could not meet the other ranks: {_first_line(e)} "
+                        f"(were all {world.size} started? --dist-timeout {timeout_s:g}s)") from e
     try:
         yield
     except RuntimeError as e:
         if not _is_comm_failure(e):
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RanksLost(f"rank {world.rank} of {world.size} lost the other ranks: {first} (a rank died, or stalled "
-                        f"longer than --dist-timeout {timeout_s:g}s; see its output)") from e
+        raise RanksLost(f"rank {world.rank} of {world.size} lost the other ranks: {_first_line(e)} (a rank died, "
+                        f"or stalled longer than --dist-timeout {timeout_s:g}s; see its output)") from e
     finally:
         dist.destroy_process_group()
 

@@ -44,8 +44,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_ranks(nproc: int, args: list[str], cwd) -> list[subprocess.Popen]:
-    """Start `python -m fastppo <args>` as nproc ranks the way torchrun does, without its agent.
+def start_ranks(nproc: int, args: list[str], cwd, ranks: int | None = None) -> list[subprocess.Popen]:
+    """Start `python -m fastppo <args>` as ranks 0..ranks-1 of nproc the way torchrun does, without its agent.
 
     torchrun stops all ranks as soon as one fails; started by hand, each rank's own exit code and
     stderr show what fastppo itself does.
@@ -57,7 +57,7 @@ def start_ranks(nproc: int, args: list[str], cwd) -> list[subprocess.Popen]:
             text=True, env=rank_env(WORLD_SIZE=str(nproc), RANK=str(r), LOCAL_RANK=str(r),
                                     LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
         )
-        for r in range(nproc)
+        for r in range(nproc if ranks is None else ranks)
     ]
 
 
@@ -180,6 +180,16 @@ def test_bad_input_fails_every_rank_with_one_line(case, tmp_path):
         assert fastppo_lines(err) == [message]
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == '{"global_step": 1}\n'
     assert not (tmp_path / "new").exists()
+
+
+def test_a_rank_that_never_comes_is_an_error_after_the_timeout(tmp_path):
+    args = [*CARTPOLE, "--run-dir", str(tmp_path / "run"), "--dist-timeout", "3"]
+    (rank0,) = start_ranks(2, args, cwd=tmp_path, ranks=1)  # rank 1 is never started
+    _, err = rank0.communicate(timeout=60)
+    assert rank0.returncode == 1, err
+    lines = fastppo_lines(err)
+    assert len(lines) == 1 and "rank 0 of 2 could not meet the other ranks" in lines[0], err[-3000:]
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_stalled_rank_is_an_error_after_the_timeout(tmp_path):
