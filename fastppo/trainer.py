@@ -8,7 +8,10 @@ Plain functions over plain tensors, CleanRL's order of operations:
         compute_advantages(buf, ops.gae, ...)     # GAE, once per rollout
         update(policy, optimizer, buf, ...)       # K epochs of shuffled minibatches
         [penalty] beta <- adaptive rule(KL)       # once per iteration, after the epochs
-        log metrics; checkpoint
+        [--eval-every] play full games on a separate small pool
+        log metrics; checkpoint; stop here after SIGINT/SIGTERM
+
+--resume rebuilds the state of the loop from a checkpoint first (see :func:`restore`).
 """
 
 from __future__ import annotations
@@ -16,18 +19,38 @@ from __future__ import annotations
 import math
 import os
 import random
+import signal
 import time
 
 import numpy as np
 import torch
 from torch import nn
 
-from fastppo import kernels
+from fastppo import kernels, tracking
 from fastppo.advantage import compute_advantages, explained_variance
-from fastppo.checkpoint import list_checkpoints, save_checkpoint
-from fastppo.config import Config, check_run_dir, default_run_dir, resolve, save_config, training_device
+from fastppo.checkpoint import (
+    CheckpointError,
+    StopOnSignal,
+    list_checkpoints,
+    load_resumable,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from fastppo.config import (
+    Config,
+    ConfigError,
+    check_run_dir,
+    default_run_dir,
+    fields_changed,
+    resolve,
+    resume_config,
+    save_config,
+    training_device,
+)
 from fastppo.envs import EnvInfo, env_info, make_envs
-from fastppo.logger import RunLogger
+from fastppo.evaluate import eval_metrics
+from fastppo.logger import RunLogger, keep_metrics_until
 from fastppo.loss import AdaptiveKLCoef, minibatch_loss, policy_kl
 from fastppo.policy import make_policy
 from fastppo.rollout import Collector, Rollout
@@ -35,6 +58,14 @@ from fastppo.rollout import Collector, Rollout
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf; the run stops and keeps its last good checkpoint."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT/SIGTERM: the run saved a checkpoint after its current iteration and stopped."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
 
 
 def seed_everything(seed: int, torch_deterministic: bool) -> None:
@@ -101,8 +132,10 @@ def update(
 
 def checkpoint_state(
     cfg: Config, policy: nn.Module, optimizer: torch.optim.Optimizer, iteration: int, global_step: int,
-    kl_ctl: AdaptiveKLCoef,
+    kl_ctl: AdaptiveKLCoef, collector: Collector, elapsed: float,
 ) -> dict:
+    """Everything the loop needs to go on exactly; the LR follows from iteration and the config."""
+    collector.action_log = [np.concatenate(collector.action_log)]  # one array, so the next save is one copy
     return {
         "model": policy.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -110,7 +143,45 @@ def checkpoint_state(
         "iteration": iteration,
         "global_step": global_step,
         "kl_coef": kl_ctl.beta,
+        "rng": rng_state(),
+        "actions": torch.from_numpy(collector.action_log[0]),  # (iteration * T, N), every action sent
+        "elapsed": elapsed,  # wall-clock seconds of training so far (time/elapsed)
     }
+
+
+def restore(
+    state: dict, policy: nn.Module, optimizer: torch.optim.Optimizer, kl_ctl: AdaptiveKLCoef, collector: Collector
+) -> None:
+    """Put the loop back where the checkpoint was taken.
+
+    Model, optimizer and beta are loaded; the envs, freshly made with the run's seed, replay every
+    action of the run (EnvPool cannot save an env's state), which rebuilds their state, the next
+    observation and the running game scores exactly; the RNG states come last, as they were.
+    """
+    policy.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    kl_ctl.beta = state["kl_coef"]
+    collector.replay(state["actions"].numpy())
+    set_rng_state(state["rng"])
+
+
+def prepare_resume(cfg: Config, explicit: set[str] | None) -> tuple[Config, EnvInfo, torch.device, str, dict]:
+    """--resume: load and check the run's newest checkpoint and merge the config, touching no file.
+
+    Raises CheckpointError / ConfigError / EnvError (one line each).
+    """
+    state = load_resumable(cfg.resume)
+    cfg = resume_config(state["config"], cfg, explicit if explicit is not None else fields_changed(cfg))
+    info = env_info(cfg.env_id)
+    cfg = resolve(cfg, info)
+    iteration = state["iteration"]
+    if cfg.num_iterations <= iteration:
+        raise ConfigError(f"the run in {cfg.run_dir!r} already ran {iteration} of its {cfg.num_iterations} "
+                          f"iterations ({state['global_step']:,} steps); raise --total-timesteps to go on")
+    if tuple(state["actions"].shape) != (iteration * cfg.num_steps, cfg.num_envs):
+        raise CheckpointError(f"{state['path']!r} does not match its config (actions of shape "
+                              f"{tuple(state['actions'].shape)}, expected {(iteration * cfg.num_steps, cfg.num_envs)})")
+    return cfg, info, training_device(cfg), cfg.run_dir, state
 
 
 def prepare(cfg: Config) -> tuple[Config, EnvInfo, torch.device, str]:
@@ -128,13 +199,25 @@ def prepare(cfg: Config) -> tuple[Config, EnvInfo, torch.device, str]:
     return cfg, info, device, run_dir
 
 
-def train(cfg: Config) -> dict:
-    """Train from cfg; returns the last metrics line. Writes cfg.run_dir (see README)."""
-    cfg, info, device, run_dir = prepare(cfg)
+def train(cfg: Config, explicit: set[str] | None = None) -> dict:
+    """Train from cfg; returns the last metrics line. Writes cfg.run_dir (see README).
+
+    With cfg.resume, continues that run; `explicit` names the flags given on the command line (None:
+    those that differ from their defaults). Raises TrainingInterrupted after SIGINT/SIGTERM.
+    """
+    resume_state = None
+    if cfg.resume is not None:
+        cfg, info, device, run_dir, resume_state = prepare_resume(cfg, explicit)
+    else:
+        cfg, info, device, run_dir = prepare(cfg)
+    if cfg.track and not tracking.wandb_installed():
+        raise ConfigError("--track needs wandb: pip install 'fastppo[track]'")
 
     seed_everything(cfg.seed, cfg.torch_deterministic)
     os.makedirs(run_dir, exist_ok=True)
     save_config(cfg, os.path.join(run_dir, "config.json"))
+    if resume_state is not None:
+        keep_metrics_until(run_dir, resume_state["iteration"])
     envs = make_envs(
         info, cfg.num_envs, cfg.seed,
         num_threads=cfg.env_threads,
@@ -147,19 +230,38 @@ def train(cfg: Config) -> dict:
     buf = Rollout.allocate(info, cfg.num_steps, cfg.num_envs, device)
     collector = Collector(envs, info, device)
     kl_ctl = AdaptiveKLCoef(cfg.kl_coef, cfg.kl_min, cfg.kl_max)
-    logger = RunLogger(run_dir)
+    tracker = None
+    if cfg.track:
+        tracker = tracking.Tracker.start(run_dir, project=cfg.wandb_project, entity=cfg.wandb_entity,
+                                         group=cfg.wandb_group, tags=cfg.wandb_tags, config=cfg.to_dict())
+    logger = RunLogger(run_dir, cfg.num_iterations * cfg.batch_size, log_every=cfg.log_every,
+                       log_seconds=cfg.log_seconds, tracker=tracker, title=f"fastppo {cfg.env_id}  {run_dir}")
 
-    global_step = 0
+    first_iteration, global_step, elapsed = 1, 0, 0.0
+    if resume_state is not None:
+        logger.phase("replay")
+        restore(resume_state, policy, optimizer, kl_ctl, collector)
+        first_iteration = resume_state["iteration"] + 1
+        global_step, elapsed = resume_state["global_step"], resume_state["elapsed"]
+    start_step = global_step
     start_time = time.time()
+    eval_time = 0.0  # SPS leaves out time spent evaluating (training envs idle)
     metrics: dict = {}
+    exit_code = 1
+    stop = StopOnSignal()
+    stop.install()
     try:
-        for iteration in range(1, cfg.num_iterations + 1):
+        for iteration in range(first_iteration, cfg.num_iterations + 1):
             if cfg.anneal_lr:
                 frac = 1.0 - (iteration - 1.0) / cfg.num_iterations
                 optimizer.param_groups[0]["lr"] = frac * cfg.learning_rate
             lr = optimizer.param_groups[0]["lr"]
 
+            logger.phase("collect")
+            t_collect = time.perf_counter()
             collector.collect(policy, buf)
+            t_update = time.perf_counter()  # collect ends synchronised: each step waits for its actions
+            logger.phase("update")
             global_step += cfg.batch_size
             compute_advantages(buf, ops.gae, cfg.gamma, cfg.gae_lambda)
             kl_coef = kl_ctl.beta
@@ -173,6 +275,7 @@ def train(cfg: Config) -> dict:
 
             # Host-device sync, deliberate: one per iteration, to log (and to decide beta on).
             values = {k: v.item() for k, v in stats.items()}
+            t_done = time.perf_counter()
             if not math.isfinite(values["loss"]):
                 last = list_checkpoints(run_dir)
                 kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written"
@@ -191,7 +294,7 @@ def train(cfg: Config) -> dict:
                 "charts/episodic_return": float(np.mean(returns)) if returns else None,
                 "charts/episodic_length": float(np.mean(lengths)) if lengths else None,
                 "charts/episodes": len(returns),
-                "charts/SPS": int(global_step / (time.time() - start_time)),
+                "charts/SPS": int((global_step - start_step) / max(time.time() - start_time - eval_time, 1e-9)),
                 "charts/learning_rate": lr,
                 "losses/policy_loss": values["policy_loss"],
                 "losses/value_loss": values["value_loss"],
@@ -203,15 +306,38 @@ def train(cfg: Config) -> dict:
                 "losses/kl": values["kl"],
                 "losses/kl_coef": kl_coef,
                 "losses/epochs": int(values["epochs"]),
+                "time/elapsed": elapsed + time.time() - start_time,
+                "perf/rollout_time": t_update - t_collect,
+                "perf/update_time": t_done - t_update,
             }
+            if cfg.eval_every and (iteration % cfg.eval_every == 0 or iteration == cfg.num_iterations):
+                logger.phase("eval")
+                t_eval = time.perf_counter()
+                metrics.update(eval_metrics(policy, info, cfg, iteration, device))
+                metrics["perf/eval_time"] = time.perf_counter() - t_eval
+                eval_time += metrics["perf/eval_time"]
             logger.log(metrics)
 
-            if cfg.save_every and iteration % cfg.save_every == 0 and iteration != cfg.num_iterations:
-                save_checkpoint(run_dir, iteration,
-                                checkpoint_state(cfg, policy, optimizer, iteration, global_step, kl_ctl))
-        save_checkpoint(run_dir, cfg.num_iterations,
-                        checkpoint_state(cfg, policy, optimizer, cfg.num_iterations, global_step, kl_ctl))
+            stopping = stop.signum is not None and iteration != cfg.num_iterations
+            if stopping or (cfg.save_every and iteration % cfg.save_every == 0 and iteration != cfg.num_iterations):
+                logger.phase("checkpoint")
+                path = save_checkpoint(run_dir, iteration, checkpoint_state(
+                    cfg, policy, optimizer, iteration, global_step, kl_ctl, collector, metrics["time/elapsed"]))
+            if stopping:
+                exit_code = 128 + stop.signum
+                raise TrainingInterrupted(
+                    stop.signum, f"stopped by {signal.Signals(stop.signum).name} after iteration {iteration} "
+                    f"(global step {global_step:,}); saved {path}; go on with: fastppo train --resume {run_dir}")
+        logger.phase("checkpoint")
+        path = save_checkpoint(run_dir, cfg.num_iterations, checkpoint_state(
+            cfg, policy, optimizer, cfg.num_iterations, global_step, kl_ctl, collector, metrics["time/elapsed"]))
+        if tracker is not None:
+            tracker.log_model(path, global_step)
+        exit_code = 0
     finally:
+        stop.restore()
         logger.close()
+        if tracker is not None:
+            tracker.finish(exit_code)
         envs.close()
     return metrics
