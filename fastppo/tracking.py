@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import secrets
 import sys
 
 RUN_FILE = "wandb_run.json"
@@ -62,7 +63,7 @@ class Tracker:
         if known is not None:
             run_id, project, entity = known["id"], known["project"], known["entity"]
         else:
-            run_id = wandb.util.generate_id()
+            run_id = secrets.token_hex(4)  # not `random`: the run's RNG streams stay untouched
             with open(os.path.join(run_dir, RUN_FILE), "w") as f:
                 json.dump({"id": run_id, "project": project, "entity": entity}, f)
                 f.write("\n")
@@ -74,17 +75,34 @@ class Tracker:
         try:
             run = wandb.init(settings=wandb.Settings(**settings), **kwargs)
         except Exception as e:  # no network, no API key, server error: go on offline
-            warn(f"W&B is unreachable ({_first_line(e)}); logging offline to {os.path.join(run_dir, 'wandb')} "
-                 f"(upload later with `wandb sync`)")
-            try:
-                wandb.teardown()  # frees the run id held by the failed attempt
-                run = wandb.init(mode="offline", **kwargs)
-            except Exception as e2:
-                warn(f"W&B offline logging failed too ({_first_line(e2)}); tracking is off")
+            run, why = cls._offline(wandb, run_dir, kwargs)
+            where = os.path.join(run_dir, "wandb")
+            warn(f"W&B is unreachable ({_first_line(e)}); " + (
+                f"logging offline to {where}{why} (upload later with `wandb sync`)" if run is not None
+                else f"offline logging failed too ({why}); tracking is off"))
+            if run is None:
                 return cls(None)
         run.define_metric("global_step")
         run.define_metric("*", step_metric="global_step")
         return cls(run)
+
+    @staticmethod
+    def _offline(wandb, run_dir: str, kwargs: dict):
+        """(offline run, note) after a failed online start; (None, reason) when that fails too."""
+        wandb.teardown()  # frees the run id held by the failed attempt
+        try:
+            return wandb.init(mode="offline", **kwargs), ""
+        except Exception as e:  # the id is still held, e.g. by a W&B service shared with a parent process
+            first = _first_line(e)
+        kwargs = dict(kwargs, id=secrets.token_hex(4))
+        try:
+            run = wandb.init(mode="offline", **kwargs)
+        except Exception as e:
+            return None, f"{first}; {_first_line(e)}"
+        with open(os.path.join(run_dir, RUN_FILE), "w") as f:
+            json.dump({"id": kwargs["id"], "project": kwargs["project"], "entity": kwargs["entity"]}, f)
+            f.write("\n")
+        return run, f" as a new run {kwargs['id']} ({first})"
 
     def _call(self, what: str, fn, *args, **kwargs) -> None:
         if self.run is None:
