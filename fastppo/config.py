@@ -98,6 +98,12 @@ class Config:
     """PPO-penalty: lower KL bound (None: kl_target / 1.5)"""
     kernels: Literal["auto", "torch", "triton"] = "auto"
     """implementation of GAE and the loss: auto = Triton on CUDA, torch reference on CPU"""
+    minibatch_by: Literal["sample", "env"] = "sample"
+    """minibatches of shuffled samples (CleanRL), or of whole env columns [T, n] (num_envs must
+    divide by num_minibatches)"""
+    advantages: Literal["rollout", "epoch"] = "rollout"
+    """compute GAE once per rollout (CleanRL), or again every epoch from the current value
+    predictions (Andrychowicz et al. 2021); with --minibatch-by env that is one fused GAE+loss op"""
 
     # --- derived sizes (read-only) ------------------------------------------------------------
     @property
@@ -173,6 +179,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"num_envs * num_steps = {cfg.num_envs} * {cfg.num_steps} = {cfg.batch_size} does not divide "
             f"by --num-minibatches {cfg.num_minibatches}"
+        )
+    if cfg.minibatch_by == "env" and cfg.num_envs % cfg.num_minibatches:
+        raise ConfigError(
+            f"--minibatch-by env: --num-envs {cfg.num_envs} does not divide by --num-minibatches {cfg.num_minibatches}"
         )
     if cfg.total_timesteps < cfg.batch_size:
         raise ConfigError(

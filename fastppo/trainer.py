@@ -25,10 +25,10 @@ from torch import nn
 from fastppo import kernels
 from fastppo.advantage import compute_advantages, explained_variance
 from fastppo.checkpoint import list_checkpoints, save_checkpoint
-from fastppo.config import Config, check_run_dir, default_run_dir, resolve, save_config, training_device
+from fastppo.config import Config, ConfigError, check_run_dir, default_run_dir, resolve, save_config, training_device
 from fastppo.envs import EnvInfo, env_info, make_envs
 from fastppo.logger import RunLogger
-from fastppo.loss import AdaptiveKLCoef, minibatch_loss, policy_kl
+from fastppo.loss import AdaptiveKLCoef, loss_kwargs, minibatch_loss, policy_kl
 from fastppo.policy import make_policy
 from fastppo.rollout import Collector, Rollout
 
@@ -59,30 +59,78 @@ def flatten(buf: Rollout) -> dict[str, torch.Tensor]:
     }
 
 
+def value_predictions(policy: nn.Module, buf: Rollout, chunk: int) -> torch.Tensor:
+    """V(s) of every observation of the rollout under the current policy, row T included: (T + 1, N)."""
+    T, N = buf.rewards.shape
+    obs = torch.cat([buf.obs, buf.next_obs.unsqueeze(0)]).flatten(0, 1)  # ((T + 1) * N, ...)
+    with torch.no_grad():
+        values = torch.cat([policy(obs[i : i + chunk])[1].float() for i in range(0, obs.shape[0], chunk)])
+    return values.view(T + 1, N)
+
+
+def sample_minibatches(policy: nn.Module, buf: Rollout, cfg: Config, ops: kernels.Ops, kl_coef: float):
+    """One epoch of CleanRL's minibatches: shuffled samples of the flattened rollout.
+
+    Yields (loss, stats) per minibatch; the caller steps the optimizer before the next one.
+    """
+    b = flatten(buf)
+    if cfg.advantages == "epoch":  # GAE again, from the current value predictions
+        advantages, returns = ops.gae(buf.rewards, value_predictions(policy, buf, cfg.minibatch_size),
+                                      buf.terminated, buf.truncated, cfg.gamma, cfg.gae_lambda)
+        b["advantages"], b["returns"] = advantages.reshape(-1), returns.reshape(-1)
+    perm = torch.randperm(cfg.batch_size, device=b["actions"].device)
+    for start in range(0, cfg.batch_size, cfg.minibatch_size):
+        idx = perm[start : start + cfg.minibatch_size]
+        mb = {k: v[idx] for k, v in b.items()}
+        logits, newvalue = policy(mb["obs"])
+        yield minibatch_loss(ops.ppo_loss, cfg, kl_coef, logits, newvalue, mb)
+
+
+def env_minibatches(policy: nn.Module, buf: Rollout, cfg: Config, ops: kernels.Ops, kl_coef: float):
+    """One epoch of minibatches made of whole env columns, (T, n) each.
+
+    With --advantages epoch, each minibatch recomputes its columns' GAE from the values the forward
+    pass just predicted (bootstrap row included) inside one fused GAE + loss op.
+    """
+    T, N = buf.rewards.shape
+    n = N // cfg.num_minibatches
+    perm = torch.randperm(N, device=buf.actions.device)
+    for start in range(0, N, n):
+        cols = perm[start : start + n]
+        if cfg.advantages == "epoch":
+            obs = torch.cat([buf.obs[:, cols], buf.next_obs[cols].unsqueeze(0)])  # (T + 1, n, ...)
+            logits, values = policy(obs.flatten(0, 1))
+            logits = logits.view(T + 1, n, -1)[:T]  # (T, n, A); row T only feeds the bootstrap value
+            yield ops.gae_ppo_loss(
+                logits, buf.actions[:, cols], buf.logprobs[:, cols], values.view(T + 1, n),
+                buf.values[:T, cols], buf.rewards[:, cols], buf.terminated[:, cols], buf.truncated[:, cols],
+                gamma=cfg.gamma, gae_lambda=cfg.gae_lambda, old_logits=buf.logits[:, cols],
+                mask=buf.valid[:, cols], **loss_kwargs(cfg, kl_coef),
+            )
+        else:
+            mb = {k: v.view(T, N, *v.shape[1:])[:, cols].flatten(0, 1) for k, v in flatten(buf).items()}
+            logits, newvalue = policy(mb["obs"])
+            yield minibatch_loss(ops.ppo_loss, cfg, kl_coef, logits, newvalue, mb)
+
+
 def update(
     policy: nn.Module,
     optimizer: torch.optim.Optimizer,
     buf: Rollout,
     cfg: Config,
-    ppo_loss,
+    ops: kernels.Ops,
     kl_coef: float,
 ) -> dict[str, torch.Tensor]:
-    """K epochs of shuffled minibatches over the rollout.
+    """K epochs of minibatches over the rollout (--minibatch-by sample or env).
 
     Returns detached 0-dim stats of the last minibatch (as CleanRL logs them) with clipfrac averaged
     over all minibatches, and the number of epochs run.
     """
-    b = flatten(buf)
-    device = b["actions"].device
+    minibatches = env_minibatches if cfg.minibatch_by == "env" else sample_minibatches
     clipfracs = []
     epochs_run = 0
     for _epoch in range(cfg.update_epochs):
-        perm = torch.randperm(cfg.batch_size, device=device)
-        for start in range(0, cfg.batch_size, cfg.minibatch_size):
-            idx = perm[start : start + cfg.minibatch_size]
-            mb = {k: v[idx] for k, v in b.items()}
-            logits, newvalue = policy(mb["obs"])
-            loss, stats = minibatch_loss(ppo_loss, cfg, kl_coef, logits, newvalue, mb)
+        for loss, stats in minibatches(policy, buf, cfg, ops, kl_coef):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
@@ -113,10 +161,10 @@ def checkpoint_state(
     }
 
 
-def prepare(cfg: Config) -> tuple[Config, EnvInfo, torch.device, str]:
+def prepare(cfg: Config) -> tuple[Config, EnvInfo, torch.device, str, kernels.Ops]:
     """Validate everything the user gave, before any env, file or device memory is created.
 
-    Returns the resolved config, the env's info, the device and the run folder.
+    Returns the resolved config, the env's info, the device, the run folder and the GAE/loss ops.
     Raises EnvError / ConfigError (one line each).
     """
     info = env_info(cfg.env_id)
@@ -125,12 +173,16 @@ def prepare(cfg: Config) -> tuple[Config, EnvInfo, torch.device, str]:
     run_dir = cfg.run_dir or default_run_dir(cfg, time.time())
     check_run_dir(run_dir)
     cfg.run_dir = run_dir
-    return cfg, info, device, run_dir
+    try:
+        ops = kernels.select(cfg.kernels, device)
+    except ValueError as e:
+        raise ConfigError(f"--kernels {cfg.kernels}: {e}") from None
+    return cfg, info, device, run_dir, ops
 
 
 def train(cfg: Config) -> dict:
     """Train from cfg; returns the last metrics line. Writes cfg.run_dir (see README)."""
-    cfg, info, device, run_dir = prepare(cfg)
+    cfg, info, device, run_dir, ops = prepare(cfg)
 
     seed_everything(cfg.seed, cfg.torch_deterministic)
     os.makedirs(run_dir, exist_ok=True)
@@ -143,7 +195,6 @@ def train(cfg: Config) -> dict:
     )
     policy = make_policy(info).to(device)
     optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.learning_rate, eps=1e-5)
-    ops = kernels.select(cfg.kernels, device)
     buf = Rollout.allocate(info, cfg.num_steps, cfg.num_envs, device)
     collector = Collector(envs, info, device)
     kl_ctl = AdaptiveKLCoef(cfg.kl_coef, cfg.kl_min, cfg.kl_max)
@@ -163,7 +214,7 @@ def train(cfg: Config) -> dict:
             global_step += cfg.batch_size
             compute_advantages(buf, ops.gae, cfg.gamma, cfg.gae_lambda)
             kl_coef = kl_ctl.beta
-            stats = update(policy, optimizer, buf, cfg, ops.ppo_loss, kl_coef)
+            stats = update(policy, optimizer, buf, cfg, ops, kl_coef)
             if cfg.loss == "penalty":
                 b = flatten(buf)
                 stats["kl"] = policy_kl(policy, b["obs"], b["logits"], b["valid"], cfg.minibatch_size)
