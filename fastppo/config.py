@@ -41,6 +41,10 @@ class Config:
     It must not hold a run already."""
     save_every: int = 0
     """write a checkpoint every this many iterations (0 = only at the end)"""
+    target_return: float | None = None
+    """stop early once the mean full-game return of the last --target-return-games games reaches this"""
+    target_return_games: int = 10
+    """games in the --target-return mean"""
 
     # --- environment ------------------------------------------------------------------------
     env_id: str = "Pong-v5"
@@ -149,7 +153,8 @@ def resolve(cfg: Config, info: EnvInfo) -> Config:
 
 def validate(cfg: Config) -> None:
     """Raise ConfigError on the first bad value."""
-    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "total_timesteps"):
+    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "total_timesteps",
+                 "target_return_games"):
         value = getattr(cfg, name)
         if value <= 0:
             raise ConfigError(f"--{_flag(name)} must be positive, got {value}")

@@ -13,6 +13,7 @@ Plain functions over plain tensors, CleanRL's order of operations:
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 import random
@@ -200,6 +201,7 @@ def train(cfg: Config) -> dict:
     kl_ctl = AdaptiveKLCoef(cfg.kl_coef, cfg.kl_min, cfg.kl_max)
     logger = RunLogger(run_dir)
 
+    recent_returns: collections.deque[float] = collections.deque(maxlen=cfg.target_return_games)
     global_step = 0
     start_time = time.time()
     metrics: dict = {}
@@ -257,11 +259,17 @@ def train(cfg: Config) -> dict:
             }
             logger.log(metrics)
 
+            recent_returns.extend(returns)
+            reached = (cfg.target_return is not None and len(recent_returns) == recent_returns.maxlen
+                       and np.mean(recent_returns) >= cfg.target_return)
+            if reached:
+                print(f"target return {cfg.target_return} reached: mean of the last {len(recent_returns)} games "
+                      f"is {np.mean(recent_returns):.2f} at global step {global_step}", flush=True)
+                break
             if cfg.save_every and iteration % cfg.save_every == 0 and iteration != cfg.num_iterations:
                 save_checkpoint(run_dir, iteration,
                                 checkpoint_state(cfg, policy, optimizer, iteration, global_step, kl_ctl))
-        save_checkpoint(run_dir, cfg.num_iterations,
-                        checkpoint_state(cfg, policy, optimizer, cfg.num_iterations, global_step, kl_ctl))
+        save_checkpoint(run_dir, iteration, checkpoint_state(cfg, policy, optimizer, iteration, global_step, kl_ctl))
     finally:
         logger.close()
         envs.close()
