@@ -41,6 +41,10 @@ class Config:
     It must not hold a run already."""
     save_every: int = 0
     """write a checkpoint every this many iterations (0 = only at the end; SIGINT/SIGTERM also save)"""
+    target_return: float | None = None
+    """stop early once the mean full-game return of the last --target-return-games games reaches this"""
+    target_return_games: int = 10
+    """games in the --target-return mean"""
     resume: str | None = None
     """continue the run in this folder (runs/<name>) from its newest checkpoint; the run's saved config is
     used, and only the flags in RESUME_FLAGS may be given with it (see README)"""
@@ -123,6 +127,12 @@ class Config:
     """PPO-penalty: lower KL bound (None: kl_target / 1.5)"""
     kernels: Literal["auto", "torch", "triton"] = "auto"
     """implementation of GAE and the loss: auto = Triton on CUDA, torch reference on CPU"""
+    minibatch_by: Literal["sample", "env"] = "sample"
+    """minibatches of shuffled samples (CleanRL), or of whole env columns [T, n] (num_envs must
+    divide by num_minibatches)"""
+    advantages: Literal["rollout", "epoch"] = "rollout"
+    """compute GAE once per rollout (CleanRL), or again every epoch from the current value
+    predictions (Andrychowicz et al. 2021); with --minibatch-by env that is one fused GAE+loss op"""
 
     # --- derived sizes (read-only) ------------------------------------------------------------
     @property
@@ -168,7 +178,8 @@ def resolve(cfg: Config, info: EnvInfo) -> Config:
 
 def validate(cfg: Config) -> None:
     """Raise ConfigError on the first bad value."""
-    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "total_timesteps"):
+    for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "total_timesteps",
+                 "target_return_games"):
         value = getattr(cfg, name)
         if value <= 0:
             raise ConfigError(f"--{_flag(name)} must be positive, got {value}")
@@ -203,6 +214,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"num_envs * num_steps = {cfg.num_envs} * {cfg.num_steps} = {cfg.batch_size} does not divide "
             f"by --num-minibatches {cfg.num_minibatches}"
+        )
+    if cfg.minibatch_by == "env" and cfg.num_envs % cfg.num_minibatches:
+        raise ConfigError(
+            f"--minibatch-by env: --num-envs {cfg.num_envs} does not divide by --num-minibatches {cfg.num_minibatches}"
         )
     if cfg.total_timesteps < cfg.batch_size:
         raise ConfigError(

@@ -61,6 +61,7 @@ class RunLogger:
         self.recent = RecentReturns()
         self.last_sent: tuple[int, float] | None = None  # (iteration, time) of the last W&B / progress line
         self._games = [0.0, 0, 0.0]  # return sum, games, length sum since the last line
+        self._held: dict | None = None  # the newest metrics, when the throttle held them back
         if live is None:
             live = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.display = LiveDisplay(self.stream, total_steps, title) if live else None
@@ -87,7 +88,11 @@ class RunLogger:
         due = (self.last_sent is None or iteration == metrics["num_iterations"]
                or (iteration - self.last_sent[0] >= self.log_every and now - self.last_sent[1] >= self.log_seconds))
         if not due:
+            self._held = clean
             return
+        self._send(clean, iteration, now)
+
+    def _send(self, clean: dict, iteration: int, now: float) -> None:
         total, games, length = self._games
         line = dict(clean)
         line["charts/episodes"] = games
@@ -101,6 +106,9 @@ class RunLogger:
             print(progress_line(line, self.total_steps), file=self.stream, flush=True)
 
     def close(self) -> None:
+        """Send the line the throttle held back (a run that stopped early), stop the display, close."""
+        if self._held is not None and (self.last_sent is None or self.last_sent[0] < self._held["iteration"]):
+            self._send(self._held, self._held["iteration"], time.monotonic())
         if self.display is not None:
             self.display.stop()
         self.file.close()

@@ -33,6 +33,7 @@ class Rollout:
     valid: torch.Tensor  # (T, N) bool; False on EnvPool's autoreset step
     advantages: torch.Tensor  # (T, N), filled by advantage.compute_advantages
     returns: torch.Tensor  # (T, N)
+    next_obs: torch.Tensor  # (N, *obs_shape), the observation after row T - 1 (for values[T])
 
     @classmethod
     def allocate(cls, info: EnvInfo, num_steps: int, num_envs: int, device: torch.device) -> Rollout:
@@ -57,6 +58,7 @@ class Rollout:
             valid=flag(),
             advantages=f32(T, N),
             returns=f32(T, N),
+            next_obs=torch.zeros((N, *info.obs_shape), dtype=obs_dtype, device=device),
         )
 
     @property
@@ -133,5 +135,6 @@ class Collector:
             buf.truncated[t] = trunc
             self.next_is_reset = term | trunc
             self.next_obs = torch.from_numpy(obs).to(self.device)
+        buf.next_obs.copy_(self.next_obs)
         with torch.no_grad():
             buf.values[buf.num_steps] = policy(self.next_obs)[1].float()

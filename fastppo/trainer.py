@@ -16,6 +16,7 @@ Plain functions over plain tensors, CleanRL's order of operations:
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 import random
@@ -51,7 +52,7 @@ from fastppo.config import (
 from fastppo.envs import EnvInfo, env_info, make_envs
 from fastppo.evaluate import eval_metrics
 from fastppo.logger import RunLogger, keep_metrics_until
-from fastppo.loss import AdaptiveKLCoef, minibatch_loss, policy_kl
+from fastppo.loss import AdaptiveKLCoef, loss_kwargs, minibatch_loss, policy_kl
 from fastppo.policy import make_policy
 from fastppo.rollout import Collector, Rollout
 
@@ -90,30 +91,78 @@ def flatten(buf: Rollout) -> dict[str, torch.Tensor]:
     }
 
 
+def value_predictions(policy: nn.Module, buf: Rollout, chunk: int) -> torch.Tensor:
+    """V(s) of every observation of the rollout under the current policy, row T included: (T + 1, N)."""
+    T, N = buf.rewards.shape
+    obs = torch.cat([buf.obs, buf.next_obs.unsqueeze(0)]).flatten(0, 1)  # ((T + 1) * N, ...)
+    with torch.no_grad():
+        values = torch.cat([policy(obs[i : i + chunk])[1].float() for i in range(0, obs.shape[0], chunk)])
+    return values.view(T + 1, N)
+
+
+def sample_minibatches(policy: nn.Module, buf: Rollout, cfg: Config, ops: kernels.Ops, kl_coef: float):
+    """One epoch of CleanRL's minibatches: shuffled samples of the flattened rollout.
+
+    Yields (loss, stats) per minibatch; the caller steps the optimizer before the next one.
+    """
+    b = flatten(buf)
+    if cfg.advantages == "epoch":  # GAE again, from the current value predictions
+        advantages, returns = ops.gae(buf.rewards, value_predictions(policy, buf, cfg.minibatch_size),
+                                      buf.terminated, buf.truncated, cfg.gamma, cfg.gae_lambda)
+        b["advantages"], b["returns"] = advantages.reshape(-1), returns.reshape(-1)
+    perm = torch.randperm(cfg.batch_size, device=b["actions"].device)
+    for start in range(0, cfg.batch_size, cfg.minibatch_size):
+        idx = perm[start : start + cfg.minibatch_size]
+        mb = {k: v[idx] for k, v in b.items()}
+        logits, newvalue = policy(mb["obs"])
+        yield minibatch_loss(ops.ppo_loss, cfg, kl_coef, logits, newvalue, mb)
+
+
+def env_minibatches(policy: nn.Module, buf: Rollout, cfg: Config, ops: kernels.Ops, kl_coef: float):
+    """One epoch of minibatches made of whole env columns, (T, n) each.
+
+    With --advantages epoch, each minibatch recomputes its columns' GAE from the values the forward
+    pass just predicted (bootstrap row included) inside one fused GAE + loss op.
+    """
+    T, N = buf.rewards.shape
+    n = N // cfg.num_minibatches
+    perm = torch.randperm(N, device=buf.actions.device)
+    for start in range(0, N, n):
+        cols = perm[start : start + n]
+        if cfg.advantages == "epoch":
+            obs = torch.cat([buf.obs[:, cols], buf.next_obs[cols].unsqueeze(0)])  # (T + 1, n, ...)
+            logits, values = policy(obs.flatten(0, 1))
+            logits = logits.view(T + 1, n, -1)[:T]  # (T, n, A); row T only feeds the bootstrap value
+            yield ops.gae_ppo_loss(
+                logits, buf.actions[:, cols], buf.logprobs[:, cols], values.view(T + 1, n),
+                buf.values[:T, cols], buf.rewards[:, cols], buf.terminated[:, cols], buf.truncated[:, cols],
+                gamma=cfg.gamma, gae_lambda=cfg.gae_lambda, old_logits=buf.logits[:, cols],
+                mask=buf.valid[:, cols], **loss_kwargs(cfg, kl_coef),
+            )
+        else:
+            mb = {k: v.view(T, N, *v.shape[1:])[:, cols].flatten(0, 1) for k, v in flatten(buf).items()}
+            logits, newvalue = policy(mb["obs"])
+            yield minibatch_loss(ops.ppo_loss, cfg, kl_coef, logits, newvalue, mb)
+
+
 def update(
     policy: nn.Module,
     optimizer: torch.optim.Optimizer,
     buf: Rollout,
     cfg: Config,
-    ppo_loss,
+    ops: kernels.Ops,
     kl_coef: float,
 ) -> dict[str, torch.Tensor]:
-    """K epochs of shuffled minibatches over the rollout.
+    """K epochs of minibatches over the rollout (--minibatch-by sample or env).
 
     Returns detached 0-dim stats of the last minibatch (as CleanRL logs them) with clipfrac averaged
     over all minibatches, and the number of epochs run.
     """
-    b = flatten(buf)
-    device = b["actions"].device
+    minibatches = env_minibatches if cfg.minibatch_by == "env" else sample_minibatches
     clipfracs = []
     epochs_run = 0
     for _epoch in range(cfg.update_epochs):
-        perm = torch.randperm(cfg.batch_size, device=device)
-        for start in range(0, cfg.batch_size, cfg.minibatch_size):
-            idx = perm[start : start + cfg.minibatch_size]
-            mb = {k: v[idx] for k, v in b.items()}
-            logits, newvalue = policy(mb["obs"])
-            loss, stats = minibatch_loss(ppo_loss, cfg, kl_coef, logits, newvalue, mb)
+        for loss, stats in minibatches(policy, buf, cfg, ops, kl_coef):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
@@ -132,7 +181,7 @@ def update(
 
 def checkpoint_state(
     cfg: Config, policy: nn.Module, optimizer: torch.optim.Optimizer, iteration: int, global_step: int,
-    kl_ctl: AdaptiveKLCoef, collector: Collector, elapsed: float,
+    kl_ctl: AdaptiveKLCoef, collector: Collector, elapsed: float, recent_returns: list[float],
 ) -> dict:
     """Everything the loop needs to go on exactly; the LR follows from iteration and the config."""
     collector.action_log = [np.concatenate(collector.action_log)]  # one array, so the next save is one copy
@@ -146,6 +195,7 @@ def checkpoint_state(
         "rng": rng_state(),
         "actions": torch.from_numpy(collector.action_log[0]),  # (iteration * T, N), every action sent
         "elapsed": elapsed,  # wall-clock seconds of training so far (time/elapsed)
+        "recent_returns": recent_returns,  # the --target-return window
     }
 
 
@@ -165,7 +215,9 @@ def restore(
     set_rng_state(state["rng"])
 
 
-def prepare_resume(cfg: Config, explicit: set[str] | None) -> tuple[Config, EnvInfo, torch.device, str, dict]:
+def prepare_resume(
+    cfg: Config, explicit: set[str] | None
+) -> tuple[Config, EnvInfo, torch.device, str, kernels.Ops, dict]:
     """--resume: load and check the run's newest checkpoint and merge the config, touching no file.
 
     Raises CheckpointError / ConfigError / EnvError (one line each).
@@ -181,13 +233,14 @@ def prepare_resume(cfg: Config, explicit: set[str] | None) -> tuple[Config, EnvI
     if tuple(state["actions"].shape) != (iteration * cfg.num_steps, cfg.num_envs):
         raise CheckpointError(f"{state['path']!r} does not match its config (actions of shape "
                               f"{tuple(state['actions'].shape)}, expected {(iteration * cfg.num_steps, cfg.num_envs)})")
-    return cfg, info, training_device(cfg), cfg.run_dir, state
+    device = training_device(cfg)
+    return cfg, info, device, cfg.run_dir, select_ops(cfg, device), state
 
 
-def prepare(cfg: Config) -> tuple[Config, EnvInfo, torch.device, str]:
+def prepare(cfg: Config) -> tuple[Config, EnvInfo, torch.device, str, kernels.Ops]:
     """Validate everything the user gave, before any env, file or device memory is created.
 
-    Returns the resolved config, the env's info, the device and the run folder.
+    Returns the resolved config, the env's info, the device, the run folder and the GAE/loss ops.
     Raises EnvError / ConfigError (one line each).
     """
     info = env_info(cfg.env_id)
@@ -196,7 +249,14 @@ def prepare(cfg: Config) -> tuple[Config, EnvInfo, torch.device, str]:
     run_dir = cfg.run_dir or default_run_dir(cfg, time.time())
     check_run_dir(run_dir)
     cfg.run_dir = run_dir
-    return cfg, info, device, run_dir
+    return cfg, info, device, run_dir, select_ops(cfg, device)
+
+
+def select_ops(cfg: Config, device: torch.device) -> kernels.Ops:
+    try:
+        return kernels.select(cfg.kernels, device)
+    except ValueError as e:
+        raise ConfigError(f"--kernels {cfg.kernels}: {e}") from None
 
 
 def train(cfg: Config, explicit: set[str] | None = None) -> dict:
@@ -207,9 +267,9 @@ def train(cfg: Config, explicit: set[str] | None = None) -> dict:
     """
     resume_state = None
     if cfg.resume is not None:
-        cfg, info, device, run_dir, resume_state = prepare_resume(cfg, explicit)
+        cfg, info, device, run_dir, ops, resume_state = prepare_resume(cfg, explicit)
     else:
-        cfg, info, device, run_dir = prepare(cfg)
+        cfg, info, device, run_dir, ops = prepare(cfg)
     if cfg.track and not tracking.wandb_installed():
         raise ConfigError("--track needs wandb: pip install 'fastppo[track]'")
 
@@ -226,7 +286,6 @@ def train(cfg: Config, explicit: set[str] | None = None) -> dict:
     )
     policy = make_policy(info).to(device)
     optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.learning_rate, eps=1e-5)
-    ops = kernels.select(cfg.kernels, device)
     buf = Rollout.allocate(info, cfg.num_steps, cfg.num_envs, device)
     collector = Collector(envs, info, device)
     kl_ctl = AdaptiveKLCoef(cfg.kl_coef, cfg.kl_min, cfg.kl_max)
@@ -237,12 +296,14 @@ def train(cfg: Config, explicit: set[str] | None = None) -> dict:
     logger = RunLogger(run_dir, cfg.num_iterations * cfg.batch_size, log_every=cfg.log_every,
                        log_seconds=cfg.log_seconds, tracker=tracker, title=f"fastppo {cfg.env_id}  {run_dir}")
 
+    recent_returns: collections.deque[float] = collections.deque(maxlen=cfg.target_return_games)
     first_iteration, global_step, elapsed = 1, 0, 0.0
     if resume_state is not None:
         logger.phase("replay")
         restore(resume_state, policy, optimizer, kl_ctl, collector)
         first_iteration = resume_state["iteration"] + 1
         global_step, elapsed = resume_state["global_step"], resume_state["elapsed"]
+        recent_returns.extend(resume_state.get("recent_returns", []))
     start_step = global_step
     start_time = time.time()
     eval_time = 0.0  # SPS leaves out time spent evaluating (training envs idle)
@@ -265,7 +326,7 @@ def train(cfg: Config, explicit: set[str] | None = None) -> dict:
             global_step += cfg.batch_size
             compute_advantages(buf, ops.gae, cfg.gamma, cfg.gae_lambda)
             kl_coef = kl_ctl.beta
-            stats = update(policy, optimizer, buf, cfg, ops.ppo_loss, kl_coef)
+            stats = update(policy, optimizer, buf, cfg, ops, kl_coef)
             if cfg.loss == "penalty":
                 b = flatten(buf)
                 stats["kl"] = policy_kl(policy, b["obs"], b["logits"], b["valid"], cfg.minibatch_size)
@@ -318,19 +379,28 @@ def train(cfg: Config, explicit: set[str] | None = None) -> dict:
                 eval_time += metrics["perf/eval_time"]
             logger.log(metrics)
 
+            recent_returns.extend(returns)
+            reached = (cfg.target_return is not None and len(recent_returns) == recent_returns.maxlen
+                       and np.mean(recent_returns) >= cfg.target_return)
+            if reached:
+                print(f"target return {cfg.target_return} reached: mean of the last {len(recent_returns)} games "
+                      f"is {np.mean(recent_returns):.2f} at global step {global_step}", flush=True)
+                break
             stopping = stop.signum is not None and iteration != cfg.num_iterations
             if stopping or (cfg.save_every and iteration % cfg.save_every == 0 and iteration != cfg.num_iterations):
                 logger.phase("checkpoint")
                 path = save_checkpoint(run_dir, iteration, checkpoint_state(
-                    cfg, policy, optimizer, iteration, global_step, kl_ctl, collector, metrics["time/elapsed"]))
+                    cfg, policy, optimizer, iteration, global_step, kl_ctl, collector, metrics["time/elapsed"],
+                    list(recent_returns)))
             if stopping:
                 exit_code = 128 + stop.signum
                 raise TrainingInterrupted(
                     stop.signum, f"stopped by {signal.Signals(stop.signum).name} after iteration {iteration} "
                     f"(global step {global_step:,}); saved {path}; go on with: fastppo train --resume {run_dir}")
         logger.phase("checkpoint")
-        path = save_checkpoint(run_dir, cfg.num_iterations, checkpoint_state(
-            cfg, policy, optimizer, cfg.num_iterations, global_step, kl_ctl, collector, metrics["time/elapsed"]))
+        path = save_checkpoint(run_dir, iteration, checkpoint_state(
+            cfg, policy, optimizer, iteration, global_step, kl_ctl, collector, metrics["time/elapsed"],
+            list(recent_returns)))
         if tracker is not None:
             tracker.log_model(path, global_step)
         exit_code = 0

@@ -8,7 +8,6 @@ without triton). ``select(kind, device)`` returns the op set the trainer uses.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from typing import NamedTuple
 
@@ -49,7 +48,8 @@ def select(kind: str, device: torch.device | str) -> Ops:
 
     'torch': the reference, anywhere. 'triton': the Triton kernels; ValueError if triton is not
     importable, or on CPU unless they run under the interpreter (TRITON_INTERPRET=1 set before they
-    were imported), or on a device other than CPU/CUDA. 'auto': Triton on CUDA when triton imports
+    were imported), or on a device other than CPU/CUDA (interpreted kernels also run on CUDA
+    tensors, slowly: set TRITON_INTERPRET only where there is no GPU). 'auto': Triton on CUDA when triton imports
     and the kernels are compiled (not interpreted), else the reference.
     """
     if kind not in ("auto", "torch", "triton"):
@@ -59,7 +59,7 @@ def select(kind: str, device: torch.device | str) -> Ops:
     if kind == "torch":
         return reference_ops
     if kind == "auto":
-        if device.type != "cuda" or importlib.util.find_spec("triton") is None:
+        if device.type != "cuda":
             return reference_ops
         try:
             interpreted = _interpreted()

@@ -320,8 +320,11 @@ def launch_gae(
     grid = (triton.cdiv(N, block_n),)
     device = rewards.device
     adv = empty_output((T, N), torch.float32, device)
-    ret = empty_output((T, N), torch.float32, device) if store_returns else adv  # dummy pointer if unused
-    st = empty_output((grid[0], 3), torch.float32, device) if stats else adv
+    # An unused output pointer gets its own dummy, never another output: an op's written buffers
+    # must not alias (triton_op's mutation analysis works per argument).
+    unused = torch.empty(1, dtype=torch.float32, device=device) if not (store_returns and stats) else None
+    ret = empty_output((T, N), torch.float32, device) if store_returns else unused
+    st = empty_output((grid[0], 3), torch.float32, device) if stats else unused
     term, trunc = flag_view(terminated), flag_view(truncated)
     m = flag_view(mask) if mask is not None else term  # dummy pointer if unused
     args = (rewards, values, term, trunc, m, adv, ret, st, T, N,

@@ -10,9 +10,9 @@ V[:T] through the value loss only and the bootstrap row V[T] gets exactly zero (
 that row anyway). Gradients w.r.t. logits (T, n, A) and values (T + 1, n); everything else is data.
 
 Launches: (1) the GAE kernel of ``gae.py`` (loop or scan, parallel over column blocks) writes the raw
-advantages A (T, n) and each column block's (count, mean, M2) of A over the valid samples — the
-advantage normalisation's pre-reduction comes free with the scan, so there is no separate stats
-pass; (2) the loss kernel of ``loss.py`` reads A, recomputes R = A + V[t] from the value it loads
+advantages A (T, n) and each column block's (count, mean, M2) of A over the valid samples: the
+advantage normalisation's pre-reduction comes free with the GAE pass, so there is no separate
+statistics launch; (2) the loss kernel of ``loss.py`` reads A, recomputes R = A + V[t] from the value it loads
 anyway, and writes the gradients and partial sums; (3) the finalize kernel.
 
 Bytes moved per sample, fp32, bool flags: (1) reads r, V, term, trunc, mask (4 + 4 + 1 + 1 + 1) and

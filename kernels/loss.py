@@ -50,7 +50,10 @@ from fastppo.kernels.gae import (
     wrap,
 )
 
-ADV_EPS = 1e-8  # CleanRL's epsilon in (A - mean) / (std + eps), as reference.ADV_EPS
+# Globals a kernel reads must be tl.constexpr objects (compiled Triton rejects others; the
+# interpreter does not, so tests/test_kernels.py also compiles every kernel for sm_90).
+ADV_EPS = tl.constexpr(1e-8)  # CleanRL's epsilon in (A - mean) / (std + eps), as reference.ADV_EPS
+NAN = tl.constexpr(tl.PropagateNan.ALL)  # min/max/clamp propagate NaN, as torch's do
 N_STATS = 8  # partial sums: pg, vl, entropy, k3, -logratio, clipped, exact KL, count
 STAT_KEYS = ("policy_loss", "value_loss", "entropy", "approx_kl", "old_approx_kl", "clipfrac", "kl")
 
@@ -150,8 +153,8 @@ def _ppo_loss_kernel(
 
     if CLIP:
         pg_loss1 = -adv * ratio
-        pg_loss2 = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_coef), 1.0 + clip_coef)
-        pg = tl.maximum(pg_loss1, pg_loss2)
+        pg_loss2 = -adv * tl.clamp(ratio, 1.0 - clip_coef, 1.0 + clip_coef, propagate_nan=NAN)
+        pg = tl.maximum(pg_loss1, pg_loss2, propagate_nan=NAN)
         w1 = tl.where(pg_loss1 > pg_loss2, 1.0, tl.where(pg_loss1 == pg_loss2, 0.5, 0.0))
         inside = (ratio >= 1.0 - clip_coef) & (ratio <= 1.0 + clip_coef)  # clamp passes gradient
         dpg_dratio = -adv * (w1 + tl.where(inside, 1.0 - w1, 0.0))
@@ -188,12 +191,12 @@ def _ppo_loss_kernel(
     if VF_CLIP:
         old_v = tl.load(old_values_ptr + rows * stride_ov, mask=rmask, other=0.0).to(tl.float32)
         step = v - old_v
-        dc = old_v + tl.minimum(tl.maximum(step, -vf_clip_coef), vf_clip_coef) - ret
+        dc = old_v + tl.clamp(step, -vf_clip_coef, vf_clip_coef, propagate_nan=NAN) - ret
         vl_clipped = dc * dc
         wu = tl.where(vl > vl_clipped, 1.0, tl.where(vl == vl_clipped, 0.5, 0.0))
         inside_v = (step >= -vf_clip_coef) & (step <= vf_clip_coef)
         dvl = wu * dv + tl.where(inside_v, (1.0 - wu) * dc, 0.0)
-        vl = tl.maximum(vl, vl_clipped)
+        vl = tl.maximum(vl, vl_clipped, propagate_nan=NAN)
     tl.store(grad_values_ptr + rows, (vf_coef * dvl * scale).to(grad_values_ptr.dtype.element_ty), mask=rmask)
 
     # Per-program partial sums over the valid samples; invalid ones are dropped, NaN or not.
@@ -346,7 +349,7 @@ def launch_ppo_loss(
     use_kl = kl_coef != 0.0
     wrap(_ppo_loss_kernel)[grid](
         logits, ol, actions, old_logp, advantages, values, old_values, ret, mask_v,
-        adv_stats if adv_stats is not None else partial,
+        adv_stats if adv_stats is not None else advantages,  # dummy pointer if unused (read-only)
         grad_logits, grad_values, partial,
         M, A, n_stats,
         logits.stride(0), logits.stride(1), ol.stride(0), ol.stride(1), actions.stride(0), old_logp.stride(0),

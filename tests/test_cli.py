@@ -157,3 +157,12 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, ca
 def test_target_kl_stops_epochs_early(tmp_path):
     assert short_cartpole(tmp_path / "t", "--target-kl", "1e-9") == 0
     assert all(m["losses/epochs"] == 1 for m in read_metrics(tmp_path / "t"))
+
+
+def test_target_return_stops_early_and_checkpoints(tmp_path, capsys):
+    # CartPole games last >= 8 steps: a target of 0 over 3 games is reached in the first iteration
+    assert short_cartpole(tmp_path / "s", "--target-return", "0", "--target-return-games", "3") == 0
+    assert "target return 0.0 reached: mean of the last 3 games" in capsys.readouterr().out
+    metrics = read_metrics(tmp_path / "s")
+    assert len(metrics) == 1
+    assert load_checkpoint(str(tmp_path / "s"))["iteration"] == 1
