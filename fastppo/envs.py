@@ -121,7 +121,9 @@ def make_envs(
             noop_max=30,
         )
     with _quiet_spaces():
-        return envpool.make(info.env_id, **kwargs)
+        envs = envpool.make(info.env_id, **kwargs)
+        _ = envs.observation_space, envs.action_space  # built lazily on first access: build them quietly now
+    return envs
 
 
 class EpisodeStats:
