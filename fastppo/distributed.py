@@ -187,6 +187,31 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return all_reduce_sum(t) / dist.get_world_size()
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether flag is True on any rank (flag itself without a process group). A collective."""
+    if not dist.is_initialized():
+        return flag
+    return bool(all_reduce_sum(torch.tensor(float(flag), device=device)).item())
+
+
+def all_games(returns: list[float], lengths: list[int]) -> tuple[list[float], list[int]]:
+    """The finished games' returns and lengths of every rank, rank 0's first. A collective."""
+    if not dist.is_initialized():
+        return returns, lengths
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, (returns, lengths))
+    return [r for rank_returns, _ in out for r in rank_returns], [n for _, rank_lengths in out for n in rank_lengths]
+
+
+def gather_on_main(obj: T) -> list[T] | None:
+    """[obj of rank 0, obj of rank 1, ...] on rank 0, None on the others ([obj] without a process group)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def on_main(fn: Callable[[], T]) -> T:
     """Run fn on rank 0 only and give its result, or its ConfigError, to every rank.
 

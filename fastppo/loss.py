@@ -20,6 +20,19 @@ from torch import nn
 from fastppo.config import Config
 
 
+def loss_kwargs(cfg: Config, kl_coef: float) -> dict:
+    """The keyword arguments of ``ppo_loss`` / ``gae_ppo_loss`` that come from the config."""
+    penalty = cfg.loss == "penalty"
+    return dict(
+        clip_coef=None if penalty else cfg.clip_coef,
+        vf_coef=cfg.vf_coef,
+        ent_coef=cfg.ent_coef,
+        vf_clip_coef=cfg.clip_coef if cfg.clip_vloss else None,
+        norm_adv=cfg.norm_adv,
+        kl_coef=kl_coef if penalty else 0.0,
+    )
+
+
 def minibatch_loss(
     ppo_loss,
     cfg: Config,
@@ -29,7 +42,6 @@ def minibatch_loss(
     mb: dict[str, torch.Tensor],
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss of one minibatch; mb holds the flattened rollout fields at the minibatch's indices."""
-    penalty = cfg.loss == "penalty"
     return ppo_loss(
         logits,
         mb["actions"],
@@ -38,14 +50,9 @@ def minibatch_loss(
         values,
         mb["values"],
         mb["returns"],
-        clip_coef=None if penalty else cfg.clip_coef,
-        vf_coef=cfg.vf_coef,
-        ent_coef=cfg.ent_coef,
-        vf_clip_coef=cfg.clip_coef if cfg.clip_vloss else None,
-        norm_adv=cfg.norm_adv,
-        kl_coef=kl_coef if penalty else 0.0,
         old_logits=mb["logits"],
         mask=mb["valid"],
+        **loss_kwargs(cfg, kl_coef),
     )
 
 

@@ -33,6 +33,7 @@ class Rollout:
     valid: torch.Tensor  # (T, N) bool; False on EnvPool's autoreset step
     advantages: torch.Tensor  # (T, N), filled by advantage.compute_advantages
     returns: torch.Tensor  # (T, N)
+    next_obs: torch.Tensor  # (N, *obs_shape), the observation after row T - 1 (for values[T])
 
     @classmethod
     def allocate(cls, info: EnvInfo, num_steps: int, num_envs: int, device: torch.device) -> Rollout:
@@ -57,6 +58,7 @@ class Rollout:
             valid=flag(),
             advantages=f32(T, N),
             returns=f32(T, N),
+            next_obs=torch.zeros((N, *info.obs_shape), dtype=obs_dtype, device=device),
         )
 
     @property
@@ -72,6 +74,10 @@ class Collector:
 
     Carries what must survive from one rollout to the next: the current observation (on the
     device) and whether each env's next step is EnvPool's reset step.
+
+    ``action_log`` holds every action sent to the envs since their reset, one host array (T, N) per
+    rollout (uint8 when the action space allows): EnvPool cannot save an env's state, so a resumed run
+    rebuilds it by re-creating the envs with the same seed and replaying these actions (:meth:`replay`).
     """
 
     def __init__(self, envs, info: EnvInfo, device: torch.device, generator: torch.Generator | None = None):
@@ -84,9 +90,31 @@ class Collector:
         self.stats = EpisodeStats(self.num_envs, info.is_atari)
         self.next_obs = torch.from_numpy(obs).to(device)
         self.next_is_reset = torch.zeros(self.num_envs, dtype=torch.bool, device=device)
+        self.action_dtype = np.uint8 if info.num_actions <= 256 else np.int32
+        self.action_log: list[np.ndarray] = []
+
+    def replay(self, actions: np.ndarray) -> None:
+        """Step the freshly reset envs with actions (S, N), as collect() did, without a policy.
+
+        Leaves the envs, the next observation, the reset flags and the running full-game scores as
+        they were after those S steps; games that ended during the replay were reported then, and are
+        dropped here.
+        """
+        obs = done = None
+        for row in actions:
+            obs, reward, terminated, truncated, info = self.envs.step(row.astype(np.int64))
+            self.stats.update(reward, terminated, truncated, info)
+            done = terminated | truncated
+        if obs is not None:
+            self.next_obs = torch.from_numpy(obs).to(self.device)
+            self.next_is_reset = torch.from_numpy(done).to(self.device)
+        self.stats.pop()
+        self.action_log = [np.ascontiguousarray(actions, dtype=self.action_dtype)]
 
     def collect(self, policy: nn.Module, buf: Rollout) -> None:
         """Fill buf with num_steps steps of every env, acting with policy."""
+        sent = np.empty((buf.num_steps, self.num_envs), dtype=self.action_dtype)
+        self.action_log.append(sent)
         for t in range(buf.num_steps):
             buf.obs[t] = self.next_obs
             buf.valid[t] = ~self.next_is_reset
@@ -96,7 +124,9 @@ class Collector:
             buf.values[t] = value
             buf.logits[t] = logits
             # Host-device sync, deliberate: EnvPool needs the actions on the host.
-            obs, reward, terminated, truncated, info = self.envs.step(action.cpu().numpy())
+            host_action = action.cpu().numpy()
+            sent[t] = host_action
+            obs, reward, terminated, truncated, info = self.envs.step(host_action)
             self.stats.update(reward, terminated, truncated, info)
             buf.rewards[t] = torch.from_numpy(reward).to(self.device)
             term = torch.from_numpy(terminated).to(self.device)
@@ -105,5 +135,6 @@ class Collector:
             buf.truncated[t] = trunc
             self.next_is_reset = term | trunc
             self.next_obs = torch.from_numpy(obs).to(self.device)
+        buf.next_obs.copy_(self.next_obs)
         with torch.no_grad():
             buf.values[buf.num_steps] = policy(self.next_obs)[1].float()

@@ -8,36 +8,69 @@ Plain functions over plain tensors, CleanRL's order of operations:
         compute_advantages(buf, ops.gae, ...)     # GAE, once per rollout
         update(policy, optimizer, buf, ...)       # K epochs of shuffled minibatches
         [penalty] beta <- adaptive rule(KL)       # once per iteration, after the epochs
-        log metrics; checkpoint
+        [--eval-every] play full games on a separate small pool
+        log metrics; checkpoint; stop here after SIGINT/SIGTERM
+
+--resume rebuilds the state of the loop from a checkpoint first (see :func:`restore`).
 
 Under torchrun each rank runs this loop on its own envs; see ``distributed`` for what is shared.
 """
 
 from __future__ import annotations
 
+import collections
 import math
 import os
 import random
+import signal
 import time
 
 import numpy as np
 import torch
 from torch import nn
 
-from fastppo import distributed, kernels
+from fastppo import distributed, kernels, tracking
 from fastppo.advantage import compute_advantages, explained_variance
-from fastppo.checkpoint import list_checkpoints, save_checkpoint
-from fastppo.config import Config, check_run_dir, default_run_dir, resolve, save_config, training_device
+from fastppo.checkpoint import (
+    CheckpointError,
+    StopOnSignal,
+    checkpoint_path,
+    list_checkpoints,
+    load_resumable,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from fastppo.config import (
+    Config,
+    ConfigError,
+    check_run_dir,
+    default_run_dir,
+    fields_changed,
+    resolve,
+    resume_config,
+    save_config,
+    training_device,
+)
 from fastppo.distributed import World
 from fastppo.envs import EnvInfo, env_info, make_envs
-from fastppo.logger import RunLogger
-from fastppo.loss import AdaptiveKLCoef, minibatch_loss, policy_kl
+from fastppo.evaluate import eval_metrics
+from fastppo.logger import RunLogger, keep_metrics_until
+from fastppo.loss import AdaptiveKLCoef, loss_kwargs, minibatch_loss, policy_kl
 from fastppo.policy import make_policy
 from fastppo.rollout import Collector, Rollout
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf; the run stops and keeps its last good checkpoint."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT/SIGTERM: the run saved a checkpoint after its current iteration and stopped."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
 
 
 def seed_everything(seed: int, torch_deterministic: bool) -> None:
@@ -62,30 +95,78 @@ def flatten(buf: Rollout) -> dict[str, torch.Tensor]:
     }
 
 
+def value_predictions(policy: nn.Module, buf: Rollout, chunk: int) -> torch.Tensor:
+    """V(s) of every observation of the rollout under the current policy, row T included: (T + 1, N)."""
+    T, N = buf.rewards.shape
+    obs = torch.cat([buf.obs, buf.next_obs.unsqueeze(0)]).flatten(0, 1)  # ((T + 1) * N, ...)
+    with torch.no_grad():
+        values = torch.cat([policy(obs[i : i + chunk])[1].float() for i in range(0, obs.shape[0], chunk)])
+    return values.view(T + 1, N)
+
+
+def sample_minibatches(policy: nn.Module, buf: Rollout, cfg: Config, ops: kernels.Ops, kl_coef: float):
+    """One epoch of CleanRL's minibatches: shuffled samples of the flattened rollout.
+
+    Yields (loss, stats) per minibatch; the caller steps the optimizer before the next one.
+    """
+    b = flatten(buf)
+    if cfg.advantages == "epoch":  # GAE again, from the current value predictions
+        advantages, returns = ops.gae(buf.rewards, value_predictions(policy, buf, cfg.minibatch_size),
+                                      buf.terminated, buf.truncated, cfg.gamma, cfg.gae_lambda)
+        b["advantages"], b["returns"] = advantages.reshape(-1), returns.reshape(-1)
+    perm = torch.randperm(cfg.batch_size, device=b["actions"].device)
+    for start in range(0, cfg.batch_size, cfg.minibatch_size):
+        idx = perm[start : start + cfg.minibatch_size]
+        mb = {k: v[idx] for k, v in b.items()}
+        logits, newvalue = policy(mb["obs"])
+        yield minibatch_loss(ops.ppo_loss, cfg, kl_coef, logits, newvalue, mb)
+
+
+def env_minibatches(policy: nn.Module, buf: Rollout, cfg: Config, ops: kernels.Ops, kl_coef: float):
+    """One epoch of minibatches made of whole env columns, (T, n) each.
+
+    With --advantages epoch, each minibatch recomputes its columns' GAE from the values the forward
+    pass just predicted (bootstrap row included) inside one fused GAE + loss op.
+    """
+    T, N = buf.rewards.shape
+    n = N // cfg.num_minibatches
+    perm = torch.randperm(N, device=buf.actions.device)
+    for start in range(0, N, n):
+        cols = perm[start : start + n]
+        if cfg.advantages == "epoch":
+            obs = torch.cat([buf.obs[:, cols], buf.next_obs[cols].unsqueeze(0)])  # (T + 1, n, ...)
+            logits, values = policy(obs.flatten(0, 1))
+            logits = logits.view(T + 1, n, -1)[:T]  # (T, n, A); row T only feeds the bootstrap value
+            yield ops.gae_ppo_loss(
+                logits, buf.actions[:, cols], buf.logprobs[:, cols], values.view(T + 1, n),
+                buf.values[:T, cols], buf.rewards[:, cols], buf.terminated[:, cols], buf.truncated[:, cols],
+                gamma=cfg.gamma, gae_lambda=cfg.gae_lambda, old_logits=buf.logits[:, cols],
+                mask=buf.valid[:, cols], **loss_kwargs(cfg, kl_coef),
+            )
+        else:
+            mb = {k: v.view(T, N, *v.shape[1:])[:, cols].flatten(0, 1) for k, v in flatten(buf).items()}
+            logits, newvalue = policy(mb["obs"])
+            yield minibatch_loss(ops.ppo_loss, cfg, kl_coef, logits, newvalue, mb)
+
+
 def update(
     policy: nn.Module,
     optimizer: torch.optim.Optimizer,
     buf: Rollout,
     cfg: Config,
-    ppo_loss,
+    ops: kernels.Ops,
     kl_coef: float,
 ) -> dict[str, torch.Tensor]:
-    """K epochs of shuffled minibatches over the rollout.
+    """K epochs of minibatches over the rollout (--minibatch-by sample or env).
 
     Returns detached 0-dim stats of the last minibatch (as CleanRL logs them) with clipfrac averaged
     over all minibatches, and the number of epochs run.
     """
-    b = flatten(buf)
-    device = b["actions"].device
+    minibatches = env_minibatches if cfg.minibatch_by == "env" else sample_minibatches
     clipfracs = []
     epochs_run = 0
     for _epoch in range(cfg.update_epochs):
-        perm = torch.randperm(cfg.batch_size, device=device)
-        for start in range(0, cfg.batch_size, cfg.minibatch_size):
-            idx = perm[start : start + cfg.minibatch_size]
-            mb = {k: v[idx] for k, v in b.items()}
-            logits, newvalue = policy(mb["obs"])
-            loss, stats = minibatch_loss(ppo_loss, cfg, kl_coef, logits, newvalue, mb)
+        for loss, stats in minibatches(policy, buf, cfg, ops, kl_coef):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
@@ -105,31 +186,98 @@ def update(
 
 def checkpoint_state(
     cfg: Config, policy: nn.Module, optimizer: torch.optim.Optimizer, iteration: int, global_step: int,
-    kl_ctl: AdaptiveKLCoef,
-) -> dict:
-    return {
+    kl_ctl: AdaptiveKLCoef, collector: Collector, elapsed: float, recent_returns: list[float],
+) -> dict | None:
+    """Everything the loop needs to go on exactly; the LR follows from iteration and the config.
+
+    Under torchrun every rank calls it (a collective) and rank 0 gets the state, others None: the
+    model, optimizer and beta are the same on every rank; the actions are those of all ranks, rank
+    r's envs in columns [r * N, (r + 1) * N); ``rank_rng`` holds each rank's RNG states.
+    """
+    collector.action_log = [np.concatenate(collector.action_log)]  # one array, so the next save is one copy
+    gathered = distributed.gather_on_main((collector.action_log[0], rng_state()))
+    if gathered is None:
+        return None
+    actions, rngs = zip(*gathered, strict=True)
+    state = {
         "model": policy.state_dict(),
         "optimizer": optimizer.state_dict(),
         "config": cfg.to_dict(),
         "iteration": iteration,
         "global_step": global_step,
         "kl_coef": kl_ctl.beta,
+        "rng": rngs[0],
+        "actions": torch.from_numpy(np.concatenate(actions, axis=1)),  # (iteration * T, world * N), every action
+        "elapsed": elapsed,  # wall-clock seconds of training so far (time/elapsed)
+        "recent_returns": recent_returns,  # the --target-return window
     }
+    if cfg.world_size > 1:
+        state["rank_rng"] = rngs
+    return state
 
 
-def prepare(cfg: Config, world: World | None = None) -> tuple[Config, EnvInfo, torch.device]:
+def restore(
+    state: dict, policy: nn.Module, optimizer: torch.optim.Optimizer, kl_ctl: AdaptiveKLCoef, collector: Collector,
+    rank: int = 0,
+) -> None:
+    """Put the loop back where the checkpoint was taken.
+
+    Model, optimizer and beta are loaded; the envs, freshly made with the run's seed, replay every
+    action of the run (EnvPool cannot save an env's state), which rebuilds their state, the next
+    observation and the running game scores exactly; the RNG states come last, as they were.
+    Under torchrun every rank loads the same checkpoint and takes its own columns and RNG states.
+    """
+    policy.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    kl_ctl.beta = state["kl_coef"]
+    n = collector.num_envs
+    collector.replay(state["actions"][:, rank * n : (rank + 1) * n].numpy())
+    set_rng_state(state["rank_rng"][rank] if "rank_rng" in state else state["rng"])
+
+
+def prepare_resume(
+    cfg: Config, explicit: set[str] | None, world: World | None = None
+) -> tuple[Config, EnvInfo, torch.device, str, kernels.Ops, dict]:
+    """--resume: load and check the run's newest checkpoint and merge the config, touching no file.
+
+    Under torchrun every rank reads the same checkpoint (the run folder must be visible to all).
+    Raises CheckpointError / ConfigError / EnvError (one line each).
+    """
+    world = world or World()
+    state = load_resumable(cfg.resume)
+    saved_world = state["config"].get("world_size", 1)
+    if saved_world != world.size:
+        raise ConfigError(f"the run in {cfg.resume!r} was trained by {saved_world} rank(s); resume it with "
+                          f"{saved_world} (this launch has {world.size})")
+    cfg = resume_config(state["config"], cfg, explicit if explicit is not None else fields_changed(cfg))
+    info = env_info(cfg.env_id)
+    cfg = resolve(cfg, info, world.size)
+    iteration = state["iteration"]
+    if cfg.num_iterations <= iteration:
+        raise ConfigError(f"the run in {cfg.run_dir!r} already ran {iteration} of its {cfg.num_iterations} "
+                          f"iterations ({state['global_step']:,} steps); raise --total-timesteps to go on")
+    expected = (iteration * cfg.num_steps, cfg.num_envs * cfg.world_size)
+    if tuple(state["actions"].shape) != expected:
+        raise CheckpointError(f"{state['path']!r} does not match its config (actions of shape "
+                              f"{tuple(state['actions'].shape)}, expected {expected})")
+    cfg.env_threads = distributed.env_threads(cfg.env_threads, cfg.num_envs, world)
+    device = distributed.rank_device(training_device(cfg), world)
+    return cfg, info, device, cfg.run_dir, select_ops(cfg, device), state
+
+
+def prepare(cfg: Config, world: World | None = None) -> tuple[Config, EnvInfo, torch.device, kernels.Ops]:
     """Validate everything the user gave, before any env, file, device memory or process group exists.
 
-    Every check here gives the same answer on every rank. Returns the resolved config, the env's
-    info and this rank's device (world: None for a plain run). Raises EnvError / ConfigError (one
-    line each).
+    Every check here gives the same answer on every rank; the run folder is checked later, on rank
+    0 (:func:`claim_run_dir`). Returns the resolved config, the env's info, this rank's device
+    (world: None for a plain run) and the GAE/loss ops. Raises EnvError / ConfigError (one line each).
     """
     world = world or World()
     info = env_info(cfg.env_id)
     cfg = resolve(cfg, info, world.size)
     cfg.env_threads = distributed.env_threads(cfg.env_threads, cfg.num_envs, world)
     device = distributed.rank_device(training_device(cfg), world)
-    return cfg, info, device
+    return cfg, info, device, select_ops(cfg, device)
 
 
 def claim_run_dir(cfg: Config) -> str:
@@ -139,36 +287,64 @@ def claim_run_dir(cfg: Config) -> str:
     return run_dir
 
 
-def episode_means(returns: list[float], lengths: list[int], device: torch.device
-                  ) -> tuple[float | None, float | None, int]:
-    """Mean full-game return and length, and the game count, over the games of all ranks."""
-    # float64: the sums stay exact, and one rank gives what np.mean gives.
-    totals = torch.tensor([np.sum(returns), np.sum(lengths), len(returns)], dtype=torch.float64, device=device)
-    ret_sum, len_sum, games = distributed.all_reduce_sum(totals).tolist()
-    if not games:
-        return None, None, 0
-    return ret_sum / games, len_sum / games, int(games)
+def save(run_dir: str, iteration: int, state: dict | None) -> str:
+    """save_checkpoint on rank 0 (state None elsewhere: see checkpoint_state); the file's path."""
+    return checkpoint_path(run_dir, iteration) if state is None else save_checkpoint(run_dir, iteration, state)
 
 
-def train(cfg: Config) -> dict:
+class _Quiet:
+    """The logger of the ranks other than 0: they neither print nor write."""
+
+    def phase(self, name: str) -> None:
+        pass
+
+    def log(self, metrics: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def select_ops(cfg: Config, device: torch.device) -> kernels.Ops:
+    try:
+        return kernels.select(cfg.kernels, device)
+    except ValueError as e:
+        raise ConfigError(f"--kernels {cfg.kernels}: {e}") from None
+
+
+def train(cfg: Config, explicit: set[str] | None = None) -> dict:
     """Train from cfg; returns the last metrics line. Writes cfg.run_dir (see README).
 
+    With cfg.resume, continues that run; `explicit` names the flags given on the command line (None:
+    those that differ from their defaults). Raises TrainingInterrupted after SIGINT/SIGTERM.
     Under torchrun: one rank of a data-parallel run; only rank 0 prints and writes cfg.run_dir.
     """
     world = World.from_env()
-    cfg, info, device = prepare(cfg, world)
+    resume_state, run_dir = None, None
+    if cfg.resume is not None:
+        cfg, info, device, run_dir, ops, resume_state = prepare_resume(cfg, explicit, world)
+    else:
+        cfg, info, device, ops = prepare(cfg, world)
+    if cfg.track and not tracking.wandb_installed():
+        raise ConfigError("--track needs wandb: pip install 'fastppo[track]'")
     with distributed.process_group(world, device, cfg.dist_timeout):
-        return _train(cfg, info, device, world)
+        return _train(cfg, info, device, ops, world, run_dir, resume_state)
 
 
-def _train(cfg: Config, info: EnvInfo, device: torch.device, world: World) -> dict:
-    run_dir = cfg.run_dir = distributed.on_main(lambda: claim_run_dir(cfg))
+def _train(
+    cfg: Config, info: EnvInfo, device: torch.device, ops: kernels.Ops, world: World, run_dir: str | None,
+    resume_state: dict | None,
+) -> dict:
+    if run_dir is None:
+        run_dir = cfg.run_dir = distributed.on_main(lambda: claim_run_dir(cfg))
     main = distributed.is_main()
     torch_seed, env_seed = distributed.rank_seeds(cfg.seed, cfg.num_envs, world.rank)
     seed_everything(torch_seed, cfg.torch_deterministic)
     if main:
         os.makedirs(run_dir, exist_ok=True)
         save_config(cfg, os.path.join(run_dir, "config.json"))
+        if resume_state is not None:
+            keep_metrics_until(run_dir, resume_state["iteration"])
     envs = make_envs(
         info, cfg.num_envs, env_seed,
         num_threads=cfg.env_threads,
@@ -178,27 +354,48 @@ def _train(cfg: Config, info: EnvInfo, device: torch.device, world: World) -> di
     policy = make_policy(info).to(device)
     train_policy = distributed.wrap_model(policy, device)  # DDP under torchrun: gradients averaged in backward
     optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.learning_rate, eps=1e-5)
-    ops = kernels.select(cfg.kernels, device)
     buf = Rollout.allocate(info, cfg.num_steps, cfg.num_envs, device)
     collector = Collector(envs, info, device)
     kl_ctl = AdaptiveKLCoef(cfg.kl_coef, cfg.kl_min, cfg.kl_max)
-    logger = RunLogger(run_dir) if main else None
+    tracker = None
+    if cfg.track and main:
+        tracker = tracking.Tracker.start(run_dir, project=cfg.wandb_project, entity=cfg.wandb_entity,
+                                         group=cfg.wandb_group, tags=cfg.wandb_tags, config=cfg.to_dict())
+    logger = RunLogger(run_dir, cfg.num_iterations * cfg.global_batch_size, log_every=cfg.log_every,
+                       log_seconds=cfg.log_seconds, tracker=tracker,
+                       title=f"fastppo {cfg.env_id}  {run_dir}") if main else _Quiet()
 
-    global_step = 0
+    recent_returns: collections.deque[float] = collections.deque(maxlen=cfg.target_return_games)
+    first_iteration, global_step, elapsed = 1, 0, 0.0
+    if resume_state is not None:
+        logger.phase("replay")
+        restore(resume_state, policy, optimizer, kl_ctl, collector, world.rank)
+        first_iteration = resume_state["iteration"] + 1
+        global_step, elapsed = resume_state["global_step"], resume_state["elapsed"]
+        recent_returns.extend(resume_state.get("recent_returns", []))
+    start_step = global_step
     start_time = time.time()
+    eval_time = 0.0  # SPS leaves out time spent evaluating (training envs idle)
     metrics: dict = {}
+    exit_code = 1
+    stop = StopOnSignal()
+    stop.install()
     try:
-        for iteration in range(1, cfg.num_iterations + 1):
+        for iteration in range(first_iteration, cfg.num_iterations + 1):
             if cfg.anneal_lr:
                 frac = 1.0 - (iteration - 1.0) / cfg.num_iterations
                 optimizer.param_groups[0]["lr"] = frac * cfg.learning_rate
             lr = optimizer.param_groups[0]["lr"]
 
+            logger.phase("collect")
+            t_collect = time.perf_counter()
             collector.collect(policy, buf)
+            t_update = time.perf_counter()  # collect ends synchronised: each step waits for its actions
+            logger.phase("update")
             global_step += cfg.global_batch_size
             compute_advantages(buf, ops.gae, cfg.gamma, cfg.gae_lambda)
             kl_coef = kl_ctl.beta
-            stats = update(train_policy, optimizer, buf, cfg, ops.ppo_loss, kl_coef)
+            stats = update(train_policy, optimizer, buf, cfg, ops, kl_coef)
             if cfg.loss == "penalty":
                 b = flatten(buf)
                 stats["kl"] = policy_kl(policy, b["obs"], b["logits"], b["valid"], cfg.minibatch_size)
@@ -211,6 +408,7 @@ def _train(cfg: Config, info: EnvInfo, device: torch.device, world: World) -> di
             names = list(stats)
             reduced = distributed.all_reduce_mean(torch.stack([stats[k].to(device, torch.float64) for k in names]))
             values = dict(zip(names, reduced.tolist(), strict=True))
+            t_done = time.perf_counter()
             if not math.isfinite(values["loss"]):
                 last = list_checkpoints(run_dir)
                 kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written"
@@ -221,15 +419,15 @@ def _train(cfg: Config, info: EnvInfo, device: torch.device, world: World) -> di
             if cfg.loss == "penalty":
                 kl_ctl.update(values["kl"])
 
-            mean_return, mean_length, games = episode_means(*collector.stats.pop(), device)
+            returns, lengths = distributed.all_games(*collector.stats.pop())  # the games of every rank
             metrics = {
                 "global_step": global_step,
                 "iteration": iteration,
                 "num_iterations": cfg.num_iterations,
-                "charts/episodic_return": mean_return,
-                "charts/episodic_length": mean_length,
-                "charts/episodes": games,
-                "charts/SPS": int(global_step / (time.time() - start_time)),
+                "charts/episodic_return": float(np.mean(returns)) if returns else None,
+                "charts/episodic_length": float(np.mean(lengths)) if lengths else None,
+                "charts/episodes": len(returns),
+                "charts/SPS": int((global_step - start_step) / max(time.time() - start_time - eval_time, 1e-9)),
                 "charts/learning_rate": lr,
                 "losses/policy_loss": values["policy_loss"],
                 "losses/value_loss": values["value_loss"],
@@ -241,18 +439,50 @@ def _train(cfg: Config, info: EnvInfo, device: torch.device, world: World) -> di
                 "losses/kl": values["kl"],
                 "losses/kl_coef": kl_coef,
                 "losses/epochs": int(values["epochs"]),
+                "time/elapsed": elapsed + time.time() - start_time,
+                "perf/rollout_time": t_update - t_collect,
+                "perf/update_time": t_done - t_update,
             }
-            if main:
-                logger.log(metrics)
+            if main and cfg.eval_every and (iteration % cfg.eval_every == 0 or iteration == cfg.num_iterations):
+                logger.phase("eval")
+                t_eval = time.perf_counter()
+                metrics.update(eval_metrics(policy, info, cfg, iteration, device))
+                metrics["perf/eval_time"] = time.perf_counter() - t_eval
+                eval_time += metrics["perf/eval_time"]
+            logger.log(metrics)
 
-            if main and cfg.save_every and iteration % cfg.save_every == 0 and iteration != cfg.num_iterations:
-                save_checkpoint(run_dir, iteration,
-                                checkpoint_state(cfg, policy, optimizer, iteration, global_step, kl_ctl))
-        if main:
-            save_checkpoint(run_dir, cfg.num_iterations,
-                            checkpoint_state(cfg, policy, optimizer, cfg.num_iterations, global_step, kl_ctl))
+            recent_returns.extend(returns)
+            reached = (cfg.target_return is not None and len(recent_returns) == recent_returns.maxlen
+                       and np.mean(recent_returns) >= cfg.target_return)
+            if reached:
+                if main:
+                    print(f"target return {cfg.target_return} reached: mean of the last {len(recent_returns)} "
+                          f"games is {np.mean(recent_returns):.2f} at global step {global_step}", flush=True)
+                break
+            # Any rank's signal stops them all, after the same iteration.
+            stopping = distributed.any_rank(stop.signum is not None, device) and iteration != cfg.num_iterations
+            if stopping or (cfg.save_every and iteration % cfg.save_every == 0 and iteration != cfg.num_iterations):
+                logger.phase("checkpoint")
+                path = save(run_dir, iteration, checkpoint_state(
+                    cfg, policy, optimizer, iteration, global_step, kl_ctl, collector, metrics["time/elapsed"],
+                    list(recent_returns)))
+            if stopping:
+                signum = stop.signum or signal.SIGTERM  # a rank stopped by another rank's signal
+                exit_code = 128 + signum
+                raise TrainingInterrupted(
+                    signum, f"stopped by {signal.Signals(signum).name} after iteration {iteration} "
+                    f"(global step {global_step:,}); saved {path}; go on with: fastppo train --resume {run_dir}")
+        logger.phase("checkpoint")
+        path = save(run_dir, iteration, checkpoint_state(
+            cfg, policy, optimizer, iteration, global_step, kl_ctl, collector, metrics["time/elapsed"],
+            list(recent_returns)))
+        if tracker is not None:
+            tracker.log_model(path, global_step)
+        exit_code = 0
     finally:
-        if logger is not None:
-            logger.close()
+        stop.restore()
+        logger.close()
+        if tracker is not None:
+            tracker.finish(exit_code)
         envs.close()
     return metrics

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from helpers import read_metrics
+from helpers import read_metrics, without_timings
 
 import fastppo.trainer
 from fastppo.checkpoint import list_checkpoints, load_checkpoint
@@ -109,9 +109,7 @@ def short_cartpole(run_dir, *extra):
 def test_same_seed_gives_identical_metrics(tmp_path):
     assert short_cartpole(tmp_path / "a", "--seed", "7") == 0
     assert short_cartpole(tmp_path / "b", "--seed", "7") == 0
-    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
-    for line in a + b:
-        line.pop("charts/SPS")
+    a, b = without_timings(read_metrics(tmp_path / "a")), without_timings(read_metrics(tmp_path / "b"))
     assert a == b
     assert any(m["charts/episodic_return"] is not None for m in a)
     # and a different seed gives a different run
@@ -159,3 +157,12 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, ca
 def test_target_kl_stops_epochs_early(tmp_path):
     assert short_cartpole(tmp_path / "t", "--target-kl", "1e-9") == 0
     assert all(m["losses/epochs"] == 1 for m in read_metrics(tmp_path / "t"))
+
+
+def test_target_return_stops_early_and_checkpoints(tmp_path, capsys):
+    # CartPole games last >= 8 steps: a target of 0 over 3 games is reached in the first iteration
+    assert short_cartpole(tmp_path / "s", "--target-return", "0", "--target-return-games", "3") == 0
+    assert "target return 0.0 reached: mean of the last 3 games" in capsys.readouterr().out
+    metrics = read_metrics(tmp_path / "s")
+    assert len(metrics) == 1
+    assert load_checkpoint(str(tmp_path / "s"))["iteration"] == 1
