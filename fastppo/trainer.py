@@ -9,11 +9,15 @@ Plain functions over plain tensors, CleanRL's order of operations:
         update(policy, optimizer, buf, ...)       # K epochs of shuffled minibatches
         [penalty] beta <- adaptive rule(KL)       # once per iteration, after the epochs
         log metrics; checkpoint
+
+With --overlap the collection of rollout k+1 runs in the background (rollout.BackgroundCollection),
+acting with a frozen copy of the weights, while the main thread runs GAE and the update on rollout k.
 """
 
 from __future__ import annotations
 
 import collections
+import copy
 import math
 import os
 import random
@@ -30,8 +34,9 @@ from fastppo.config import Config, ConfigError, check_run_dir, default_run_dir, 
 from fastppo.envs import EnvInfo, env_info, make_envs
 from fastppo.logger import RunLogger
 from fastppo.loss import AdaptiveKLCoef, loss_kwargs, minibatch_loss, policy_kl
+from fastppo.perf import PHASES, Actor, PhaseTimer, copy_weights, learner_forward
 from fastppo.policy import make_policy
-from fastppo.rollout import Collector, Rollout
+from fastppo.rollout import AsyncCollector, BackgroundCollection, Collector, Rollout
 
 
 class TrainingDiverged(RuntimeError):
@@ -148,6 +153,21 @@ def update(
     return out
 
 
+def perf_metrics(timer: PhaseTimer, collect_timer: PhaseTimer, iteration_seconds: float) -> dict[str, float]:
+    """perf/<phase>: seconds per iteration in each phase; perf/iteration: the iteration's wall time.
+
+    Read at log time (the CUDA events are read after the log line's sync). With --overlap the
+    collection phases run beside gae/update, so the phases may add up to more than perf/iteration.
+    perf/logging is the previous iteration's (this line is timed after it is written).
+    """
+    phases = collect_timer.read()
+    for name, seconds in timer.read().items():
+        phases[name] = phases.get(name, 0.0) + seconds
+    out = {f"perf/{name}": round(phases.get(name, 0.0), 6) for name in PHASES}
+    out["perf/iteration"] = round(iteration_seconds, 6)
+    return out
+
+
 def checkpoint_state(
     cfg: Config, policy: nn.Module, optimizer: torch.optim.Optimizer, iteration: int, global_step: int,
     kl_ctl: AdaptiveKLCoef,
@@ -181,8 +201,18 @@ def prepare(cfg: Config) -> tuple[Config, EnvInfo, torch.device, str, kernels.Op
     return cfg, info, device, run_dir, ops
 
 
-def train(cfg: Config) -> dict:
-    """Train from cfg; returns the last metrics line. Writes cfg.run_dir (see README)."""
+def make_collector(cfg: Config, envs, info: EnvInfo, device: torch.device,
+                   timer: PhaseTimer) -> Collector | AsyncCollector:
+    if cfg.async_envs:
+        return AsyncCollector(envs, info, device, cfg.num_envs, cfg.recv_batch_size, timer=timer)
+    return Collector(envs, info, device, timer=timer)
+
+
+def train(cfg: Config, *, max_seconds: float | None = None) -> dict:
+    """Train from cfg; returns the last metrics line. Writes cfg.run_dir (see README).
+
+    max_seconds (for ``fastppo bench``): stop after the first iteration that ends past it.
+    """
     cfg, info, device, run_dir, ops = prepare(cfg)
 
     seed_everything(cfg.seed, cfg.torch_deterministic)
@@ -193,11 +223,20 @@ def train(cfg: Config) -> dict:
         num_threads=cfg.env_threads,
         max_episode_steps=cfg.max_episode_steps,
         repeat_action_probability=cfg.repeat_action_probability,
+        batch_size=cfg.recv_batch_size if cfg.async_envs else None,
     )
     policy = make_policy(info).to(device)
     optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.learning_rate, eps=1e-5)
-    buf = Rollout.allocate(info, cfg.num_steps, cfg.num_envs, device)
-    collector = Collector(envs, info, device)
+    # the update calls `forward` (bf16 autocast / compiled wrapper, same parameters); checkpoints hold `policy`
+    forward = learner_forward(policy, cfg.bf16, cfg.compile)
+    # --overlap acts with a frozen copy of the weights (theta'), refreshed after each update
+    behaviour = copy.deepcopy(policy).requires_grad_(False) if cfg.overlap else policy
+    actor = Actor(behaviour, learner_forward(behaviour, cfg.bf16, cfg.compile) if cfg.overlap else forward,
+                  cudagraphs=cfg.cudagraphs, graph_batch_sizes=(cfg.recv_batch_size,))
+    timer, collect_timer = PhaseTimer(device), PhaseTimer(device)
+    collector = make_collector(cfg, envs, info, device, collect_timer)
+    bufs = collector.allocate(cfg.num_steps, 2 if cfg.overlap else 1)
+    background = BackgroundCollection(collector, device) if cfg.overlap else None
     kl_ctl = AdaptiveKLCoef(cfg.kl_coef, cfg.kl_min, cfg.kl_max)
     logger = RunLogger(run_dir)
 
@@ -206,26 +245,39 @@ def train(cfg: Config) -> dict:
     start_time = time.time()
     metrics: dict = {}
     try:
+        if background is not None:
+            collector.collect(actor, bufs[0])  # rollout 1: nothing to overlap with yet
         for iteration in range(1, cfg.num_iterations + 1):
+            iteration_start = time.perf_counter()
             if cfg.anneal_lr:
                 frac = 1.0 - (iteration - 1.0) / cfg.num_iterations
                 optimizer.param_groups[0]["lr"] = frac * cfg.learning_rate
             lr = optimizer.param_groups[0]["lr"]
 
-            collector.collect(policy, buf)
+            buf = bufs[(iteration - 1) % len(bufs)]
+            if background is None:
+                collector.collect(actor, buf)
+            elif iteration < cfg.num_iterations:  # rollout k+1, with theta' = the weights before this update
+                background.start(actor, bufs[iteration % 2])
             global_step += cfg.batch_size
-            compute_advantages(buf, ops.gae, cfg.gamma, cfg.gae_lambda)
+            with timer.phase("gae"):
+                compute_advantages(buf, ops.gae, cfg.gamma, cfg.gae_lambda)
             kl_coef = kl_ctl.beta
-            stats = update(policy, optimizer, buf, cfg, ops, kl_coef)
-            if cfg.loss == "penalty":
-                b = flatten(buf)
-                stats["kl"] = policy_kl(policy, b["obs"], b["logits"], b["valid"], cfg.minibatch_size)
+            with timer.phase("update"):
+                stats = update(forward, optimizer, buf, cfg, ops, kl_coef)
+                if cfg.loss == "penalty":
+                    b = flatten(buf)
+                    stats["kl"] = policy_kl(forward, b["obs"], b["logits"], b["valid"], cfg.minibatch_size)
             stats["explained_variance"] = explained_variance(
                 buf.values[:-1].reshape(-1), buf.returns.reshape(-1), buf.valid.reshape(-1)
             )
+            if background is not None:
+                background.wait()
+                copy_weights(behaviour, policy)  # theta' <- theta for the next rollout
 
-            # Host-device sync, deliberate: one per iteration, to log (and to decide beta on).
-            values = {k: v.item() for k, v in stats.items()}
+            with timer.phase("logging", host=True):
+                # Host-device sync, deliberate: one per iteration, to log (and to decide beta on).
+                values = {k: v.item() for k, v in stats.items()}
             if not math.isfinite(values["loss"]):
                 last = list_checkpoints(run_dir)
                 kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written"
@@ -256,12 +308,16 @@ def train(cfg: Config) -> dict:
                 "losses/kl": values["kl"],
                 "losses/kl_coef": kl_coef,
                 "losses/epochs": int(values["epochs"]),
+                **perf_metrics(timer, collect_timer, time.perf_counter() - iteration_start),
             }
-            logger.log(metrics)
+            with timer.phase("logging", host=True):
+                logger.log(metrics)
 
             recent_returns.extend(returns)
             reached = (cfg.target_return is not None and len(recent_returns) == recent_returns.maxlen
                        and np.mean(recent_returns) >= cfg.target_return)
+            if max_seconds is not None and time.time() - start_time > max_seconds:
+                break
             if reached:
                 print(f"target return {cfg.target_return} reached: mean of the last {len(recent_returns)} games "
                       f"is {np.mean(recent_returns):.2f} at global step {global_step}", flush=True)
@@ -271,6 +327,8 @@ def train(cfg: Config) -> dict:
                                 checkpoint_state(cfg, policy, optimizer, iteration, global_step, kl_ctl))
         save_checkpoint(run_dir, iteration, checkpoint_state(cfg, policy, optimizer, iteration, global_step, kl_ctl))
     finally:
+        if background is not None and background.thread is not None:
+            background.thread.join()  # an error in the update: let the collection finish before closing the envs
         logger.close()
         envs.close()
     return metrics
