@@ -16,6 +16,7 @@ from fastppo.envs import EnvInfo, env_info, make_envs
 from fastppo.policy import make_policy
 from fastppo.rollout import AsyncCollector, SpillRollout
 
+
 @pytest.fixture(autouse=True)
 def one_torch_thread():
     """Tiny batches: torch's intra-op threads only contend with EnvPool's on a small machine."""
