@@ -239,6 +239,12 @@ def run_bench(cfg: BenchConfig) -> dict:
     warnings.filterwarnings("ignore", message=".*precision lowered by casting.*")  # gymnasium, on every make
     info = env_info(cfg.env_id)
     points = []
+    result = {"machine": machine(), "device": str(device), "settings": asdict(cfg), "points": points}
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    gpu = result["machine"]["gpu"]
+    name = cfg.name or "bench_{}_{}_{}".format(
+        cfg.env_id, (gpu or "cpu").replace(" ", "-"), datetime.date.today().isoformat())
+    stem = os.path.join(cfg.out_dir, name)
     for n in cfg.num_envs:
         batch = recv_batch(cfg, n)
         point = {"num_envs": n, "batch_size": batch}
@@ -251,15 +257,9 @@ def run_bench(cfg: BenchConfig) -> dict:
         points.append(point)
         print(f"num_envs {n}: EnvPool {point['ceiling']:,.0f}  envs+inference {point['inference']:,.0f}  "
               f"training {point['training']:,.0f} steps/s ({point['training_pct_of_ceiling']:.0f}%)", flush=True)
-    result = {"machine": machine(), "device": str(device), "settings": asdict(cfg), "points": points}
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    gpu = result["machine"]["gpu"]
-    name = cfg.name or "bench_{}_{}_{}".format(
-        cfg.env_id, (gpu or "cpu").replace(" ", "-"), datetime.date.today().isoformat())
-    stem = os.path.join(cfg.out_dir, name)
-    with open(stem + ".json", "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
+        with open(stem + ".json", "w") as f:  # after every point: a sweep cut short keeps what it measured
+            json.dump(result, f, indent=2)
+            f.write("\n")
     plot(result, stem + ".png")
     print_table(result)
     print(f"wrote {stem}.json and {stem}.png")

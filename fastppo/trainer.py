@@ -231,8 +231,11 @@ def train(cfg: Config, *, max_seconds: float | None = None) -> dict:
     forward = learner_forward(policy, cfg.bf16, cfg.compile)
     # --overlap acts with a frozen copy of the weights (theta'), refreshed after each update
     behaviour = copy.deepcopy(policy).requires_grad_(False) if cfg.overlap else policy
+    # With --overlap, acting draws its Gumbel noise from its own generator: the update's shuffles run
+    # at the same time on the main thread, and one shared generator would make runs irreproducible.
+    acting_rng = torch.Generator(device).manual_seed(cfg.seed + 1) if cfg.overlap else None
     actor = Actor(behaviour, learner_forward(behaviour, cfg.bf16, cfg.compile) if cfg.overlap else forward,
-                  cudagraphs=cfg.cudagraphs, graph_batch_sizes=(cfg.recv_batch_size,))
+                  generator=acting_rng, cudagraphs=cfg.cudagraphs, graph_batch_sizes=(cfg.recv_batch_size,))
     timer, collect_timer = PhaseTimer(device), PhaseTimer(device)
     collector = make_collector(cfg, envs, info, device, collect_timer)
     bufs = collector.allocate(cfg.num_steps, 2 if cfg.overlap else 1)

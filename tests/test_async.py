@@ -215,3 +215,25 @@ def test_envpool_async_cartpole_masks_and_scores():
     returns, lengths = collector.stats.pop()
     assert returns and all(1 <= r <= 20 for r in returns) and returns == [float(n) for n in lengths]
     envs.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cudagraphs", [False, True], ids=["eager", "cudagraphs"])
+def test_async_columns_on_cuda(cudagraphs):
+    """The CUDA data path (pinned staging, non-blocking copies, index_copy_ on the device, graphed
+    acting) assembles the same columns."""
+    from fastppo.perf import Actor
+
+    torch.manual_seed(0)
+    policy = make_policy(INFO).cuda()
+    pool = FakeAsyncPool(11, 4)
+    collector = AsyncCollector(pool, INFO, torch.device("cuda"), 11, 4)
+    (buf,) = collector.allocate(37)
+    actor = Actor(policy, cudagraphs=cudagraphs, graph_batch_sizes=(4,))
+    first_k = np.zeros(11, dtype=np.int64)
+    for _ in range(3):
+        collector.collect(actor, buf)
+        check_rollout(pool, policy, buf, first_k)
+        first_k += 37
+    assert bool(actor.graphs) == cudagraphs

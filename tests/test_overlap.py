@@ -136,3 +136,24 @@ def test_speed_options_train_on_cpu(tmp_path):
         assert m["perf/iteration"] > 0 and m["perf/update"] > 0
         assert set(k for k in m if k.startswith("perf/")) == {
             "perf/env_wait", "perf/h2d", "perf/inference", "perf/gae", "perf/update", "perf/logging", "perf/iteration"}
+
+
+@pytest.mark.slow
+def test_compile_trains_on_cpu(tmp_path):
+    """--compile (torch.compile of the forward, acting and update) runs; compilation takes most of it."""
+    run_dir = tmp_path / "r"
+    code = main(["train", "--env-id", "CartPole-v1", "--device", "cpu", "--total-timesteps", "64", "--num-envs", "2",
+                 "--num-steps", "16", "--num-minibatches", "2", "--compile", "--run-dir", str(run_dir)])
+    assert code == 0
+    assert len(read_metrics(run_dir)) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_overlap_on_cuda_stream(tmp_path):
+    """--overlap on CUDA (collection on its own stream) with --async-envs and --cudagraphs."""
+    run_dir = tmp_path / "r"
+    code = main(["train", "--env-id", "CartPole-v1", "--device", "cuda", "--total-timesteps", "4096", "--num-envs",
+                 "8", "--num-steps", "64", "--async-envs", "--overlap", "--cudagraphs", "--run-dir", str(run_dir)])
+    assert code == 0
+    assert len(read_metrics(run_dir)) == 8
