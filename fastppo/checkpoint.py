@@ -1,17 +1,23 @@
-"""Checkpoints: written atomically, read as data only.
+"""Checkpoints: written atomically, read as data only; the RNG states that make a resume exact.
 
 A checkpoint is a dict of tensors and plain Python values saved with ``torch.save``. It is written
 to a temporary file in the same folder, fsync'ed, then renamed over its final name, so a crash
-mid-save leaves the previous checkpoint intact. It is loaded with ``weights_only=True``: a
-checkpoint file is data, never code.
+mid-save leaves the previous checkpoint intact (a leftover ``*.tmp.<pid>`` file is never read and is
+removed by the next save). It is loaded with ``weights_only=True``: a checkpoint file is data, never
+code, so everything in it is a tensor, a number, a string, a list or a dict (numpy's and Python's RNG
+states are converted, see :func:`rng_state`).
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import random
 import re
+import signal
+import threading
 
+import numpy as np
 import torch
 
 CKPT_DIR = "checkpoints"
@@ -36,6 +42,8 @@ def save_checkpoint(run_dir: str, iteration: int, state: dict, keep: int = 3) ->
     """Write state atomically as checkpoints/ckpt_<iteration>.pt; keep the newest `keep`."""
     path = checkpoint_path(run_dir, iteration)
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    for stale in glob.glob(os.path.join(run_dir, CKPT_DIR, "ckpt_*.pt.tmp.*")):
+        os.remove(stale)  # left by a process killed mid-save; never a checkpoint
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -80,3 +88,76 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
         raise CheckpointError(f"{path!r} is not a fastppo checkpoint (missing {', '.join(REQUIRED_KEYS)})")
     state["path"] = path
     return state
+
+
+RESUME_KEYS = ("optimizer", "rng", "actions", "kl_coef", "elapsed")
+
+
+def load_resumable(run_dir: str) -> dict:
+    """The newest checkpoint of a run folder, checked to hold everything a resume needs.
+
+    Raises CheckpointError (one line) for a missing folder, or a missing, truncated or foreign file.
+    """
+    if not os.path.isdir(run_dir):
+        raise CheckpointError(f"--resume {run_dir!r}: no such run folder")
+    state = load_checkpoint(run_dir)
+    missing = [k for k in RESUME_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{state['path']!r} cannot be resumed from: it has no {', '.join(missing)}")
+    return state
+
+
+def rng_state() -> dict:
+    """torch (CPU and every CUDA device), numpy and Python RNG states as weights_only-safe data."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
+                   "gauss_next": gauss_next},
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"].tolist()), p["gauss_next"]))
+
+
+class StopOnSignal:
+    """Turn SIGINT / SIGTERM (Ctrl-C, cluster preemption) into a request the training loop polls.
+
+    The loop finishes the iteration it is in, writes a checkpoint and stops. A second signal acts at
+    once (Ctrl-C raises KeyboardInterrupt, SIGTERM kills); the last checkpoint stays intact either way.
+    Outside the main thread (where handlers cannot be installed) it does nothing.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+
+    def restore(self) -> None:
+        """Put back the handlers that were there before install()."""
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}

@@ -1,7 +1,10 @@
-"""Command line: ``fastppo train [flags]``, ``fastppo bench [flags]`` (also ``python -m fastppo ...``).
+"""Command line: ``fastppo train | eval | plot | bench [flags]`` (also ``python -m fastppo ...``).
 
-Flags come from the Config dataclass (tyro), so --help shows each field's docstring. Bad input is
-one line on stderr and exit code 2, before any environment or device memory is created.
+Flags come from dataclasses (tyro), so --help shows each field's docstring. Bad input is one line
+on stderr and exit code 2, before any environment or device memory is created.
+
+Exit codes: 0 done, 1 the loss diverged (NaN), 2 bad input, 128 + signal number after SIGINT (130)
+or SIGTERM (143) stopped a run (it saved a checkpoint first; ``fastppo train --resume`` goes on).
 """
 
 from __future__ import annotations
@@ -12,28 +15,42 @@ import tyro
 
 from fastppo.bench import BenchConfig
 from fastppo.checkpoint import CheckpointError
-from fastppo.config import Config, ConfigError
+from fastppo.config import Config, ConfigError, flags_given
 from fastppo.envs import EnvError
+from fastppo.evaluate import EvalConfig
+from fastppo.plot import PlotConfig
 
 USER_ERRORS = (ConfigError, EnvError, CheckpointError)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = tyro.extras.subcommand_cli_from_dict(
-        {"train": Config, "bench": BenchConfig},
+        {"train": Config, "eval": EvalConfig, "plot": PlotConfig, "bench": BenchConfig},
         prog="fastppo",
         description="fastppo: high-throughput PPO on EnvPool.",
         args=argv,
     )
     try:
         if isinstance(args, Config):
-            from fastppo.trainer import TrainingDiverged, train
+            from fastppo.trainer import TrainingDiverged, TrainingInterrupted, train
 
             try:
-                train(args)
+                train(args, explicit=flags_given(argv[1:]))
             except TrainingDiverged as e:
                 print(f"fastppo: {e}", file=sys.stderr)
                 return 1
+            except TrainingInterrupted as e:
+                print(f"fastppo: {e}", file=sys.stderr)
+                return 128 + e.signum
+        elif isinstance(args, EvalConfig):
+            from fastppo.evaluate import run_eval
+
+            run_eval(args)
+        elif isinstance(args, PlotConfig):
+            from fastppo.plot import plot_runs
+
+            print(f"wrote {plot_runs(args)}")
         elif isinstance(args, BenchConfig):
             from fastppo.bench import run_bench
 

@@ -40,11 +40,36 @@ class Config:
     """run folder (config.json, metrics.jsonl, checkpoints); default runs/<env>__<exp>__<seed>__<time>.
     It must not hold a run already."""
     save_every: int = 0
-    """write a checkpoint every this many iterations (0 = only at the end)"""
+    """write a checkpoint every this many iterations (0 = only at the end; SIGINT/SIGTERM also save)"""
     target_return: float | None = None
     """stop early once the mean full-game return of the last --target-return-games games reaches this"""
     target_return_games: int = 10
     """games in the --target-return mean"""
+    resume: str | None = None
+    """continue the run in this folder (runs/<name>) from its newest checkpoint; the run's saved config is
+    used, and only the flags in RESUME_FLAGS may be given with it (see README)"""
+
+    # --- logging, tracking, evaluation --------------------------------------------------------
+    log_every: int = 1
+    """iterations between W&B logs and progress lines (metrics.jsonl gets every iteration)"""
+    log_seconds: float = 1.0
+    """and at least this many seconds between them (0 = no limit); the first and last iteration
+    are always logged"""
+    track: bool = False
+    """log to Weights & Biases (needs the `track` extra; WANDB_MODE=offline works without a network)"""
+    wandb_project: str = "fastppo"
+    """W&B project"""
+    wandb_entity: str | None = None
+    """W&B entity (user or team; None: your default)"""
+    wandb_group: str | None = None
+    """W&B group"""
+    wandb_tags: tuple[str, ...] = ()
+    """W&B tags"""
+    eval_every: int = 0
+    """every this many iterations (and at the end), play --eval-episodes full games on a separate
+    small env pool and log eval/* (0 = never)"""
+    eval_episodes: int = 4
+    """full games per --eval-every evaluation"""
 
     # --- environment ------------------------------------------------------------------------
     env_id: str = "Pong-v5"
@@ -182,9 +207,14 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg, name)
         if value <= 0:
             raise ConfigError(f"--{_flag(name)} must be positive, got {value}")
-    for name in ("env_threads", "save_every"):
+    for name in ("env_threads", "save_every", "eval_every"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"--{_flag(name)} must be >= 0, got {getattr(cfg, name)}")
+    for name in ("log_every", "eval_episodes"):
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"--{_flag(name)} must be positive, got {getattr(cfg, name)}")
+    if not cfg.log_seconds >= 0:
+        raise ConfigError(f"--log-seconds must be >= 0, got {cfg.log_seconds}")
     if cfg.max_episode_steps is not None and cfg.max_episode_steps <= 0:
         raise ConfigError(f"--max-episode-steps must be positive, got {cfg.max_episode_steps}")
     for name in ("learning_rate", "clip_coef", "kl_target", "kl_max", "kl_min"):
@@ -260,6 +290,61 @@ def check_run_dir(path: str) -> None:
 
 
 def save_config(cfg: Config, path: str) -> None:
-    with open(path, "w") as f:
+    """Write config.json atomically (a resume rewrites it when --total-timesteps is raised)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
         json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
         f.write("\n")
+    os.replace(tmp, path)
+
+
+# Flags that may be given with --resume: they change how long the run goes on and what it reports,
+# never the algorithm, the environments or the seed (so the resumed run stays the same run).
+RESUME_FLAGS = (
+    "resume", "total_timesteps", "save_every", "log_every", "log_seconds", "eval_every", "eval_episodes",
+    "track", "wandb_project", "wandb_entity", "wandb_group", "wandb_tags", "device", "env_threads",
+)
+
+
+def flags_given(argv: list[str]) -> set[str]:
+    """Config field names named on a command line (--total-timesteps 9 / --no-anneal-lr / --x=1)."""
+    names = {f.name for f in dataclasses.fields(Config)}
+    given = set()
+    for token in argv:
+        if not token.startswith("--") or token == "--":
+            continue
+        name = token[2:].split("=", 1)[0].replace("-", "_")
+        if name not in names and name.startswith("no_") and name[3:] in names:
+            name = name[3:]
+        if name in names:
+            given.add(name)
+    return given
+
+
+def fields_changed(cfg: Config) -> set[str]:
+    """Fields that differ from their defaults: the flags given, when no command line is at hand."""
+    default = Config()
+    return {f.name for f in dataclasses.fields(Config) if getattr(cfg, f.name) != getattr(default, f.name)}
+
+
+def resume_config(saved: dict, given: Config, explicit: set[str]) -> Config:
+    """The config of a resumed run: the saved one, with the RESUME_FLAGS the user gave.
+
+    Raises ConfigError naming the first flag that may not change on resume.
+    """
+    refused = sorted(explicit - set(RESUME_FLAGS))
+    if refused:
+        allowed = ", ".join(f"--{_flag(n)}" for n in RESUME_FLAGS[1:])
+        raise ConfigError(f"--{_flag(refused[0])} cannot be given with --resume (the run keeps its config; "
+                          f"allowed: {allowed})")
+    names = {f.name for f in dataclasses.fields(Config)}
+    values = {k: v for k, v in saved.items() if k in names}
+    if "wandb_tags" in values:
+        values["wandb_tags"] = tuple(values["wandb_tags"])
+    cfg = Config(**values)
+    for name in explicit:
+        setattr(cfg, name, getattr(given, name))
+    cfg.resume = given.resume
+    cfg.run_dir = given.resume
+    validate(cfg)
+    return cfg

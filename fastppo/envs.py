@@ -89,12 +89,14 @@ def make_envs(
     batch_size: int | None = None,
     episodic_life: bool = True,
     reward_clip: bool = True,
+    render_mode: str | None = None,
 ):
     """An EnvPool pool with the gymnasium API; Atari gets CleanRL's settings.
 
     Atari: episodic_life, reward_clip, 84x84 gray, 4-frame stack, frame skip 4, up to 30 no-op
     starts (all EnvPool's v5 defaults except the first two). ``episodic_life`` and ``reward_clip``
-    are for training; evaluation plays full games on raw scores with both off.
+    are for training; evaluation plays full games on raw scores with both off. ``render_mode=
+    "rgb_array"`` makes ``envs.render(env_ids=[i])`` return env i's screen, (1, H, W, 3) uint8.
     """
     envpool = _envpool()
     kwargs: dict = dict(env_type="gymnasium", num_envs=num_envs, seed=seed)
@@ -102,6 +104,8 @@ def make_envs(
         kwargs["batch_size"] = batch_size
     if num_threads:
         kwargs["num_threads"] = num_threads
+    if render_mode is not None:
+        kwargs["render_mode"] = render_mode
     if max_episode_steps is not None:
         kwargs["max_episode_steps"] = max_episode_steps
     if info.is_atari:
@@ -117,7 +121,9 @@ def make_envs(
             noop_max=30,
         )
     with _quiet_spaces():
-        return envpool.make(info.env_id, **kwargs)
+        envs = envpool.make(info.env_id, **kwargs)
+        _ = envs.observation_space, envs.action_space  # built lazily on first access: build them quietly now
+    return envs
 
 
 class EpisodeStats:

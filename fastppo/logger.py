@@ -1,8 +1,15 @@
-"""Run outputs: metrics.jsonl (one JSON object per iteration) and a progress line on stdout.
+"""Run outputs: metrics.jsonl (one JSON object per iteration), the progress display, W&B.
 
 Metric names are CleanRL's (``charts/episodic_return``, ``losses/approx_kl``, ...) so fastppo runs
 sit beside CleanRL runs. Values arrive here as Python numbers: the trainer converts its device
-tensors once per log line, which is the one deliberate host sync per iteration.
+tensors once per iteration, which is the one deliberate host sync per iteration; nothing here
+touches the device.
+
+metrics.jsonl gets every iteration. W&B and the plain progress lines are throttled: a line goes out
+every ``log_every`` iterations once ``log_seconds`` have passed since the previous one (always for
+the first and the last iteration), and its ``charts/episodic_return`` is the mean of all the games
+that ended since the previous line, so no game is lost to the throttle. When stdout is a terminal
+the progress is a live rich display (steps, steps/s, ETA, recent return, phase) instead of lines.
 """
 
 from __future__ import annotations
@@ -11,34 +18,193 @@ import json
 import math
 import os
 import sys
+import time
+from collections import deque
+
+
+class RecentReturns:
+    """Mean full-game return over (about) the last `games` games, from per-line means and counts."""
+
+    def __init__(self, games: int = 100):
+        self.games = games
+        self.lines: deque[tuple[float, int]] = deque()
+        self.total = 0.0
+        self.count = 0
+
+    def add(self, mean: float | None, n: int) -> None:
+        if not n:
+            return
+        self.lines.append((mean * n, n))
+        self.total += mean * n
+        self.count += n
+        while self.count - self.lines[0][1] >= self.games:
+            total, n_old = self.lines.popleft()
+            self.total -= total
+            self.count -= n_old
+
+    def mean(self) -> float | None:
+        return self.total / self.count if self.count else None
 
 
 class RunLogger:
-    def __init__(self, run_dir: str, stream=None):
+    """Writes metrics.jsonl, drives the progress display and (optionally) a W&B Tracker."""
+
+    def __init__(self, run_dir: str, total_steps: int, *, log_every: int = 1, log_seconds: float = 0.0,
+                 tracker=None, stream=None, live: bool | None = None, title: str = "fastppo"):
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.file = open(self.path, "a")
         self.stream = stream if stream is not None else sys.stdout
+        self.total_steps = total_steps
+        self.log_every = log_every
+        self.log_seconds = log_seconds
+        self.tracker = tracker
+        self.recent = RecentReturns()
+        self.last_sent: tuple[int, float] | None = None  # (iteration, time) of the last W&B / progress line
+        self._games = [0.0, 0, 0.0]  # return sum, games, length sum since the last line
+        self._held: dict | None = None  # the newest metrics, when the throttle held them back
+        if live is None:
+            live = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.display = LiveDisplay(self.stream, total_steps, title) if live else None
+
+    def phase(self, name: str) -> None:
+        """The phase the trainer is in (collect, update, eval, checkpoint, replay), for the display."""
+        if self.display is not None:
+            self.display.phase = name
 
     def log(self, metrics: dict) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
         self.file.write(json.dumps(clean) + "\n")
         self.file.flush()
-        print(progress_line(metrics), file=self.stream, flush=True)
+        n = metrics.get("charts/episodes", 0)
+        if n:
+            self.recent.add(metrics["charts/episodic_return"], n)
+            self._games[0] += metrics["charts/episodic_return"] * n
+            self._games[1] += n
+            self._games[2] += metrics["charts/episodic_length"] * n
+        if self.display is not None:
+            self.display.update(metrics, self.recent.mean())
+        now = time.monotonic()
+        iteration = metrics["iteration"]
+        due = (self.last_sent is None or iteration == metrics["num_iterations"]
+               or (iteration - self.last_sent[0] >= self.log_every and now - self.last_sent[1] >= self.log_seconds))
+        if not due:
+            self._held = clean
+            return
+        self._send(clean, iteration, now)
+
+    def _send(self, clean: dict, iteration: int, now: float) -> None:
+        total, games, length = self._games
+        line = dict(clean)
+        line["charts/episodes"] = games
+        line["charts/episodic_return"] = total / games if games else None
+        line["charts/episodic_length"] = length / games if games else None
+        self._games = [0.0, 0, 0.0]
+        self.last_sent = (iteration, now)
+        if self.tracker is not None:
+            self.tracker.log(line)
+        if self.display is None:
+            print(progress_line(line, self.total_steps), file=self.stream, flush=True)
 
     def close(self) -> None:
+        """Send the line the throttle held back (a run that stopped early), stop the display, close."""
+        if self._held is not None and (self.last_sent is None or self.last_sent[0] < self._held["iteration"]):
+            self._send(self._held, self._held["iteration"], time.monotonic())
+        if self.display is not None:
+            self.display.stop()
         self.file.close()
+
+
+def keep_metrics_until(run_dir: str, iteration: int) -> int:
+    """Drop the metrics.jsonl lines after `iteration` (a resume redoes them); returns how many went.
+
+    A line cut short by a kill is dropped too. The file is rewritten atomically, only when needed.
+    """
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                ok = json.loads(line).get("iteration", 0) <= iteration
+            except json.JSONDecodeError:
+                ok = False
+            if ok and line.endswith("\n"):
+                kept.append(line)
+            else:
+                dropped += 1
+    if dropped:
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+    return dropped
 
 
 def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-def progress_line(m: dict) -> str:
+def _duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def eta_seconds(m: dict, total_steps: int) -> float | None:
+    sps = m.get("charts/SPS")
+    return (total_steps - m["global_step"]) / sps if sps else None
+
+
+def progress_line(m: dict, total_steps: int | None = None) -> str:
     ret = m.get("charts/episodic_return")
     games = m.get("charts/episodes", 0)
+    eta = f"  ETA {_duration(eta_seconds(m, total_steps))}" if total_steps else ""
     return (
-        f"iter {m['iteration']}/{m['num_iterations']}  step {m['global_step']:,}  SPS {m['charts/SPS']:,}  "
+        f"iter {m['iteration']}/{m['num_iterations']}  step {m['global_step']:,}  SPS {m['charts/SPS']:,}{eta}  "
         f"return {_fmt(ret, '.2f')} ({games} games)  pg {_fmt(m.get('losses/policy_loss'), '.4f')}  "
         f"v {_fmt(m.get('losses/value_loss'), '.4f')}  ent {_fmt(m.get('losses/entropy'), '.3f')}  "
         f"kl {_fmt(m.get('losses/kl'), '.4f')}"
     )
+
+
+class LiveDisplay:
+    """A rich live panel, redrawn by rich's own thread 4 times a second from the latest values."""
+
+    def __init__(self, stream, total_steps: int, title: str):
+        from rich.console import Console
+        from rich.live import Live
+
+        self.total_steps = total_steps
+        self.title = title
+        self.phase = "start"
+        self.metrics: dict = {}
+        self.recent: float | None = None
+        self.live = Live(self, console=Console(file=stream), refresh_per_second=4, transient=False)
+        self.live.start()
+
+    def update(self, metrics: dict, recent_return: float | None) -> None:
+        self.metrics = metrics
+        self.recent = recent_return
+
+    def __rich__(self):
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+
+        m = self.metrics
+        step = m.get("global_step", 0)
+        grid = Table.grid(padding=(0, 2))
+        grid.add_row(f"[bold]{self.title}[/]", f"phase [cyan]{self.phase}[/]")
+        grid.add_row(ProgressBar(total=self.total_steps, completed=step, width=40),
+                     f"{step:,} / {self.total_steps:,} steps")
+        if m:
+            grid.add_row(f"steps/s {m['charts/SPS']:,}", f"elapsed {_duration(m.get('time/elapsed'))}  "
+                         f"ETA {_duration(eta_seconds(m, self.total_steps))}")
+            grid.add_row(f"return (last 100 games) {_fmt(self.recent, '.2f')}",
+                         f"iter {m['iteration']}/{m['num_iterations']}  pg {_fmt(m.get('losses/policy_loss'), '.4f')}"
+                         f"  v {_fmt(m.get('losses/value_loss'), '.4f')}  kl {_fmt(m.get('losses/kl'), '.4f')}")
+        return grid
+
+    def stop(self) -> None:
+        self.live.refresh()
+        self.live.stop()

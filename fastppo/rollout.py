@@ -154,6 +154,10 @@ class Collector:
 
     Carries what must survive from one rollout to the next: the current observation (on the
     device) and whether each env's next step is EnvPool's reset step.
+
+    ``action_log`` holds every action sent to the envs since their reset, one host array (T, N) per
+    rollout (uint8 when the action space allows): EnvPool cannot save an env's state, so a resumed run
+    rebuilds it by re-creating the envs with the same seed and replaying these actions (:meth:`replay`).
     """
 
     def __init__(self, envs, info: EnvInfo, device: torch.device, generator: torch.Generator | None = None,
@@ -169,6 +173,26 @@ class Collector:
         self.stats = EpisodeStats(self.num_envs, info.is_atari)
         self.next_obs = torch.from_numpy(obs).to(device)
         self.next_is_reset = torch.zeros(self.num_envs, dtype=torch.bool, device=device)
+        self.action_dtype = np.uint8 if info.num_actions <= 256 else np.int32
+        self.action_log: list[np.ndarray] = []
+
+    def replay(self, actions: np.ndarray) -> None:
+        """Step the freshly reset envs with actions (S, N), as collect() did, without a policy.
+
+        Leaves the envs, the next observation, the reset flags and the running full-game scores as
+        they were after those S steps; games that ended during the replay were reported then, and are
+        dropped here.
+        """
+        obs = done = None
+        for row in actions:
+            obs, reward, terminated, truncated, info = self.envs.step(row.astype(np.int64))
+            self.stats.update(reward, terminated, truncated, info)
+            done = terminated | truncated
+        if obs is not None:
+            self.next_obs = torch.from_numpy(obs).to(self.device)
+            self.next_is_reset = torch.from_numpy(done).to(self.device)
+        self.stats.pop()
+        self.action_log = [np.ascontiguousarray(actions, dtype=self.action_dtype)]
 
     def allocate(self, num_steps: int, num_buffers: int = 1) -> list[Rollout]:
         return [Rollout.allocate(self.info, num_steps, self.num_envs, self.device) for _ in range(num_buffers)]
@@ -177,6 +201,8 @@ class Collector:
         """Fill buf with num_steps steps of every env, acting with policy (a module or an Actor)."""
         actor = _as_actor(policy, self.generator)
         timer = self.timer
+        sent = np.empty((buf.num_steps, self.num_envs), dtype=self.action_dtype)
+        self.action_log.append(sent)
         for t in range(buf.num_steps):
             buf.obs[t] = self.next_obs
             buf.valid[t] = ~self.next_is_reset
@@ -187,9 +213,10 @@ class Collector:
                 buf.values[t] = value
                 buf.logits[t] = logits
                 # Host-device sync, deliberate: EnvPool needs the actions on the host.
-                action = action.cpu().numpy()
+                host_action = action.cpu().numpy()
+            sent[t] = host_action
             with timer.phase("env_wait", host=True):
-                obs, reward, terminated, truncated, info = self.envs.step(action)
+                obs, reward, terminated, truncated, info = self.envs.step(host_action)
             self.stats.update(reward, terminated, truncated, info)
             with timer.phase("h2d"):
                 buf.rewards[t] = self.stage("reward", reward)

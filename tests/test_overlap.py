@@ -134,7 +134,7 @@ def test_speed_options_train_on_cpu(tmp_path):
     assert len(metrics) == 4
     for m in metrics:
         assert m["perf/iteration"] > 0 and m["perf/update"] > 0
-        assert set(k for k in m if k.startswith("perf/")) == {
+        assert set(k for k in m if k.startswith("perf/")) >= {
             "perf/env_wait", "perf/h2d", "perf/inference", "perf/gae", "perf/update", "perf/logging", "perf/iteration"}
 
 
@@ -157,3 +157,13 @@ def test_overlap_on_cuda_stream(tmp_path):
                  "8", "--num-steps", "64", "--async-envs", "--overlap", "--cudagraphs", "--run-dir", str(run_dir)])
     assert code == 0
     assert len(read_metrics(run_dir)) == 8
+
+
+def test_overlap_run_cannot_be_resumed(tmp_path, capsys):
+    run_dir = tmp_path / "r"
+    assert main(["train", "--env-id", "CartPole-v1", "--device", "cpu", "--total-timesteps", "1024", "--overlap",
+                 "--run-dir", str(run_dir)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run_dir), "--total-timesteps", "2048"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be resumed from: the run used --async-envs or --overlap" in err and err.count("\n") == 1

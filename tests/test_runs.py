@@ -1,0 +1,342 @@
+"""Runs people can watch and keep: checkpoints and exact resume, SIGTERM, W&B tracking, progress."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from helpers import read_metrics, read_wandb_records, wandb_history, without_timings
+
+import fastppo.trainer
+from fastppo.checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from fastppo.cli import main
+from fastppo.logger import RunLogger
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CARTPOLE = ["train", "--env-id", "CartPole-v1", "--device", "cpu"]
+
+
+def subprocess_env(**extra) -> dict:
+    """This checkout's fastppo first on the path (and the W&B folders of `wandb_home`, when set).
+
+    WANDB_SERVICE is left out: set by an earlier in-process W&B run, it would make the child share
+    this process's W&B service."""
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    return dict(env, PYTHONPATH=ROOT, **extra)
+
+
+@pytest.fixture
+def wandb_home(tmp_path, monkeypatch):
+    """Keep W&B's settings, cache and artifact staging out of the user's home."""
+    home = tmp_path / "wandb_home"
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(home / var.lower()))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    return home
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """A finished 2-iteration CartPole run with a checkpoint at each iteration."""
+    run_dir = tmp_path_factory.mktemp("runs") / "short"
+    assert main([*CARTPOLE, "--run-dir", str(run_dir), "--total-timesteps", "1024", "--save-every", "1"]) == 0
+    return run_dir
+
+
+def folder_digest(path) -> dict:
+    out = {}
+    for p in sorted(glob.glob(os.path.join(path, "**"), recursive=True)):
+        if os.path.isfile(p):
+            out[os.path.relpath(p, path)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return out
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    np.random.normal()  # leaves a cached gaussian in numpy's state
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    expected = (torch.rand(4), np.random.normal(size=3), random.random())
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    got = (torch.rand(4), np.random.normal(size=3), random.random())
+    assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
+
+
+def test_checkpoint_killed_between_write_and_rename_keeps_the_previous_one(tmp_path):
+    """A process killed (SIGKILL) after writing its temporary file, before the rename."""
+    run_dir = tmp_path / "run"
+    script = f"""
+import os, signal, torch
+import fastppo.checkpoint as ck
+ck.save_checkpoint({str(run_dir)!r}, 1, {{"model": {{"w": torch.ones(3)}}, "config": {{}}, "iteration": 1,
+                                        "global_step": 8}})
+def killed(src, dst):
+    os.kill(os.getpid(), signal.SIGKILL)
+ck.os.replace = killed
+ck.save_checkpoint({str(run_dir)!r}, 2, {{"model": {{"w": torch.zeros(3)}}, "config": {{}}, "iteration": 2,
+                                        "global_step": 16}})
+"""
+    proc = subprocess.run([sys.executable, "-c", script], env=subprocess_env(), capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert glob.glob(str(run_dir / "checkpoints" / "ckpt_0000002.pt.tmp.*")), "the kill came after the write"
+    assert [os.path.basename(p) for p in list_checkpoints(str(run_dir))] == ["ckpt_0000001.pt"]
+    state = load_checkpoint(str(run_dir))
+    assert state["iteration"] == 1 and torch.equal(state["model"]["w"], torch.ones(3))
+    # the next save clears the leftover
+    save_checkpoint(str(run_dir), 3, {"model": {}, "config": {}, "iteration": 3, "global_step": 24})
+    assert not glob.glob(str(run_dir / "checkpoints" / "*.tmp.*"))
+
+
+def interrupt_at_iteration(monkeypatch, iteration: int, signum=signal.SIGTERM):
+    """Deliver a real signal to this process during the given iteration's update."""
+    real = fastppo.trainer.compute_advantages
+    calls = {"n": 0}
+
+    def signalling(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == iteration:
+            os.kill(os.getpid(), signum)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fastppo.trainer, "compute_advantages", signalling)
+
+
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
+    """Synchronous CPU run: SIGTERM after iteration 3 of 8, resume; every metric but the wall-clock
+    ones, the parameters, the optimizer state and beta equal those of the run that was never stopped.
+    PPO-penalty (beta adapts) and --eval-every (a separate pool) are on to cover their state too."""
+    args = [*CARTPOLE, "--total-timesteps", "2048", "--num-steps", "64", "--seed", "3", "--loss", "penalty",
+            "--eval-every", "3", "--eval-episodes", "2"]
+    assert main([*args, "--run-dir", str(tmp_path / "straight")]) == 0
+
+    interrupt_at_iteration(monkeypatch, 3)
+    assert main([*args, "--run-dir", str(tmp_path / "stopped")]) == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM after iteration 3 (global step 768)" in capsys.readouterr().err
+    assert [m["iteration"] for m in read_metrics(tmp_path / "stopped")] == [1, 2, 3]
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the trainer put the handlers back
+
+    assert main(["train", "--resume", str(tmp_path / "stopped")]) == 0
+    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "stopped")
+    assert [m["global_step"] for m in resumed] == [256 * i for i in range(1, 9)]
+    assert without_timings(resumed) == without_timings(straight)
+    assert len({m["losses/kl_coef"] for m in straight}) > 1 and "eval/episodic_return" in straight[5]
+    a, b = load_checkpoint(str(tmp_path / "straight")), load_checkpoint(str(tmp_path / "stopped"))
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a["kl_coef"] == b["kl_coef"] and torch.equal(a["actions"], b["actions"])
+    assert b["elapsed"] > 0
+
+
+def wait_for_lines(path, n: int, proc, timeout: float = 60.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        if os.path.exists(path) and sum(1 for _ in open(path)) >= n:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{path} did not reach {n} lines")
+
+
+def test_sigterm_mid_run_leaves_a_loadable_checkpoint_and_resume_continues(tmp_path):
+    run_dir = tmp_path / "preempted"
+    cmd = [sys.executable, "-m", "fastppo", *CARTPOLE, "--total-timesteps", "1000000", "--num-steps", "32",
+           "--log-seconds", "0"]
+    proc = subprocess.Popen([*cmd, "--run-dir", str(run_dir)], env=subprocess_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for_lines(run_dir / "metrics.jsonl", 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in err and f"fastppo train --resume {run_dir}" in err
+    state = load_checkpoint(str(run_dir))
+    lines = read_metrics(run_dir)
+    assert state["iteration"] == len(lines) and state["global_step"] == lines[-1]["global_step"] == 128 * len(lines)
+
+    # resume (in a new process, as after a preemption), let it run an iteration, stop it again
+    proc = subprocess.Popen([sys.executable, "-m", "fastppo", "train", "--resume", str(run_dir), "--log-seconds", "0"],
+                            env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_lines(run_dir / "metrics.jsonl", len(lines) + 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    after = read_metrics(run_dir)
+    assert after[: len(lines)] == lines
+    assert [m["global_step"] for m in after] == [128 * i for i in range(1, len(after) + 1)]
+    assert load_checkpoint(str(run_dir))["iteration"] == len(after)
+
+
+def truncated(src, dst):
+    data = open(src, "rb").read()
+    open(dst, "wb").write(data[: len(data) // 2])
+
+
+def foreign(src, dst):
+    torch.save({"weights": torch.ones(2)}, dst)
+
+
+def pickled_code(src, dst):
+    torch.save({"model": {}, "config": {}, "iteration": 1, "global_step": 1, "x": subprocess.Popen}, dst)
+
+
+@pytest.mark.parametrize("damage,message", [
+    (truncated, "cannot read checkpoint"),
+    (foreign, "is not a fastppo checkpoint"),
+    (pickled_code, "cannot read checkpoint"),
+], ids=["truncated", "foreign", "pickled-code"])
+def test_resume_from_a_bad_checkpoint_is_one_line_and_leaves_the_run(short_run, tmp_path, damage, message, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(short_run, run_dir)
+    newest = list_checkpoints(str(run_dir))[-1]
+    damage(newest, newest + ".new")
+    os.replace(newest + ".new", newest)
+    before = folder_digest(run_dir)
+    assert main(["train", "--resume", str(run_dir), "--total-timesteps", "2048"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastppo: error: ") and err.count("\n") == 1 and message in err
+    assert folder_digest(run_dir) == before
+
+
+@pytest.mark.parametrize("extra,message", [
+    ([], "already ran 2 of its 2 iterations"),
+    (["--learning-rate", "0.1"], "--learning-rate cannot be given with --resume"),
+    (["--no-anneal-lr"], "--anneal-lr cannot be given with --resume"),
+    (["--total-timesteps", "2048", "--save-every", "-1"], "--save-every must be >= 0"),
+], ids=["finished", "algorithm-flag", "bool-flag", "bad-value"])
+def test_resume_refusals(short_run, extra, message, capsys):
+    before = folder_digest(short_run)
+    assert main(["train", "--resume", str(short_run), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert folder_digest(short_run) == before
+
+
+def test_resume_of_a_missing_run(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "no such run folder" in capsys.readouterr().err
+    assert not (tmp_path / "nothing").exists()
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--log-every", "0", "--log-every must be positive, got 0"),
+    ("--log-seconds", "-1", "--log-seconds must be >= 0, got -1.0"),
+    ("--eval-every", "-2", "--eval-every must be >= 0, got -2"),
+    ("--eval-episodes", "0", "--eval-episodes must be positive, got 0"),
+])
+def test_bad_new_options_are_one_line_exit_2(tmp_path, capsys, flag, value, message):
+    assert main([*CARTPOLE, "--run-dir", str(tmp_path / "r"), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists()
+
+
+# --- Weights & Biases -------------------------------------------------------------------------
+def test_training_without_track_never_imports_wandb(tmp_path):
+    script = (f"import sys; from fastppo.cli import main; "
+              f"assert main({[*CARTPOLE, '--run-dir', str(tmp_path / 'r'), '--total-timesteps', '512']!r}) == 0; "
+              f"assert 'wandb' not in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", script], env=subprocess_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_offline_wandb_run_holds_the_metrics_config_model_and_eval_video(tmp_path, wandb_home, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_dir = tmp_path / "tracked"
+    assert main([*CARTPOLE, "--run-dir", str(run_dir), "--total-timesteps", "1024", "--track", "--wandb-group", "g1",
+                 "--wandb-tags", "a", "b"]) == 0
+    run_id = json.loads((run_dir / "wandb_run.json").read_text())["id"]
+    [path] = glob.glob(str(run_dir / "wandb" / "offline-run-*" / f"run-{run_id}.wandb"))
+    records = read_wandb_records(path)
+    [run] = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    config = {u.key: json.loads(u.value_json) for u in run.config.update}
+    assert config["env_id"] == "CartPole-v1" and config["total_timesteps"] == 1024 and config["num_envs"] == 4
+    assert run.run_group == "g1" and list(run.tags) == ["a", "b"] and run.display_name == "tracked"
+    history = wandb_history(records)
+    metrics = read_metrics(run_dir)
+    assert [h["global_step"] for h in history] == [m["global_step"] for m in metrics]  # first and last always
+    names = set(history[-1])
+    assert {k for k, v in metrics[-1].items() if v is not None} <= names  # None (no game ended) is left out
+    assert {"charts/episodic_return", "charts/SPS", "losses/approx_kl", "perf/rollout_time", "time/elapsed"} <= names
+    assert any(r.WhichOneof("record_type") == "artifact" and r.artifact.type == "model" for r in records)
+
+    # fastppo eval --video logs to the same W&B run
+    assert main(["eval", str(run_dir), "--episodes", "2", "--video"]) == 0
+    rows = [row for p in glob.glob(str(run_dir / "wandb" / "offline-run-*" / f"run-{run_id}.wandb"))
+            for row in wandb_history(read_wandb_records(p))]
+    [video_row] = [row for row in rows if row.get("eval/video/_type") == "video-file"]
+    assert video_row["global_step"] == 1024 and "eval/episodic_return" in video_row
+    assert glob.glob(str(run_dir / "wandb" / "offline-run-*" / "files" / video_row["eval/video/path"]))
+
+
+def test_unreachable_wandb_goes_on_offline_with_one_warning(tmp_path, wandb_home):
+    run_dir = tmp_path / "no_network"
+    env = subprocess_env(WANDB_MODE="online", WANDB_BASE_URL="http://127.0.0.1:9", WANDB_API_KEY="x" * 40,
+                         WANDB_INIT_TIMEOUT="2", WANDB_SILENT="true")
+    proc = subprocess.run([sys.executable, "-m", "fastppo", *CARTPOLE, "--run-dir", str(run_dir), "--total-timesteps",
+                           "1024", "--track"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.count("fastppo: warning:") == 1
+    assert "W&B is unreachable" in proc.stderr
+    assert [m["global_step"] for m in read_metrics(run_dir)] == [512, 1024]
+    assert glob.glob(str(run_dir / "wandb" / "offline-run-*"))
+
+
+# --- progress ---------------------------------------------------------------------------------
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def fake_metrics(iteration: int, n: int, ret: float | None, games: int) -> dict:
+    return {"global_step": 100 * iteration, "iteration": iteration, "num_iterations": n, "charts/SPS": 1000,
+            "charts/episodic_return": ret, "charts/episodic_length": ret, "charts/episodes": games,
+            "losses/policy_loss": 0.1, "losses/value_loss": 1.0, "losses/entropy": 0.6, "losses/kl": 0.01,
+            "time/elapsed": 0.1 * iteration}
+
+
+def test_plain_progress_lines_are_throttled_and_lose_no_game(tmp_path):
+    out = io.StringIO()
+    logger = RunLogger(str(tmp_path), 500, log_every=2, log_seconds=0.0, stream=out)
+    for i, (ret, games) in enumerate([(10.0, 1), (20.0, 3), (None, 0), (40.0, 1), (50.0, 1)], start=1):
+        logger.log(fake_metrics(i, 5, ret, games))
+    logger.close()
+    lines = out.getvalue().splitlines()
+    assert [line.split()[1] for line in lines] == ["1/5", "3/5", "5/5"]
+    assert "return 20.00 (3 games)" in lines[1]  # the games of iterations 2 and 3 (none ended in 3)
+    assert "return 45.00 (2 games)" in lines[2] and "ETA 0:00:00" in lines[2]
+    assert len(read_metrics(tmp_path)) == 5  # metrics.jsonl keeps every iteration
+
+
+def test_live_display_on_a_terminal(tmp_path):
+    out = Terminal()
+    logger = RunLogger(str(tmp_path), 300, stream=out, title="fastppo CartPole-v1")
+    assert logger.display is not None
+    logger.phase("update")
+    logger.log(fake_metrics(1, 3, 12.0, 2))
+    logger.close()
+    text = out.getvalue()
+    assert "\x1b[" in text  # drawn with terminal control codes
+    for part in ["fastppo CartPole-v1", "update", "100 / 300 steps", "steps/s 1,000", "12.00"]:
+        assert part in text
+    assert "iter 1/3  step" not in text  # no plain lines on a terminal
+
+
+def test_training_with_a_terminal_stdout(tmp_path, monkeypatch):
+    out = Terminal()
+    monkeypatch.setattr(sys, "stdout", out)
+    assert main([*CARTPOLE, "--run-dir", str(tmp_path / "tty"), "--total-timesteps", "1024"]) == 0
+    assert "1,024 / 1,024 steps" in out.getvalue() and "\x1b[" in out.getvalue()
