@@ -99,8 +99,9 @@ def test_overlap_collection_error_reaches_the_trainer():
 
 @pytest.mark.slow
 def test_cartpole_learns_to_450_with_overlap(tmp_path, capsys):
+    """Seed 3 reaches 450 at 53,760 steps (README: seeds 1 and 2 at 172k and 119k), keeping this short."""
     run_dir = tmp_path / "overlap"
-    code = main(["train", "--env-id", "CartPole-v1", "--total-timesteps", "500000", "--device", "cpu", "--seed", "1",
+    code = main(["train", "--env-id", "CartPole-v1", "--total-timesteps", "500000", "--device", "cpu", "--seed", "3",
                  "--run-dir", str(run_dir), "--target-return", "450", "--overlap"])
     assert code == 0
     assert "target return 450.0 reached" in capsys.readouterr().out
