@@ -1,4 +1,4 @@
-"""Command line: ``fastppo train | eval | plot [flags]`` (also ``python -m fastppo ...``).
+"""Command line: ``fastppo train | eval | plot | bench [flags]`` (also ``python -m fastppo ...``).
 
 Flags come from dataclasses (tyro), so --help shows each field's docstring. Bad input is one line
 on stderr and exit code 2, before any environment or device memory is created.
@@ -13,6 +13,7 @@ import sys
 
 import tyro
 
+from fastppo.bench import BenchConfig
 from fastppo.checkpoint import CheckpointError
 from fastppo.config import Config, ConfigError, flags_given
 from fastppo.envs import EnvError
@@ -25,7 +26,7 @@ USER_ERRORS = (ConfigError, EnvError, CheckpointError)
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = tyro.extras.subcommand_cli_from_dict(
-        {"train": Config, "eval": EvalConfig, "plot": PlotConfig},
+        {"train": Config, "eval": EvalConfig, "plot": PlotConfig, "bench": BenchConfig},
         prog="fastppo",
         description="fastppo: high-throughput PPO on EnvPool.",
         args=argv,
@@ -51,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
             from fastppo.plot import plot_runs
 
             print(f"wrote {plot_runs(args)}")
+        elif isinstance(args, BenchConfig):
+            from fastppo.bench import run_bench
+
+            run_bench(args)
     except USER_ERRORS as e:
         print(f"fastppo: error: {e}", file=sys.stderr)
         return 2

@@ -137,6 +137,23 @@ class Config:
     """compute GAE once per rollout (CleanRL), or again every epoch from the current value
     predictions (Andrychowicz et al. 2021); with --minibatch-by env that is one fused GAE+loss op"""
 
+    # --- throughput ---------------------------------------------------------------------------
+    async_envs: bool = False
+    """step EnvPool asynchronously (send/recv): each recv returns the --env-batch-size envs that
+    finished first; every env's steps still land in its own column, in time order"""
+    env_batch_size: int | None = None
+    """envs per recv with --async-envs (None: num_envs // 2)"""
+    overlap: bool = False
+    """update on rollout k while the envs step rollout k+1 with a frozen copy of the weights from
+    before the update; the importance ratio uses the recorded behaviour log-probs (off: CleanRL's
+    exact on-policy loop)"""
+    compile: bool = False
+    """torch.compile the policy's forward (acting and update)"""
+    cudagraphs: bool = False
+    """capture acting (forward + sampling) in a CUDA graph per batch size (CUDA only)"""
+    bf16: bool = False
+    """bf16 autocast for the forward passes (acting and update); losses stay float32"""
+
     # --- distributed (torchrun) ---------------------------------------------------------------
     dist_timeout: float = 600.0
     """torchrun only: seconds a rank waits for the others (rendezvous, a collective) before it fails
@@ -164,6 +181,13 @@ class Config:
     def num_iterations(self) -> int:
         """Rollout+update iterations: total_timesteps // global_batch_size."""
         return self.total_timesteps // self.global_batch_size
+
+    @property
+    def recv_batch_size(self) -> int:
+        """Envs per EnvPool recv: --env-batch-size with --async-envs, else all of them."""
+        if not self.async_envs:
+            return self.num_envs
+        return self.env_batch_size or max(1, self.num_envs // 2)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -239,6 +263,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"--minibatch-by env: --num-envs {cfg.num_envs} does not divide by --num-minibatches {cfg.num_minibatches}"
         )
+    if cfg.env_batch_size is not None:
+        if not cfg.async_envs:
+            raise ConfigError("--env-batch-size needs --async-envs")
+        if not 1 <= cfg.env_batch_size <= cfg.num_envs:
+            raise ConfigError(f"--env-batch-size must be in [1, --num-envs {cfg.num_envs}], got {cfg.env_batch_size}")
+    if cfg.async_envs and cfg.num_steps < 2:
+        raise ConfigError(f"--async-envs needs --num-steps >= 2 (row T is also the next rollout's row 0), "
+                          f"got {cfg.num_steps}")
+    if cfg.cudagraphs and training_device(cfg).type != "cuda":
+        raise ConfigError("--cudagraphs needs CUDA; the training device is cpu")
     if cfg.total_timesteps < cfg.global_batch_size:
         ranks = f" * world_size {cfg.world_size}" if cfg.world_size > 1 else ""
         raise ConfigError(

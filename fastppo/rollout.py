@@ -6,18 +6,33 @@ for Atari, so 4096 envs x 128 steps of 4x84x84 frames is 14.8 GB rather than 59 
 Row t of every buffer describes one transition of each env: the observation seen, the action
 chosen for it (with its log-prob, value and logits under the behaviour policy, recorded when the
 action was chosen), and what the env returned. ``values`` has a row T for the bootstrap value.
+
+Three ways to fill it:
+
+* :class:`Collector` steps a synchronous pool: every env, every step (CleanRL, the default).
+* :class:`AsyncCollector` uses EnvPool's ``send``/``recv``: each ``recv`` returns the
+  ``batch_size`` envs that finished first, in any order. Each env has its own time cursor and its
+  step lands in its own column; see the class for how a rollout ends and carries over.
+* :class:`BackgroundCollection` runs either collector in a thread (on CUDA, its own stream) with a
+  frozen copy of the weights while the trainer updates on the previous rollout (``--overlap``).
+
+Data path on CUDA: EnvPool's numpy arrays are copied into pinned host buffers, then copied to the
+device with ``non_blocking=True`` (:class:`Stager`); the only host sync per step is the copy of the
+chosen actions to the host, which EnvPool needs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import contextlib
+import threading
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
 from torch import nn
 
 from fastppo.envs import EnvInfo, EpisodeStats
-from fastppo.policy import act
+from fastppo.perf import Actor, PhaseTimer
 
 
 @dataclass
@@ -69,8 +84,73 @@ class Rollout:
         return sum(getattr(self, f.name).nbytes for f in fields(self))
 
 
+@dataclass
+class SpillRollout(Rollout):
+    """A Rollout whose fields are views of rows [0, T] of longer storage, (T + S, N, ...).
+
+    The async collector writes an env's steps past row T - 1 into rows T.. (the spill) while slower
+    envs finish the rollout; the next rollout starts by copying the spill to its rows [0, S).
+    ``next_obs`` is row T of ``full["obs"]`` and ``values[T]`` row T of ``full["values"]``.
+    """
+
+    full: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def allocate_spill(cls, info: EnvInfo, num_steps: int, num_envs: int, spill_rows: int,
+                       device: torch.device) -> SpillRollout:
+        T, S, N = num_steps, spill_rows, num_envs
+        base = Rollout.allocate(info, T + S, N, device)  # every per-row field has T + S rows
+        full = {name: getattr(base, name) for name in STEP_FIELDS}
+        full["values"] = base.values[: T + S]
+        views = {name: t[:T] for name, t in full.items()}
+        views["values"] = full["values"][: T + 1]
+        return cls(**views, advantages=base.advantages[:T], returns=base.returns[:T], next_obs=full["obs"][T],
+                   full=full)
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.full.values()) + self.advantages.nbytes + self.returns.nbytes
+
+
+# The per-step fields an env's transition writes (advantages and returns are computed later).
+STEP_FIELDS = ("obs", "actions", "logprobs", "logits", "values", "rewards", "terminated", "truncated", "valid")
+
+
+class Stager:
+    """numpy -> device tensors for the collectors.
+
+    On CUDA each array is copied into a pinned host buffer kept per name (a host memcpy), then to
+    the device with ``non_blocking=True``: the host does not wait for the copy. Before a buffer is
+    refilled, the event recorded after its last copy is waited on; by then the per-step action sync
+    has normally passed it, so the wait costs nothing. On CPU the array is wrapped, not copied.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.pinned: dict[str, tuple[torch.Tensor, torch.cuda.Event]] = {}
+
+    def __call__(self, name: str, array: np.ndarray) -> torch.Tensor:
+        src = torch.from_numpy(np.ascontiguousarray(array))
+        if not self.cuda:
+            return src
+        entry = self.pinned.get(name)
+        if entry is None or entry[0].shape != src.shape or entry[0].dtype != src.dtype:
+            entry = (torch.empty(src.shape, dtype=src.dtype, pin_memory=True), torch.cuda.Event())
+            self.pinned[name] = entry
+        host, copied = entry
+        copied.synchronize()  # the previous non-blocking copy out of this buffer has finished
+        host.copy_(src)
+        out = host.to(self.device, non_blocking=True)
+        copied.record()
+        return out
+
+
+def _as_actor(policy: nn.Module | Actor, generator: torch.Generator | None) -> Actor:
+    return policy if isinstance(policy, Actor) else Actor(policy, generator=generator)
+
+
 class Collector:
-    """Steps a synchronous EnvPool pool and writes each step into a Rollout.
+    """Steps a synchronous EnvPool pool and writes each step into a Rollout (CleanRL's loop).
 
     Carries what must survive from one rollout to the next: the current observation (on the
     device) and whether each env's next step is EnvPool's reset step.
@@ -80,11 +160,14 @@ class Collector:
     rebuilds it by re-creating the envs with the same seed and replaying these actions (:meth:`replay`).
     """
 
-    def __init__(self, envs, info: EnvInfo, device: torch.device, generator: torch.Generator | None = None):
+    def __init__(self, envs, info: EnvInfo, device: torch.device, generator: torch.Generator | None = None,
+                 timer: PhaseTimer | None = None):
         self.envs = envs
         self.info = info
         self.device = device
         self.generator = generator
+        self.timer = timer or PhaseTimer(device)
+        self.stage = Stager(device)
         obs, _ = envs.reset()
         self.num_envs = len(obs)
         self.stats = EpisodeStats(self.num_envs, info.is_atari)
@@ -111,30 +194,218 @@ class Collector:
         self.stats.pop()
         self.action_log = [np.ascontiguousarray(actions, dtype=self.action_dtype)]
 
-    def collect(self, policy: nn.Module, buf: Rollout) -> None:
-        """Fill buf with num_steps steps of every env, acting with policy."""
+    def allocate(self, num_steps: int, num_buffers: int = 1) -> list[Rollout]:
+        return [Rollout.allocate(self.info, num_steps, self.num_envs, self.device) for _ in range(num_buffers)]
+
+    def collect(self, policy: nn.Module | Actor, buf: Rollout) -> None:
+        """Fill buf with num_steps steps of every env, acting with policy (a module or an Actor)."""
+        actor = _as_actor(policy, self.generator)
+        timer = self.timer
         sent = np.empty((buf.num_steps, self.num_envs), dtype=self.action_dtype)
         self.action_log.append(sent)
         for t in range(buf.num_steps):
             buf.obs[t] = self.next_obs
             buf.valid[t] = ~self.next_is_reset
-            action, logprob, value, logits = act(policy, self.next_obs, self.generator)
-            buf.actions[t] = action
-            buf.logprobs[t] = logprob
-            buf.values[t] = value
-            buf.logits[t] = logits
-            # Host-device sync, deliberate: EnvPool needs the actions on the host.
-            host_action = action.cpu().numpy()
+            with timer.phase("inference"):
+                action, logprob, value, logits = actor(self.next_obs)
+                buf.actions[t] = action
+                buf.logprobs[t] = logprob
+                buf.values[t] = value
+                buf.logits[t] = logits
+                # Host-device sync, deliberate: EnvPool needs the actions on the host.
+                host_action = action.cpu().numpy()
             sent[t] = host_action
-            obs, reward, terminated, truncated, info = self.envs.step(host_action)
+            with timer.phase("env_wait", host=True):
+                obs, reward, terminated, truncated, info = self.envs.step(host_action)
             self.stats.update(reward, terminated, truncated, info)
-            buf.rewards[t] = torch.from_numpy(reward).to(self.device)
-            term = torch.from_numpy(terminated).to(self.device)
-            trunc = torch.from_numpy(truncated).to(self.device)
-            buf.terminated[t] = term
-            buf.truncated[t] = trunc
-            self.next_is_reset = term | trunc
-            self.next_obs = torch.from_numpy(obs).to(self.device)
+            with timer.phase("h2d"):
+                buf.rewards[t] = self.stage("reward", reward)
+                term = self.stage("terminated", terminated)
+                trunc = self.stage("truncated", truncated)
+                buf.terminated[t] = term
+                buf.truncated[t] = trunc
+                self.next_is_reset = term | trunc
+                self.next_obs = self.stage("obs", obs)
         buf.next_obs.copy_(self.next_obs)
-        with torch.no_grad():
-            buf.values[buf.num_steps] = policy(self.next_obs)[1].float()
+        with timer.phase("inference"):
+            buf.values[buf.num_steps] = actor.value(self.next_obs)
+
+
+class AsyncCollector:
+    """Steps an async EnvPool pool (``send``/``recv``, ``batch_size < num_envs``) into SpillRollouts.
+
+    Each ``recv`` returns ``batch_size`` envs, whichever finished first, in any order. For each env
+    the recv holds the result of its previous transition (reward, terminated, truncated) and the
+    observation of its next one. Env n has a time cursor ``cursor[n]``, the row of column n where
+    its next observation lands; on a recv, for the returned env ids (vectorised, no loop over envs):
+
+    1. the result goes to row ``cursor - 1`` (the transition whose action was sent last);
+    2. the observation goes to row ``cursor``, valid unless the result ended the episode (EnvPool's
+       autoreset step ignores the action and is masked, as in the sync loop);
+    3. the actor chooses actions for them; action, log-prob, value and logits are stored at row
+       ``cursor`` as they are chosen, the cursor moves on, and the actions are sent.
+
+    A rollout is complete when every env has rows 0..T (T transitions with their results, and the
+    observation and value of row T, which bootstraps GAE). EnvPool's ``recv`` blocks until
+    ``batch_size`` envs report, so envs that are done cannot simply wait for the slowest one: fewer
+    than ``batch_size`` envs in flight would hang the pool. They keep stepping into the spill rows
+    T..T+S-1, acting with the same policy. Row T of an env is thus row 0 of its next rollout: the
+    next :meth:`collect` copies rows [T, T+S) to [0, S) (of the next buffer, or of the same one
+    after the update) and moves every cursor back by T. An env that fills its spill is held (its
+    last observation is stored, no action is sent) until the next rollout acts on it; if so many
+    envs are held that fewer than ``batch_size`` remain in flight, collection stops with an error
+    rather than hanging (raise --num-steps, or lower --env-batch-size).
+
+    Consequence for on-policy-ness: the first steps of an env in rollout k + 1 (row 0, and any spill
+    rows) were chosen by the policy that collected rollout k, before its update. Their behaviour
+    log-probs are the ones stored, so PPO's importance ratio stays correct (see --overlap).
+    """
+
+    def __init__(self, envs, info: EnvInfo, device: torch.device, num_envs: int, batch_size: int,
+                 generator: torch.Generator | None = None, timer: PhaseTimer | None = None,
+                 spill_rows: int = 16):
+        self.envs = envs
+        self.info = info
+        self.device = device
+        self.num_envs = num_envs
+        self.batch_size = batch_size
+        self.generator = generator
+        self.spill_rows = spill_rows
+        self.timer = timer or PhaseTimer(device)
+        self.stage = Stager(device)
+        self.stats = EpisodeStats(num_envs, info.is_atari)
+        self.cursor = np.zeros(num_envs, dtype=np.int64)  # row of the env's next observation
+        self.pending = np.zeros(num_envs, dtype=bool)  # an action was sent; its result is due at row cursor - 1
+        self.held = np.zeros(num_envs, dtype=bool)  # observation stored at row cursor, no action sent
+        self.in_flight = 0
+        self.last: SpillRollout | None = None
+
+    def allocate(self, num_steps: int, num_buffers: int = 1) -> list[SpillRollout]:
+        """Buffers of T + S rows, S = min(T, spill_rows); needs T >= 2 (the spill holds row T and more)."""
+        if num_steps < 2:
+            raise ValueError(f"async collection needs num_steps >= 2, got {num_steps}")
+        spill = min(num_steps, self.spill_rows)
+        return [SpillRollout.allocate_spill(self.info, num_steps, self.num_envs, spill, self.device)
+                for _ in range(num_buffers)]
+
+    def collect(self, policy: nn.Module | Actor, buf: SpillRollout) -> None:
+        actor = _as_actor(policy, self.generator)
+        T, N = buf.num_steps, self.num_envs
+        # (R * N, ...) views of the storage: row r of env n is element r * N + n
+        flat = {name: t.flatten(0, 1) for name, t in buf.full.items()}
+        if self.last is None:
+            self.envs.async_reset()
+            self.in_flight = N
+        else:
+            spill = buf.full["obs"].shape[0] - T
+            for name, t in buf.full.items():  # carry: the rows past T of the last rollout start this one
+                t[:spill].copy_(self.last.full[name][T:])
+            self.cursor -= T
+            if self.held.any():
+                ids = np.flatnonzero(self.held)
+                rows = self.stage("held_rows", self.cursor[ids] * N + ids)
+                self._act(actor, flat, ids, rows, flat["obs"][rows])
+                self.held[ids] = False
+        while self.cursor.min() <= T:
+            if self.in_flight < self.batch_size:
+                raise RuntimeError(
+                    f"async collection stalled: {self.held.sum()} envs filled their {buf.full['obs'].shape[0] - T} "
+                    f"spill rows while others lag, leaving {self.in_flight} in flight (< batch size "
+                    f"{self.batch_size}); raise --num-steps or lower --env-batch-size")
+            with self.timer.phase("env_wait", host=True):
+                obs, reward, terminated, truncated, info = self.envs.recv()
+            self.in_flight -= len(obs)
+            self._on_recv(actor, flat, T, obs, reward, terminated, truncated, info)
+        self.last = buf
+
+    def _on_recv(self, actor: Actor, flat: dict[str, torch.Tensor], T: int, obs, reward, terminated, truncated,
+                 info) -> None:
+        N, R = self.num_envs, flat["obs"].shape[0] // self.num_envs
+        ids = info["env_id"].astype(np.int64)
+        cursor = self.cursor[ids]
+        self.stats.update(reward, terminated, truncated, info, env_ids=ids)
+        with self.timer.phase("h2d"):
+            # 1. results of the previous transition (none for the first recv after async_reset)
+            done = np.flatnonzero(self.pending[ids])
+            if len(done):
+                sel = slice(None) if len(done) == len(ids) else done
+                prev = self.stage("prev_rows", (cursor[sel] - 1) * N + ids[sel])
+                flat["rewards"].index_copy_(0, prev, self.stage("reward", reward[sel]).float())
+                flat["terminated"].index_copy_(0, prev, self.stage("terminated", terminated[sel]))
+                flat["truncated"].index_copy_(0, prev, self.stage("truncated", truncated[sel]))
+            # 2. the new observation, masked when it follows an episode's end (EnvPool's reset step)
+            rows = self.stage("rows", cursor * N + ids)
+            obs_d = self.stage("obs", obs)
+            flat["obs"].index_copy_(0, rows, obs_d)
+            flat["valid"].index_copy_(0, rows, self.stage("valid", ~(terminated | truncated)))
+        self.pending[ids] = False
+        # 3. act, except for envs whose new row is the last one of the spill: they wait for the next rollout
+        room = cursor < R - 1
+        if room.all():
+            self._act(actor, flat, ids, rows, obs_d)
+        else:
+            act = np.flatnonzero(room)
+            self.held[ids[~room]] = True
+            if len(act):
+                sel = self.stage("act_sel", act)
+                self._act(actor, flat, ids[act], rows[sel], obs_d[sel])
+
+    def _act(self, actor: Actor, flat: dict[str, torch.Tensor], ids: np.ndarray, rows: torch.Tensor,
+             obs: torch.Tensor) -> None:
+        with self.timer.phase("inference"):
+            action, logprob, value, logits = actor(obs)
+            flat["actions"].index_copy_(0, rows, action)
+            flat["logprobs"].index_copy_(0, rows, logprob)
+            flat["values"].index_copy_(0, rows, value)
+            flat["logits"].index_copy_(0, rows, logits)
+            # Host-device sync, deliberate: EnvPool needs the actions on the host.
+            action = action.cpu().numpy()
+        self.cursor[ids] += 1
+        self.pending[ids] = True
+        with self.timer.phase("env_wait", host=True):
+            self.envs.send(action, ids.astype(np.int32))
+        self.in_flight += len(ids)
+
+
+class BackgroundCollection:
+    """Runs ``collector.collect(actor, buf)`` in a thread while the caller updates (``--overlap``).
+
+    The actor acts with a frozen copy of the weights (theta'), so the update may change the
+    learner's weights meanwhile. A thread is enough: EnvPool waits and torch ops release the GIL.
+    On CUDA the thread works on its own stream so acting kernels are not queued behind the update's;
+    ``start`` orders that stream after the work already queued on the caller's stream (the weight
+    copy, the last reads of buf) and ``wait`` orders the caller's stream after the collection.
+    """
+
+    def __init__(self, collector: Collector | AsyncCollector, device: torch.device):
+        self.collector = collector
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def start(self, actor: Actor, buf: Rollout) -> None:
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+
+        def run() -> None:
+            try:
+                with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+                    self.collector.collect(actor, buf)
+            except BaseException as e:  # re-raised in wait(), on the caller's thread
+                self.error = e
+
+        self.thread = threading.Thread(target=run, name="fastppo-collect", daemon=True)
+        self.thread.start()
+
+    def wait(self) -> None:
+        """Join the collection; re-raise its error. Its buffer is then safe to read on this thread's stream."""
+        if self.thread is None:
+            return
+        self.thread.join()
+        self.thread = None
+        if self.stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error

@@ -13,12 +13,16 @@ Plain functions over plain tensors, CleanRL's order of operations:
 
 --resume rebuilds the state of the loop from a checkpoint first (see :func:`restore`).
 
+With --overlap the collection of rollout k+1 runs in the background (rollout.BackgroundCollection),
+acting with a frozen copy of the weights, while the main thread runs GAE and the update on rollout k.
+
 Under torchrun each rank runs this loop on its own envs; see ``distributed`` for what is shared.
 """
 
 from __future__ import annotations
 
 import collections
+import copy
 import math
 import os
 import random
@@ -57,8 +61,9 @@ from fastppo.envs import EnvInfo, env_info, make_envs
 from fastppo.evaluate import eval_metrics
 from fastppo.logger import RunLogger, keep_metrics_until
 from fastppo.loss import AdaptiveKLCoef, loss_kwargs, minibatch_loss, policy_kl
+from fastppo.perf import PHASES, Actor, PhaseTimer, copy_weights, learner_forward
 from fastppo.policy import make_policy
-from fastppo.rollout import Collector, Rollout
+from fastppo.rollout import AsyncCollector, BackgroundCollection, Collector, Rollout
 
 
 class TrainingDiverged(RuntimeError):
@@ -186,16 +191,21 @@ def update(
 
 def checkpoint_state(
     cfg: Config, policy: nn.Module, optimizer: torch.optim.Optimizer, iteration: int, global_step: int,
-    kl_ctl: AdaptiveKLCoef, collector: Collector, elapsed: float, recent_returns: list[float],
+    kl_ctl: AdaptiveKLCoef, collector: Collector | AsyncCollector, elapsed: float, recent_returns: list[float],
 ) -> dict | None:
     """Everything the loop needs to go on exactly; the LR follows from iteration and the config.
+
+    Runs with --async-envs or --overlap save no action log (``actions`` is None): the order in which
+    their envs stepped cannot be replayed, so they cannot be resumed.
 
     Under torchrun every rank calls it (a collective) and rank 0 gets the state, others None: the
     model, optimizer and beta are the same on every rank; the actions are those of all ranks, rank
     r's envs in columns [r * N, (r + 1) * N); ``rank_rng`` holds each rank's RNG states.
     """
-    collector.action_log = [np.concatenate(collector.action_log)]  # one array, so the next save is one copy
-    gathered = distributed.gather_on_main((collector.action_log[0], rng_state()))
+    replayable = not (cfg.async_envs or cfg.overlap)
+    if replayable:
+        collector.action_log = [np.concatenate(collector.action_log)]  # one array, so the next save is one copy
+    gathered = distributed.gather_on_main((collector.action_log[0] if replayable else None, rng_state()))
     if gathered is None:
         return None
     actions, rngs = zip(*gathered, strict=True)
@@ -207,7 +217,8 @@ def checkpoint_state(
         "global_step": global_step,
         "kl_coef": kl_ctl.beta,
         "rng": rngs[0],
-        "actions": torch.from_numpy(np.concatenate(actions, axis=1)),  # (iteration * T, world * N), every action
+        # (iteration * T, world * N), every action sent
+        "actions": torch.from_numpy(np.concatenate(actions, axis=1)) if replayable else None,
         "elapsed": elapsed,  # wall-clock seconds of training so far (time/elapsed)
         "recent_returns": recent_returns,  # the --target-return window
     }
@@ -245,6 +256,9 @@ def prepare_resume(
     """
     world = world or World()
     state = load_resumable(cfg.resume)
+    if state["actions"] is None:
+        raise CheckpointError(f"{state['path']!r} cannot be resumed from: the run used --async-envs or --overlap, "
+                              f"whose env steps cannot be replayed")
     saved_world = state["config"].get("world_size", 1)
     if saved_world != world.size:
         raise ConfigError(f"the run in {cfg.resume!r} was trained by {saved_world} rank(s); resume it with "
@@ -312,8 +326,32 @@ def select_ops(cfg: Config, device: torch.device) -> kernels.Ops:
         raise ConfigError(f"--kernels {cfg.kernels}: {e}") from None
 
 
-def train(cfg: Config, explicit: set[str] | None = None) -> dict:
+def make_collector(cfg: Config, envs, info: EnvInfo, device: torch.device,
+                   timer: PhaseTimer) -> Collector | AsyncCollector:
+    if cfg.async_envs:
+        return AsyncCollector(envs, info, device, cfg.num_envs, cfg.recv_batch_size, timer=timer)
+    return Collector(envs, info, device, timer=timer)
+
+
+def perf_metrics(timer: PhaseTimer, collect_timer: PhaseTimer, iteration_seconds: float) -> dict[str, float]:
+    """perf/<phase>: seconds per iteration in each phase; perf/iteration: the iteration's wall time.
+
+    Read at log time (the CUDA events are read after the log line's sync). With --overlap the
+    collection phases run beside gae/update, so the phases may add up to more than perf/iteration.
+    perf/logging is the previous iteration's (this line is timed after it is written).
+    """
+    phases = collect_timer.read()
+    for name, seconds in timer.read().items():
+        phases[name] = phases.get(name, 0.0) + seconds
+    out = {f"perf/{name}": round(phases.get(name, 0.0), 6) for name in PHASES}
+    out["perf/iteration"] = round(iteration_seconds, 6)
+    return out
+
+
+def train(cfg: Config, explicit: set[str] | None = None, *, max_seconds: float | None = None) -> dict:
     """Train from cfg; returns the last metrics line. Writes cfg.run_dir (see README).
+
+    max_seconds (for ``fastppo bench``): stop after the first iteration that ends past it.
 
     With cfg.resume, continues that run; `explicit` names the flags given on the command line (None:
     those that differ from their defaults). Raises TrainingInterrupted after SIGINT/SIGTERM.
@@ -328,12 +366,12 @@ def train(cfg: Config, explicit: set[str] | None = None) -> dict:
     if cfg.track and not tracking.wandb_installed():
         raise ConfigError("--track needs wandb: pip install 'fastppo[track]'")
     with distributed.process_group(world, device, cfg.dist_timeout):
-        return _train(cfg, info, device, ops, world, run_dir, resume_state)
+        return _train(cfg, info, device, ops, world, run_dir, resume_state, max_seconds)
 
 
 def _train(
     cfg: Config, info: EnvInfo, device: torch.device, ops: kernels.Ops, world: World, run_dir: str | None,
-    resume_state: dict | None,
+    resume_state: dict | None, max_seconds: float | None,
 ) -> dict:
     if run_dir is None:
         run_dir = cfg.run_dir = distributed.on_main(lambda: claim_run_dir(cfg))
@@ -350,12 +388,26 @@ def _train(
         num_threads=cfg.env_threads,
         max_episode_steps=cfg.max_episode_steps,
         repeat_action_probability=cfg.repeat_action_probability,
+        batch_size=cfg.recv_batch_size if cfg.async_envs else None,
     )
     policy = make_policy(info).to(device)
-    train_policy = distributed.wrap_model(policy, device)  # DDP under torchrun: gradients averaged in backward
     optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.learning_rate, eps=1e-5)
-    buf = Rollout.allocate(info, cfg.num_steps, cfg.num_envs, device)
-    collector = Collector(envs, info, device)
+    # the update calls `forward` (bf16 autocast / compiled wrapper, same parameters); checkpoints hold `policy`
+    forward = learner_forward(policy, cfg.bf16, cfg.compile)
+    # Under torchrun the update calls DDP around it (gradients averaged across ranks in backward);
+    # acting and the no-grad KL call `forward` itself.
+    train_forward = distributed.wrap_model(forward, device)
+    # --overlap acts with a frozen copy of the weights (theta'), refreshed after each update
+    behaviour = copy.deepcopy(policy).requires_grad_(False) if cfg.overlap else policy
+    # With --overlap, acting draws its Gumbel noise from its own generator: the update's shuffles run
+    # at the same time on the main thread, and one shared generator would make runs irreproducible.
+    acting_rng = torch.Generator(device).manual_seed(torch_seed + 1) if cfg.overlap else None
+    actor = Actor(behaviour, learner_forward(behaviour, cfg.bf16, cfg.compile) if cfg.overlap else forward,
+                  generator=acting_rng, cudagraphs=cfg.cudagraphs, graph_batch_sizes=(cfg.recv_batch_size,))
+    timer, collect_timer = PhaseTimer(device), PhaseTimer(device)
+    collector = make_collector(cfg, envs, info, device, collect_timer)
+    bufs = collector.allocate(cfg.num_steps, 2 if cfg.overlap else 1)
+    background = BackgroundCollection(collector, device) if cfg.overlap else None
     kl_ctl = AdaptiveKLCoef(cfg.kl_coef, cfg.kl_min, cfg.kl_max)
     tracker = None
     if cfg.track and main:
@@ -381,33 +433,46 @@ def _train(
     stop = StopOnSignal()
     stop.install()
     try:
+        if background is not None:
+            collector.collect(actor, bufs[0])  # rollout 1: nothing to overlap with yet
         for iteration in range(first_iteration, cfg.num_iterations + 1):
+            iteration_start = time.perf_counter()
             if cfg.anneal_lr:
                 frac = 1.0 - (iteration - 1.0) / cfg.num_iterations
                 optimizer.param_groups[0]["lr"] = frac * cfg.learning_rate
             lr = optimizer.param_groups[0]["lr"]
 
+            buf = bufs[(iteration - 1) % len(bufs)]
             logger.phase("collect")
             t_collect = time.perf_counter()
-            collector.collect(policy, buf)
+            if background is None:
+                collector.collect(actor, buf)
+            elif iteration < cfg.num_iterations:  # rollout k+1, with theta' = the weights before this update
+                background.start(actor, bufs[iteration % 2])
             t_update = time.perf_counter()  # collect ends synchronised: each step waits for its actions
             logger.phase("update")
             global_step += cfg.global_batch_size
-            compute_advantages(buf, ops.gae, cfg.gamma, cfg.gae_lambda)
+            with timer.phase("gae"):
+                compute_advantages(buf, ops.gae, cfg.gamma, cfg.gae_lambda)
             kl_coef = kl_ctl.beta
-            stats = update(train_policy, optimizer, buf, cfg, ops, kl_coef)
-            if cfg.loss == "penalty":
-                b = flatten(buf)
-                stats["kl"] = policy_kl(policy, b["obs"], b["logits"], b["valid"], cfg.minibatch_size)
+            with timer.phase("update"):
+                stats = update(train_forward, optimizer, buf, cfg, ops, kl_coef)
+                if cfg.loss == "penalty":
+                    b = flatten(buf)
+                    stats["kl"] = policy_kl(forward, b["obs"], b["logits"], b["valid"], cfg.minibatch_size)
             stats["explained_variance"] = explained_variance(
                 buf.values[:-1].reshape(-1), buf.returns.reshape(-1), buf.valid.reshape(-1)
             )
+            if background is not None:
+                background.wait()
+                copy_weights(behaviour, policy)  # theta' <- theta for the next rollout
 
-            # Host-device sync, deliberate: one per iteration, to log (and to decide beta on). The
-            # values are means over the ranks, so beta and the NaN stop are the same on all of them.
-            names = list(stats)
-            reduced = distributed.all_reduce_mean(torch.stack([stats[k].to(device, torch.float64) for k in names]))
-            values = dict(zip(names, reduced.tolist(), strict=True))
+            with timer.phase("logging", host=True):
+                # Host-device sync, deliberate: one per iteration, to log (and to decide beta on). The
+                # values are means over the ranks, so beta and the NaN stop are the same on all of them.
+                names = list(stats)
+                reduced = distributed.all_reduce_mean(torch.stack([stats[k].to(device, torch.float64) for k in names]))
+                values = dict(zip(names, reduced.tolist(), strict=True))
             t_done = time.perf_counter()
             if not math.isfinite(values["loss"]):
                 last = list_checkpoints(run_dir)
@@ -442,6 +507,7 @@ def _train(
                 "time/elapsed": elapsed + time.time() - start_time,
                 "perf/rollout_time": t_update - t_collect,
                 "perf/update_time": t_done - t_update,
+                **perf_metrics(timer, collect_timer, time.perf_counter() - iteration_start),
             }
             if main and cfg.eval_every and (iteration % cfg.eval_every == 0 or iteration == cfg.num_iterations):
                 logger.phase("eval")
@@ -449,11 +515,14 @@ def _train(
                 metrics.update(eval_metrics(policy, info, cfg, iteration, device))
                 metrics["perf/eval_time"] = time.perf_counter() - t_eval
                 eval_time += metrics["perf/eval_time"]
-            logger.log(metrics)
+            with timer.phase("logging", host=True):
+                logger.log(metrics)
 
             recent_returns.extend(returns)
             reached = (cfg.target_return is not None and len(recent_returns) == recent_returns.maxlen
                        and np.mean(recent_returns) >= cfg.target_return)
+            if max_seconds is not None and distributed.any_rank(time.time() - start_time > max_seconds, device):
+                break
             if reached:
                 if main:
                     print(f"target return {cfg.target_return} reached: mean of the last {len(recent_returns)} "
@@ -480,6 +549,8 @@ def _train(
             tracker.log_model(path, global_step)
         exit_code = 0
     finally:
+        if background is not None and background.thread is not None:
+            background.thread.join()  # an error in the update: let the collection finish before closing the envs
         stop.restore()
         logger.close()
         if tracker is not None:

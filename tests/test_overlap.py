@@ -1,0 +1,170 @@
+"""--overlap: rollout k+1 is collected by a frozen copy of the weights while the learner updates on
+rollout k; the stored behaviour log-probs are the acting copy's, and the update's ratio uses them."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import read_metrics
+
+from fastppo import kernels
+from fastppo.advantage import compute_advantages
+from fastppo.cli import main
+from fastppo.config import Config, resolve
+from fastppo.envs import env_info, make_envs
+from fastppo.perf import Actor, copy_weights
+from fastppo.policy import make_policy
+from fastppo.rollout import AsyncCollector, BackgroundCollection, Collector
+from fastppo.trainer import update
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny batches: torch's intra-op threads only contend with EnvPool's on a small machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def logprobs_under(policy: torch.nn.Module, buf) -> torch.Tensor:
+    with torch.no_grad():
+        logits, _ = policy(buf.obs.flatten(0, 1))
+    return F.log_softmax(logits, -1).gather(-1, buf.actions.reshape(-1, 1)).view_as(buf.logprobs)
+
+
+@pytest.mark.parametrize("async_envs", [False, True], ids=["sync", "async"])
+def test_overlap_records_behaviour_logprobs_and_the_ratio_uses_them(async_envs):
+    info = env_info("CartPole-v1")
+    cfg = resolve(Config(env_id="CartPole-v1", num_envs=4, num_steps=32, device="cpu", learning_rate=0.05), info)
+    envs = make_envs(info, 4, 0, batch_size=2 if async_envs else None)
+    torch.manual_seed(0)
+    policy = make_policy(info)
+    behaviour = copy.deepcopy(policy).requires_grad_(False)
+    actor = Actor(behaviour)
+    device = torch.device("cpu")
+    collector = AsyncCollector(envs, info, device, 4, 2) if async_envs else Collector(envs, info, device)
+    bufs = collector.allocate(cfg.num_steps, 2)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.learning_rate, eps=1e-5)
+    ops = kernels.select("torch", device)
+    background = BackgroundCollection(collector, device)
+
+    collector.collect(actor, bufs[0])
+    theta_before = copy.deepcopy(policy)
+    background.start(actor, bufs[1])  # rollout 2 by theta' while the learner updates on rollout 1
+    compute_advantages(bufs[0], ops.gae, cfg.gamma, cfg.gae_lambda)
+    update(policy, optimizer, bufs[0], cfg, ops, 0.0)
+    background.wait()
+
+    # rollout 2's behaviour log-probs, values and logits are theta' = the weights before the update...
+    torch.testing.assert_close(bufs[1].logprobs, logprobs_under(theta_before, bufs[1]))
+    with torch.no_grad():
+        logits, values = theta_before(bufs[1].obs.flatten(0, 1))
+    torch.testing.assert_close(bufs[1].values[:-1], values.view(32, 4))
+    torch.testing.assert_close(bufs[1].logits, logits.view(32, 4, -1))
+    # ... not the learner's, which has moved on
+    assert (bufs[1].logprobs - logprobs_under(policy, bufs[1])).abs().max() > 1e-3
+
+    # the update on rollout 2 feeds exactly those stored log-probs to the loss as log pi_old
+    seen = []
+
+    def ppo_loss(logits, actions, old_logp, *args, **kwargs):
+        seen.append(old_logp.detach().clone())
+        return ops.ppo_loss(logits, actions, old_logp, *args, **kwargs)
+
+    compute_advantages(bufs[1], ops.gae, cfg.gamma, cfg.gae_lambda)
+    update(policy, optimizer, bufs[1], cfg, ops._replace(ppo_loss=ppo_loss), 0.0)
+    first_epoch = torch.cat(seen[: cfg.num_minibatches]).sort().values
+    torch.testing.assert_close(first_epoch, bufs[1].logprobs.reshape(-1).sort().values)
+
+    copy_weights(behaviour, policy)  # theta' <- theta, in place
+    for a, b in zip(behaviour.parameters(), policy.parameters(), strict=True):
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
+    envs.close()
+
+
+def test_overlap_collection_error_reaches_the_trainer():
+    class Broken:
+        def collect(self, actor, buf):
+            raise ValueError("env crashed")
+
+    background = BackgroundCollection(Broken(), torch.device("cpu"))
+    background.start(None, None)
+    with pytest.raises(ValueError, match="env crashed"):
+        background.wait()
+
+
+@pytest.mark.slow
+def test_cartpole_learns_to_450_with_overlap(tmp_path, capsys):
+    """Seed 3 reaches 450 at 53,760 steps (README: seeds 1 and 2 at 172k and 119k), keeping this short."""
+    run_dir = tmp_path / "overlap"
+    code = main(["train", "--env-id", "CartPole-v1", "--total-timesteps", "500000", "--device", "cpu", "--seed", "3",
+                 "--run-dir", str(run_dir), "--target-return", "450", "--overlap"])
+    assert code == 0
+    assert "target return 450.0 reached" in capsys.readouterr().out
+    metrics = read_metrics(run_dir)
+    assert metrics[-1]["global_step"] < 500_000
+    assert all(m["perf/update"] > 0 for m in metrics)
+
+
+def test_cudagraphs_on_cpu_is_a_one_line_error(tmp_path, capsys):
+    code = main(["train", "--env-id", "CartPole-v1", "--device", "cpu", "--cudagraphs",
+                 "--run-dir", str(tmp_path / "r")])
+    assert code == 2
+    assert capsys.readouterr().err == "fastppo: error: --cudagraphs needs CUDA; the training device is cpu\n"
+    assert not (tmp_path / "r").exists()
+
+
+def test_env_batch_size_needs_async(tmp_path, capsys):
+    code = main(["train", "--env-id", "CartPole-v1", "--device", "cpu", "--env-batch-size", "2",
+                 "--run-dir", str(tmp_path / "r")])
+    assert code == 2
+    assert "--env-batch-size needs --async-envs" in capsys.readouterr().err
+
+
+def test_speed_options_train_on_cpu(tmp_path):
+    """--async-envs --overlap --bf16 together, a few iterations: perf/* logged every iteration."""
+    run_dir = tmp_path / "r"
+    code = main(["train", "--env-id", "CartPole-v1", "--device", "cpu", "--total-timesteps", "1024", "--num-envs",
+                 "4", "--num-steps", "64", "--async-envs", "--overlap", "--bf16", "--run-dir", str(run_dir)])
+    assert code == 0
+    metrics = read_metrics(run_dir)
+    assert len(metrics) == 4
+    for m in metrics:
+        assert m["perf/iteration"] > 0 and m["perf/update"] > 0
+        assert set(k for k in m if k.startswith("perf/")) >= {
+            "perf/env_wait", "perf/h2d", "perf/inference", "perf/gae", "perf/update", "perf/logging", "perf/iteration"}
+
+
+@pytest.mark.slow
+def test_compile_trains_on_cpu(tmp_path):
+    """--compile (torch.compile of the forward, acting and update) runs; compilation takes most of it."""
+    run_dir = tmp_path / "r"
+    code = main(["train", "--env-id", "CartPole-v1", "--device", "cpu", "--total-timesteps", "64", "--num-envs", "2",
+                 "--num-steps", "16", "--num-minibatches", "2", "--compile", "--run-dir", str(run_dir)])
+    assert code == 0
+    assert len(read_metrics(run_dir)) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_overlap_on_cuda_stream(tmp_path):
+    """--overlap on CUDA (collection on its own stream) with --async-envs and --cudagraphs."""
+    run_dir = tmp_path / "r"
+    code = main(["train", "--env-id", "CartPole-v1", "--device", "cuda", "--total-timesteps", "4096", "--num-envs",
+                 "8", "--num-steps", "64", "--async-envs", "--overlap", "--cudagraphs", "--run-dir", str(run_dir)])
+    assert code == 0
+    assert len(read_metrics(run_dir)) == 8
+
+
+def test_overlap_run_cannot_be_resumed(tmp_path, capsys):
+    run_dir = tmp_path / "r"
+    assert main(["train", "--env-id", "CartPole-v1", "--device", "cpu", "--total-timesteps", "1024", "--overlap",
+                 "--run-dir", str(run_dir)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run_dir), "--total-timesteps", "2048"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be resumed from: the run used --async-envs or --overlap" in err and err.count("\n") == 1
