@@ -82,6 +82,9 @@ class Config:
     env_threads: int = 0
     """EnvPool worker threads (0 = EnvPool's default; under torchrun with several local ranks, the
     machine's cores split evenly across them)"""
+    torch_threads: int = 0
+    """torch CPU threads (0 = auto: 1 for the MLP of vector observations, whose tiny matmuls only lose to
+    thread hand-offs and contend with EnvPool's threads; torch's default for the Nature CNN)"""
     repeat_action_probability: float = 0.0
     """Atari sticky actions (0 as in CleanRL; 0.25 for the Machado et al. protocol)"""
     max_episode_steps: int | None = None
@@ -225,7 +228,7 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg, name)
         if value <= 0:
             raise ConfigError(f"--{_flag(name)} must be positive, got {value}")
-    for name in ("env_threads", "save_every", "eval_every"):
+    for name in ("env_threads", "torch_threads", "save_every", "eval_every"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"--{_flag(name)} must be >= 0, got {getattr(cfg, name)}")
     if not cfg.dist_timeout > 0:
@@ -324,7 +327,7 @@ def save_config(cfg: Config, path: str) -> None:
 RESUME_FLAGS = (
     "resume", "total_timesteps", "save_every", "log_every", "log_seconds", "eval_every", "eval_episodes",
     "track", "wandb_project", "wandb_entity", "wandb_group", "wandb_tags", "device", "env_threads",
-    "dist_timeout",
+    "torch_threads", "dist_timeout",
 )
 
 

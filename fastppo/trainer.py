@@ -390,6 +390,8 @@ def _train(
         repeat_action_probability=cfg.repeat_action_probability,
         batch_size=cfg.recv_batch_size if cfg.async_envs else None,
     )
+    if cfg.torch_threads or len(info.obs_shape) != 3:  # auto: 1 thread for the MLP (see --torch-threads)
+        torch.set_num_threads(cfg.torch_threads or 1)
     policy = make_policy(info).to(device)
     optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.learning_rate, eps=1e-5)
     # the update calls `forward` (bf16 autocast / compiled wrapper, same parameters); checkpoints hold `policy`
