@@ -365,8 +365,12 @@ def train(cfg: Config, explicit: set[str] | None = None, *, max_seconds: float |
         cfg, info, device, ops = prepare(cfg, world)
     if cfg.track and not tracking.wandb_installed():
         raise ConfigError("--track needs wandb: pip install 'fastppo[track]'")
-    with distributed.process_group(world, device, cfg.dist_timeout):
-        return _train(cfg, info, device, ops, world, run_dir, resume_state, max_seconds)
+    threads = torch.get_num_threads()  # --torch-threads changes a process-wide setting: put it back after
+    try:
+        with distributed.process_group(world, device, cfg.dist_timeout):
+            return _train(cfg, info, device, ops, world, run_dir, resume_state, max_seconds)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _train(

@@ -16,14 +16,7 @@ from fastppo.envs import EnvInfo, env_info, make_envs
 from fastppo.policy import make_policy
 from fastppo.rollout import AsyncCollector, SpillRollout
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny batches: torch's intra-op threads only contend with EnvPool's on a small machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 INFO = EnvInfo(env_id="Fake-v0", obs_shape=(3,), obs_dtype=np.dtype(np.float32), num_actions=3, is_atari=False)

@@ -20,14 +20,7 @@ from fastppo.policy import make_policy
 from fastppo.rollout import AsyncCollector, BackgroundCollection, Collector
 from fastppo.trainer import update
 
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny batches: torch's intra-op threads only contend with EnvPool's on a small machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def logprobs_under(policy: torch.nn.Module, buf) -> torch.Tensor:
