@@ -73,6 +73,11 @@ class Config:
     eval_episodes: int = 4
     """full games per --eval-every evaluation"""
 
+    preset: Literal["none", "cleanrl", "fast"] = "none"
+    """named settings, overridden by explicit flags. cleanrl: CleanRL's hyperparameters exactly, every
+    throughput option off. fast (provisional, not yet tuned on a GPU): 64 async envs (recv num_envs / 2),
+    --overlap, 128 steps, 4 minibatches, 3 epochs, lr 3e-4, clip 0.2. fastppo/presets.py lists them"""
+
     # --- environment ------------------------------------------------------------------------
     env_id: str = "Pong-v5"
     """EnvPool env id with a discrete action space (Atari '*-v5', or classic control such as

@@ -63,6 +63,7 @@ from fastppo.logger import RunLogger, keep_metrics_until
 from fastppo.loss import AdaptiveKLCoef, loss_kwargs, minibatch_loss, policy_kl
 from fastppo.perf import PHASES, Actor, PhaseTimer, copy_weights, learner_forward
 from fastppo.policy import make_policy
+from fastppo.presets import apply_preset
 from fastppo.rollout import AsyncCollector, BackgroundCollection, Collector, Rollout
 
 
@@ -359,9 +360,10 @@ def train(cfg: Config, explicit: set[str] | None = None, *, max_seconds: float |
     """
     world = World.from_env()
     resume_state, run_dir = None, None
-    if cfg.resume is not None:
+    if cfg.resume is not None:  # the saved config holds its preset's values (--preset is refused with --resume)
         cfg, info, device, run_dir, ops, resume_state = prepare_resume(cfg, explicit, world)
     else:
+        cfg = apply_preset(cfg, explicit if explicit is not None else fields_changed(cfg))
         cfg, info, device, ops = prepare(cfg, world)
     if cfg.track and not tracking.wandb_installed():
         raise ConfigError("--track needs wandb: pip install 'fastppo[track]'")
@@ -453,8 +455,9 @@ def _train(
             t_collect = time.perf_counter()
             if background is None:
                 collector.collect(actor, buf)
-            elif iteration < cfg.num_iterations:  # rollout k+1, with theta' = the weights before this update
-                background.start(actor, bufs[iteration % 2])
+            games = collector.stats.pop()  # the games that ended in rollout k (before k+1 starts below)
+            if background is not None and iteration < cfg.num_iterations:
+                background.start(actor, bufs[iteration % 2])  # rollout k+1, theta' = the weights before this update
             t_update = time.perf_counter()  # collect ends synchronised: each step waits for its actions
             logger.phase("update")
             global_step += cfg.global_batch_size
@@ -490,7 +493,7 @@ def _train(
             if cfg.loss == "penalty":
                 kl_ctl.update(values["kl"])
 
-            returns, lengths = distributed.all_games(*collector.stats.pop())  # the games of every rank
+            returns, lengths = distributed.all_games(*games)  # the games of every rank
             metrics = {
                 "global_step": global_step,
                 "iteration": iteration,
