@@ -350,7 +350,8 @@ def perf_metrics(timer: PhaseTimer, collect_timer: PhaseTimer, iteration_seconds
 
 
 def train(cfg: Config, explicit: set[str] | None = None, *, max_seconds: float | None = None) -> dict:
-    """Train from cfg; returns the last metrics line. Writes cfg.run_dir (see README).
+    """Train from cfg; returns the last metrics line, with "stopped_by": "total_timesteps",
+    "target_return" or "max_seconds". Writes cfg.run_dir (see README).
 
     max_seconds (for ``fastppo bench``): stop after the first iteration that ends past it.
 
@@ -437,6 +438,7 @@ def _train(
     start_time = time.time()
     eval_time = 0.0  # SPS leaves out time spent evaluating (training envs idle)
     metrics: dict = {}
+    stopped_by = "total_timesteps"
     exit_code = 1
     stop = StopOnSignal()
     stop.install()
@@ -530,12 +532,14 @@ def _train(
             recent_returns.extend(returns)
             reached = (cfg.target_return is not None and len(recent_returns) == recent_returns.maxlen
                        and np.mean(recent_returns) >= cfg.target_return)
-            if max_seconds is not None and distributed.any_rank(time.time() - start_time > max_seconds, device):
-                break
             if reached:
                 if main:
                     print(f"target return {cfg.target_return} reached: mean of the last {len(recent_returns)} "
                           f"games is {np.mean(recent_returns):.2f} at global step {global_step}", flush=True)
+                stopped_by = "target_return"
+                break
+            if max_seconds is not None and distributed.any_rank(time.time() - start_time > max_seconds, device):
+                stopped_by = "max_seconds"
                 break
             # Any rank's signal stops them all, after the same iteration.
             stopping = distributed.any_rank(stop.signum is not None, device) and iteration != cfg.num_iterations
@@ -565,4 +569,4 @@ def _train(
         if tracker is not None:
             tracker.finish(exit_code)
         envs.close()
-    return metrics
+    return dict(metrics, stopped_by=stopped_by)

@@ -1,0 +1,119 @@
+"""Time to score: train a game with a preset until a score or a time budget; JSON + PNG learning curve.
+
+    python bench/learning.py --env-id Pong-v5 --preset fast --target-return 20 --max-seconds 120
+    python bench/learning.py --env-id CartPole-v1 --preset cleanrl --target-return 450 --device cpu
+    python bench/learning.py --env-id Breakout-v5 --preset fast --target-return 400 -- --total-timesteps 10000000
+
+Flags after ``--`` go to ``fastppo train`` as they are (they override the preset). The run stops at
+the first iteration where the mean full-game return of the last 10 games reaches --target-return
+(the trainer's --target-return), or at the first iteration that ends past --max-seconds, or at the
+run's --total-timesteps. Writes ``<out-dir>/<name>.json`` (the curve: global step, wall-clock
+seconds and mean return per iteration; whether and when the target was reached; the resolved
+config; GPU/CPU model, core count, versions, commit, date) and ``<name>.png``. The run folder is
+kept under ``<out-dir>/runs/`` (git-ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import tyro
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fastppo.bench import machine  # noqa: E402
+from fastppo.config import Config, ConfigError, flags_given  # noqa: E402
+from fastppo.envs import EnvError  # noqa: E402
+from fastppo.trainer import train  # noqa: E402
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    train_args = argv[argv.index("--") + 1 :] if "--" in argv else []
+    own = argv[: argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--env-id", default="Pong-v5")
+    p.add_argument("--preset", default="fast", choices=["none", "cleanrl", "fast"])
+    p.add_argument("--target-return", type=float, required=True, help="stop once the last 10 games reach this")
+    p.add_argument("--max-seconds", type=float, default=600.0, help="wall-clock budget of the training run")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--name", default=None, help="file stem (default learning_<env>_<preset>_<device>_<seed>)")
+    args = p.parse_args(own)
+    if not args.max_seconds > 0:
+        p.error(f"--max-seconds must be positive, got {args.max_seconds}")
+    return args, train_args
+
+
+def curve(run_dir: str) -> list[dict]:
+    """Per iteration: global step, wall-clock seconds, mean return of the games since the last line."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    return [{"global_step": m["global_step"], "seconds": m["time/elapsed"], "return": m["charts/episodic_return"],
+             "games": m["charts/episodes"]} for m in lines]
+
+
+def plot(points: list[dict], target: float, title: str, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [p for p in points if p["return"] is not None]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in ((axes[0], "global_step", "agent steps"), (axes[1], "seconds", "wall-clock seconds")):
+        ax.plot([p[key] for p in pts], [p["return"] for p in pts], lw=1)
+        ax.axhline(target, color="k", ls="--", lw=0.8, label=f"target {target:g}")
+        ax.set_xlabel(label)
+        ax.set_ylabel("mean full-game return")
+        ax.legend(loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, train_args = parse(list(sys.argv[1:] if argv is None else argv))
+    info = machine()
+    device_name = (info["gpu"] or "cpu").replace(" ", "-") if args.device != "cpu" else "cpu"
+    name = args.name or f"learning_{args.env_id}_{args.preset}_{device_name}_{args.seed}"
+    out_dir = Path(args.out_dir)
+    run_dir = out_dir / "runs" / name
+    train_argv = ["--env-id", args.env_id, "--preset", args.preset, "--target-return", str(args.target_return),
+                  "--seed", str(args.seed), "--device", args.device, "--run-dir", str(run_dir), *train_args]
+    cfg = tyro.cli(Config, args=train_argv, prog="bench/learning.py -- (fastppo train flags)")
+    try:
+        last = train(cfg, explicit=flags_given(train_argv), max_seconds=args.max_seconds)
+    except (ConfigError, EnvError) as e:
+        print(f"learning.py: error: {e}", file=sys.stderr)
+        return 2
+    points = curve(str(run_dir))
+    with open(run_dir / "config.json") as f:
+        config = json.load(f)
+    reached = last["stopped_by"] == "target_return"
+    result = {
+        "env_id": args.env_id, "preset": args.preset, "target_return": args.target_return,
+        "max_seconds": args.max_seconds, "reached": reached, "stopped_by": last["stopped_by"],
+        "steps": last["global_step"], "seconds": last["time/elapsed"],
+        "final_return": last["charts/episodic_return"], "curve": points, "config": config, "machine": info,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / f"{name}.json", "w") as f:
+        json.dump(result, f, indent=1)
+    where = info["gpu"] or f"{info['cpu']} ({info['cpu_cores']} cores)"
+    plot(points, args.target_return, f"{args.env_id}, --preset {args.preset}, {where}", str(out_dir / f"{name}.png"))
+    status = "reached" if reached else "NOT reached"
+    print(f"{args.env_id} --preset {args.preset}: target {args.target_return:g} {status} after "
+          f"{last['global_step']:,} steps, {last['time/elapsed']:.1f} s on {where}")
+    print(f"wrote {out_dir / name}.json and .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

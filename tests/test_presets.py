@@ -1,0 +1,73 @@
+"""--preset: named settings that explicit flags override; bench/learning.py writes its results."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from helpers import read_metrics
+
+from fastppo.cli import main
+from fastppo.presets import PRESETS
+
+ROOT = Path(__file__).resolve().parents[1]
+CARTPOLE = ["train", "--env-id", "CartPole-v1", "--device", "cpu", "--total-timesteps", "1024"]
+
+
+def config(run_dir) -> dict:
+    return json.loads((run_dir / "config.json").read_text())
+
+
+def test_cleanrl_preset_is_cleanrls_hyperparameters(tmp_path):
+    assert main([*CARTPOLE, "--run-dir", str(tmp_path / "c"), "--preset", "cleanrl"]) == 0
+    c = config(tmp_path / "c")
+    # CleanRL ppo.py for vector observations: 4 envs x 128 steps, clip 0.2, 4 minibatches x 4 epochs, ...
+    assert (c["num_envs"], c["num_steps"], c["clip_coef"], c["num_minibatches"], c["update_epochs"]) == (4, 128, 0.2,
+                                                                                                       4, 4)
+    assert (c["learning_rate"], c["ent_coef"], c["vf_coef"], c["max_grad_norm"], c["gamma"], c["gae_lambda"]) == (
+        2.5e-4, 0.01, 0.5, 0.5, 0.99, 0.95)
+    assert not (c["async_envs"] or c["overlap"] or c["compile"] or c["bf16"])
+    assert (c["minibatch_by"], c["advantages"], c["loss"]) == ("sample", "rollout", "clip")
+
+
+def test_fast_preset_values_and_explicit_flags_win(tmp_path):
+    run_dir = tmp_path / "f"
+    assert main([*CARTPOLE, "--run-dir", str(run_dir), "--preset", "fast", "--num-envs", "8", "--num-steps", "32",
+                 "--update-epochs", "2"]) == 0
+    c = config(run_dir)
+    for key, value in PRESETS["fast"].items():
+        if key not in ("num_envs", "num_steps", "update_epochs"):
+            assert c[key] == value, key
+    assert (c["num_envs"], c["num_steps"], c["update_epochs"]) == (8, 32, 2)  # the flags given, not the preset's
+    assert len(read_metrics(run_dir)) == 4
+
+
+def test_help_lists_the_presets():
+    out = subprocess.run([sys.executable, "-m", "fastppo", "train", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "--preset {none,cleanrl,fast}" in out and "provisional" in out
+
+
+def test_preset_cannot_change_on_resume(tmp_path, capsys):
+    run_dir = tmp_path / "r"
+    assert main([*CARTPOLE, "--run-dir", str(run_dir), "--save-every", "1"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run_dir), "--preset", "fast"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastppo: error: ") and "--preset" in err and err.count("\n") == 1
+
+
+def test_learning_bench_writes_json_and_png(tmp_path):
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "learning.py"), "--env-id", "CartPole-v1", "--preset",
+                           "cleanrl", "--target-return", "30", "--device", "cpu", "--max-seconds", "60", "--out-dir",
+                           str(out), "--name", "smoke"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((out / "smoke.json").read_text())
+    assert result["reached"] and result["stopped_by"] == "target_return"
+    assert result["curve"] and result["curve"][-1]["global_step"] == result["steps"]
+    assert result["machine"]["cpu_cores"] and result["config"]["preset"] == "cleanrl"
+    assert (out / "smoke.png").stat().st_size > 1000
+    assert "target 30 reached" in proc.stdout
