@@ -32,15 +32,15 @@ class Config:
     exp_name: str = "fastppo"
     """name of this experiment (part of the default run folder name)"""
     seed: int = 1
-    """seed of torch, numpy and the environments (env i gets seed + i; under torchrun, env i of rank r gets
-    seed + r * num_envs + i and rank r seeds torch with seed + r)"""
+    """seed of torch, numpy and the environments (env i gets seed + i; under torchrun, env i of
+    rank r gets seed + r * num_envs + i and rank r seeds torch with seed + r)"""
     torch_deterministic: bool = True
     """set torch.backends.cudnn.deterministic"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """training device: auto = cuda when available, else cpu"""
     run_dir: str | None = None
-    """run folder (config.json, metrics.jsonl, checkpoints); default runs/<env>__<exp>__<seed>__<time>.
-    It must not hold a run already."""
+    """run folder (config.json, metrics.jsonl, checkpoints); it must not hold a run already
+    (None: runs/<env>__<exp>__<seed>__<time>)"""
     save_every: int = 0
     """write a checkpoint every this many iterations (0 = only at the end; SIGINT/SIGTERM also save)"""
     target_return: float | None = None
@@ -48,8 +48,8 @@ class Config:
     target_return_games: int = 10
     """games in the --target-return mean"""
     resume: str | None = None
-    """continue the run in this folder (runs/<name>) from its newest checkpoint; the run's saved config is
-    used, and only the flags in RESUME_FLAGS may be given with it (see README)"""
+    """continue the run in this folder (runs/<name>) from its newest checkpoint; the run's saved
+    config is used, and only the flags in RESUME_FLAGS may be given with it (see README)"""
 
     # --- logging, tracking, evaluation --------------------------------------------------------
     log_every: int = 1
@@ -74,9 +74,10 @@ class Config:
     """full games per --eval-every evaluation"""
 
     preset: Literal["none", "cleanrl", "fast"] = "none"
-    """named settings, overridden by explicit flags. cleanrl: CleanRL's hyperparameters exactly, every
-    throughput option off. fast (provisional, not yet tuned on a GPU): 64 async envs (recv num_envs / 2),
-    --overlap, 128 steps, 4 minibatches, 3 epochs, lr 3e-4, clip 0.2. fastppo/presets.py lists them"""
+    """named settings, overridden by explicit flags. cleanrl: CleanRL's hyperparameters
+    exactly, every throughput option off. fast (provisional, not yet tuned on a GPU): 64 async
+    envs (recv num_envs / 2), --overlap, 128 steps, 4 minibatches, 3 epochs, lr 3e-4, clip 0.2.
+    fastppo/presets.py lists them"""
 
     # --- environment ------------------------------------------------------------------------
     env_id: str = "Pong-v5"
@@ -88,8 +89,9 @@ class Config:
     """EnvPool worker threads (0 = EnvPool's default; under torchrun with several local ranks, the
     machine's cores split evenly across them)"""
     torch_threads: int = 0
-    """torch CPU threads (0 = auto: 1 for the MLP of vector observations, whose tiny matmuls only lose to
-    thread hand-offs and contend with EnvPool's threads; torch's default for the Nature CNN)"""
+    """torch CPU threads (0 = auto: 1 for the MLP of vector observations, whose tiny matmuls
+    only lose to thread hand-offs and contend with EnvPool's threads; torch's default for the
+    Nature CNN)"""
     repeat_action_probability: float = 0.0
     """Atari sticky actions (0 as in CleanRL; 0.25 for the Machado et al. protocol)"""
     max_episode_steps: int | None = None
