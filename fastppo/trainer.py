@@ -104,10 +104,11 @@ def flatten(buf: Rollout) -> dict[str, torch.Tensor]:
 def value_predictions(policy: nn.Module, buf: Rollout, chunk: int) -> torch.Tensor:
     """V(s) of every observation of the rollout under the current policy, row T included: (T + 1, N)."""
     T, N = buf.rewards.shape
-    obs = torch.cat([buf.obs, buf.next_obs.unsqueeze(0)]).flatten(0, 1)  # ((T + 1) * N, ...)
+    obs = buf.obs.flatten(0, 1)  # (T * N, ...), a view: no copy of the observation buffer
     with torch.no_grad():
-        values = torch.cat([policy(obs[i : i + chunk])[1].float() for i in range(0, obs.shape[0], chunk)])
-    return values.view(T + 1, N)
+        values = [policy(obs[i : i + chunk])[1].float() for i in range(0, obs.shape[0], chunk)]
+        values.append(policy(buf.next_obs)[1].float())  # row T, the bootstrap
+    return torch.cat(values).view(T + 1, N)
 
 
 def sample_minibatches(policy: nn.Module, buf: Rollout, cfg: Config, ops: kernels.Ops, kl_coef: float):
@@ -136,6 +137,7 @@ def env_minibatches(policy: nn.Module, buf: Rollout, cfg: Config, ops: kernels.O
     """
     T, N = buf.rewards.shape
     n = N // cfg.num_minibatches
+    columns = {k: v.view(T, N, *v.shape[1:]) for k, v in flatten(buf).items()}  # (T, N, ...) views
     perm = torch.randperm(N, device=buf.actions.device)
     for start in range(0, N, n):
         cols = perm[start : start + n]
@@ -150,7 +152,7 @@ def env_minibatches(policy: nn.Module, buf: Rollout, cfg: Config, ops: kernels.O
                 mask=buf.valid[:, cols], **loss_kwargs(cfg, kl_coef),
             )
         else:
-            mb = {k: v.view(T, N, *v.shape[1:])[:, cols].flatten(0, 1) for k, v in flatten(buf).items()}
+            mb = {k: v[:, cols].flatten(0, 1) for k, v in columns.items()}
             logits, newvalue = policy(mb["obs"])
             yield minibatch_loss(ops.ppo_loss, cfg, kl_coef, logits, newvalue, mb)
 
