@@ -1,8 +1,9 @@
 """Named settings for ``fastppo train --preset NAME``; explicit flags override a preset's values.
 
 ``cleanrl`` is CleanRL's hyperparameters exactly (``ppo_atari_envpool.py`` for Atari, ``ppo.py`` for
-vector observations, i.e. fastppo's defaults) with every throughput option off, so a run compares
-step for step with CleanRL's. ``fast`` aims at wall-clock time to score on one GPU: many
+vector observations, i.e. fastppo's defaults) with every throughput option off; its update is
+CleanRL's to float rounding (tests/test_cleanrl_parity.py; the README lists the three deliberate
+differences in the data). ``fast`` aims at wall-clock time to score on one GPU: many
 asynchronous envs, updates overlapped with collection, larger rollouts, fewer epochs. Its values
 are provisional: taken from rl_games' EnvPool Pong settings (24 envs x 256 steps, 3 epochs, clip
 0.2, lr 3e-4) and the EnvPool ceiling measured on the reference machine (64 envs with recv batches
