@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from fastppo.bench import machine  # noqa: E402
 from fastppo.config import Config, ConfigError, flags_given  # noqa: E402
 from fastppo.envs import EnvError  # noqa: E402
+from fastppo.plot import drawn, recent_means  # noqa: E402
 from fastppo.trainer import train  # noqa: E402
 
 
@@ -58,16 +59,18 @@ def curve(run_dir: str) -> list[dict]:
              "games": m["charts/episodes"]} for m in lines]
 
 
-def plot(points: list[dict], target: float, title: str, path: str) -> None:
+def plot(points: list[dict], target: float, games: int, title: str, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     pts = [p for p in points if p["return"] is not None]
+    recent = recent_means([p["return"] for p in pts], [p["games"] for p in pts], games)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, label in ((axes[0], "global_step", "agent steps"), (axes[1], "seconds", "wall-clock seconds")):
-        ax.plot([p[key] for p in pts], [p["return"] for p in pts], lw=1)
+        ax.plot([p[key] for p in pts], [p["return"] for p in pts], lw=0.6, alpha=0.35, label="games of the iteration")
+        ax.plot(*drawn([p[key] for p in pts], recent), lw=1.4, label=f"latest >= {games} games")
         ax.axhline(target, color="k", ls="--", lw=0.8, label=f"target {target:g}")
         ax.set_xlabel(label)
         ax.set_ylabel("mean full-game return")
@@ -107,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     with open(out_dir / f"{name}.json", "w") as f:
         json.dump(result, f, indent=1)
     where = info["gpu"] or f"{info['cpu']} ({info['cpu_cores']} cores)"
-    plot(points, args.target_return, f"{args.env_id}, --preset {args.preset}, {where}", str(out_dir / f"{name}.png"))
+    title = f"{args.env_id}, --preset {args.preset}, {where}"
+    plot(points, args.target_return, config["target_return_games"], title, str(out_dir / f"{name}.png"))
     status = "reached" if reached else "NOT reached"
     print(f"{args.env_id} --preset {args.preset}: target {args.target_return:g} {status} after "
           f"{last['global_step']:,} steps, {last['time/elapsed']:.1f} s on {where}")

@@ -2,8 +2,8 @@
 
 Three panels: mean full-game return against agent steps, the same against wall-clock time
 (``time/elapsed``), and steps/s (``charts/SPS``) against steps. Each metrics line's return is the mean
-of the games that ended during that iteration; the curve is its running mean over the last 10 lines
-that had games (the raw points are drawn faintly behind it). ``eval/episodic_return`` points are
+of the games that ended during that iteration (drawn faintly); the curve is the mean of the latest
+10 or more games (``recent_means``: whole lines, weighted by their games). ``eval/episodic_return`` points are
 drawn as markers when the run evaluated with --eval-every.
 """
 
@@ -43,12 +43,28 @@ def read_run(run_dir: str) -> list[dict]:
     return lines
 
 
-def _smooth(values: list[float], window: int = 10) -> list[float]:
-    out, acc = [], []
-    for v in values:
-        acc = (acc + [v])[-window:]
-        out.append(sum(acc) / len(acc))
+def recent_means(returns: list[float], games: list[int], window: int = 10) -> list[float | None]:
+    """Per metrics line, the mean full-game return of the latest games, at least `window` of them.
+
+    returns[i] is line i's mean over its games[i] games. The window is the fewest latest whole lines
+    that hold >= `window` games, weighted by their games (a line keeps a mean, not each game); None
+    until that many games have ended.
+    """
+    out: list[float | None] = []
+    for end in range(len(returns)):
+        total = count = 0
+        for ret, n in zip(reversed(returns[: end + 1]), reversed(games[: end + 1]), strict=True):
+            total, count = total + ret * n, count + n
+            if count >= window:
+                break
+        out.append(total / count if count >= window else None)
     return out
+
+
+def drawn(xs: list, ys: list[float | None]) -> tuple[list, list]:
+    """The points of (xs, ys) whose y is not None."""
+    pts = [(x, y) for x, y in zip(xs, ys, strict=True) if y is not None]
+    return [x for x, _ in pts], [y for _, y in pts]
 
 
 def plot_runs(pcfg: PlotConfig) -> str:
@@ -75,11 +91,12 @@ def plot_runs(pcfg: PlotConfig) -> str:
         steps = [m["global_step"] for m in games]
         times = [m.get("time/elapsed") for m in games]
         ret = [m["charts/episodic_return"] for m in games]
+        recent = recent_means(ret, [m.get("charts/episodes", 1) for m in games])
         ax_steps.plot(steps, ret, color=color, alpha=0.2, lw=0.8)
-        ax_steps.plot(steps, _smooth(ret), color=color, label=label)
+        ax_steps.plot(*drawn(steps, recent), color=color, label=label)
         if all(t is not None for t in times):
             ax_time.plot(times, ret, color=color, alpha=0.2, lw=0.8)
-            ax_time.plot(times, _smooth(ret), color=color, label=label)
+            ax_time.plot(*drawn(times, recent), color=color, label=label)
         evals = [m for m in lines if m.get("eval/episodic_return") is not None]
         if evals:
             ax_steps.plot([m["global_step"] for m in evals], [m["eval/episodic_return"] for m in evals], "o",

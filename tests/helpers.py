@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from fastppo.plot import recent_means
+
 
 def read_metrics(run_dir) -> list[dict]:
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
@@ -12,22 +14,10 @@ def read_metrics(run_dir) -> list[dict]:
 
 
 def best_recent_return(metrics: list[dict], games: int = 10) -> float:
-    """The best mean full-game return over `games` consecutive finished games.
-
-    metrics.jsonl holds, per line, the mean return of the games that ended since the previous line
-    and their count, so the window is built from whole lines holding at least `games` games.
-    """
-    best = float("-inf")
-    lines = [(m["charts/episodic_return"], m["charts/episodes"]) for m in metrics if m["charts/episodes"]]
-    for end in range(len(lines)):
-        total = count = 0
-        for ret, n in reversed(lines[: end + 1]):
-            total += ret * n
-            count += n
-            if count >= games:
-                best = max(best, total / count)
-                break
-    return best
+    """The best mean full-game return over the latest >= `games` games at any metrics line."""
+    lines = [m for m in metrics if m["charts/episodes"]]
+    means = recent_means([m["charts/episodic_return"] for m in lines], [m["charts/episodes"] for m in lines], games)
+    return max((r for r in means if r is not None), default=float("-inf"))
 
 
 TIMING_KEYS = ("charts/SPS", "time/elapsed")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fastppo.cli import main
+from fastppo.plot import recent_means
 
 CARTPOLE = ["train", "--env-id", "CartPole-v1", "--device", "cpu"]
 
@@ -82,3 +83,12 @@ def test_plot_bad_input(cartpole_run, tmp_path, args, message, capsys):
     assert main(["plot", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_recent_means_weight_whole_lines_by_their_games():
+    # lines: (mean, games); the window is the fewest latest lines holding >= 3 games
+    means = recent_means([-21.0, -19.0, -20.0, -15.0], [1, 1, 2, 4], window=3)
+    assert means[:2] == [None, None]
+    assert means[2] == pytest.approx((-19 - 2 * 20) / 3)  # lines 1 and 2 hold 3 games
+    assert means[3] == pytest.approx(-15.0)  # the last line alone holds 4 games
+    assert recent_means([], [], window=10) == []
