@@ -124,8 +124,9 @@ def process_group(world: World, device: torch.device, timeout_s: float) -> Itera
 
     NCCL for CUDA, gloo on CPU. ``timeout_s`` bounds the rendezvous and every collective: a rank
     that stops answering makes the others fail with an error after that long instead of hanging.
-    Such a failure is re-raised as RanksLost, one line naming this rank. The group is destroyed on
-    the way out, error or not.
+    With gloo such a failure is re-raised as RanksLost, one line naming this rank; with NCCL,
+    PyTorch's watchdog aborts the process itself (TORCH_NCCL_ASYNC_ERROR_HANDLING's default). The
+    group is destroyed on the way out, error or not.
     """
     if not world.launched:
         yield

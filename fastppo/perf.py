@@ -107,8 +107,12 @@ class Actor:
     :func:`learner_forward`'s bf16/compiled wrapper. With ``cudagraphs`` (CUDA only) the sampling
     step for each batch size in ``graph_batch_sizes`` is captured once in a CUDA graph and replayed
     afterwards: one launch instead of ~20. The graph reads the weights at fixed addresses, so they
-    must be updated in place (``copy_weights`` or the optimizer, never by reassigning parameters);
-    its Gumbel noise comes from the default CUDA generator, so ``generator`` is ignored there.
+    must be updated in place (``copy_weights`` or the optimizer, never by reassigning parameters).
+    The graph's uniforms are a static input that each call fills before the replay, outside the
+    graph, with the same ``torch.rand`` call and ``generator`` as the eager path: a graphed step
+    draws exactly what the eager one would, and capturing draws nothing, so the random streams
+    (and an exact resume, and the overlap thread's own generator) are the same with or without
+    ``cudagraphs``.
     """
 
     def __init__(
@@ -124,7 +128,7 @@ class Actor:
         self.generator = generator
         self.cudagraphs = cudagraphs
         self.graph_batch_sizes = set(graph_batch_sizes)
-        self.graphs: dict[int, tuple[torch.Tensor, torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}
+        self.graphs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}
 
     def __call__(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """obs (B, ...) -> action (B,) int64, log-prob (B,), value (B,), logits (B, A).
@@ -133,8 +137,9 @@ class Actor:
         copy them (into the rollout) before calling again, as the collectors do.
         """
         if self.cudagraphs and obs.is_cuda and obs.shape[0] in self.graph_batch_sizes:
-            static_obs, graph, outputs = self.graphs.get(obs.shape[0]) or self._capture(obs)
+            static_obs, static_u, graph, outputs = self.graphs.get(obs.shape[0]) or self._capture(obs)
             static_obs.copy_(obs)
+            torch.rand(static_u.shape, device=static_u.device, generator=self.generator, out=static_u)
             graph.replay()
             return outputs
         return act(self.forward, obs, self.generator)
@@ -149,11 +154,16 @@ class Actor:
         side = torch.cuda.Stream(obs.device)
         side.wait_stream(torch.cuda.current_stream(obs.device))
         with torch.cuda.stream(side):  # warm-up outside the capture (cuBLAS/cuDNN workspaces, compile)
+            static_u = torch.full((obs.shape[0], self._num_actions(static_obs)), 0.5, device=obs.device)
             for _ in range(3):
-                act(self.forward, static_obs)
+                act(self.forward, static_obs, uniform=static_u)
         torch.cuda.current_stream(obs.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            outputs = act(self.forward, static_obs)
-        self.graphs[obs.shape[0]] = (static_obs, graph, outputs)
+            outputs = act(self.forward, static_obs, uniform=static_u)
+        self.graphs[obs.shape[0]] = (static_obs, static_u, graph, outputs)
         return self.graphs[obs.shape[0]]
+
+    def _num_actions(self, obs: torch.Tensor) -> int:
+        with torch.no_grad():
+            return self.forward(obs[:1])[0].shape[-1]

@@ -83,19 +83,21 @@ def make_policy(info: EnvInfo) -> nn.Module:
 
 
 def act(
-    policy: nn.Module, obs: torch.Tensor, generator: torch.Generator | None = None
+    policy: nn.Module, obs: torch.Tensor, generator: torch.Generator | None = None,
+    uniform: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample actions for a batch of observations, without gradients.
 
     Gumbel-max sampling: argmax(logits + Gumbel noise) is an exact sample of softmax(logits) in two
-    elementwise kernels and one reduction, with no host sync.
+    elementwise kernels and one reduction, with no host sync. The noise comes from `uniform` (B, A)
+    in [0, 1) when given (a CUDA graph's static input), else from torch.rand with `generator`.
 
     Returns action (B,) int64, log-prob (B,), value (B,), logits (B, A).
     """
     with torch.no_grad():
         logits, value = policy(obs)
         logits = logits.float()
-        u = torch.rand(logits.shape, device=logits.device, generator=generator)
+        u = torch.rand(logits.shape, device=logits.device, generator=generator) if uniform is None else uniform
         gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))
         action = (logits + gumbel).argmax(-1)
         logprob = F.log_softmax(logits, -1).gather(-1, action.unsqueeze(-1)).squeeze(-1)

@@ -372,15 +372,18 @@ class BackgroundCollection:
 
     The actor acts with a frozen copy of the weights (theta'), so the update may change the
     learner's weights meanwhile. A thread is enough: EnvPool waits and torch ops release the GIL.
-    On CUDA the thread works on its own stream so acting kernels are not queued behind the update's;
-    ``start`` orders that stream after the work already queued on the caller's stream (the weight
-    copy, the last reads of buf) and ``wait`` orders the caller's stream after the collection.
+    On CUDA the thread works on its own high-priority stream so acting kernels are not queued behind
+    the update's; ``start`` orders that stream after the work already queued on the caller's stream
+    (the weight copy, the last reads of buf) and ``wait`` orders the caller's stream after the
+    collection.
     """
 
     def __init__(self, collector: Collector | AsyncCollector, device: torch.device):
         self.collector = collector
         self.device = device
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # High priority: acting kernels go ahead of the update's queued ones, since EnvPool waits
+        # for each step's actions (lower numbers are higher priorities; -1 is the highest).
+        self.stream = torch.cuda.Stream(device, priority=-1) if device.type == "cuda" else None
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
 
@@ -390,6 +393,10 @@ class BackgroundCollection:
 
         def run() -> None:
             try:
+                if self.stream is not None:
+                    # A new thread's current device is cuda:0; without this, leaving the stream
+                    # context below would make a context on GPU 0 for every torchrun rank.
+                    torch.cuda.set_device(self.device)
                 with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
                     self.collector.collect(actor, buf)
             except BaseException as e:  # re-raised in wait(), on the caller's thread
