@@ -145,6 +145,22 @@ class Stager:
         return out
 
 
+def as_words(t: torch.Tensor) -> torch.Tensor:
+    """t (B, ...) contiguous, as (B, W) of the widest integer type that tiles a row: the same memory.
+
+    Index copies of whole rows then move up to 8 bytes per element instead of 1: on CPU, scattering
+    128 uint8 Pong observations (28 KB each) into the rollout took 3.3 ms as uint8 and 0.5 ms as
+    int64 (one thread, bench/host_overhead.py measures the collectors).
+    """
+    rows = t.view(t.shape[0], -1)
+    row_bytes = rows.shape[1] * t.element_size()
+    for dtype in (torch.int64, torch.int32, torch.int16):
+        size = dtype.itemsize
+        if size > t.element_size() and row_bytes % size == 0 and t.storage_offset() * t.element_size() % size == 0:
+            return rows.view(torch.uint8).view(dtype)
+    return rows
+
+
 def _as_actor(policy: nn.Module | Actor, generator: torch.Generator | None) -> Actor:
     return policy if isinstance(policy, Actor) else Actor(policy, generator=generator)
 
@@ -336,7 +352,7 @@ class AsyncCollector:
             # 2. the new observation, masked when it follows an episode's end (EnvPool's reset step)
             rows = self.stage("rows", cursor * N + ids)
             obs_d = self.stage("obs", obs)
-            flat["obs"].index_copy_(0, rows, obs_d)
+            as_words(flat["obs"]).index_copy_(0, rows, as_words(obs_d))
             flat["valid"].index_copy_(0, rows, self.stage("valid", ~(terminated | truncated)))
         self.pending[ids] = False
         # 3. act, except for envs whose new row is the last one of the spill: they wait for the next rollout

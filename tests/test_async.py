@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from fastppo.envs import EnvInfo, env_info, make_envs
 from fastppo.policy import make_policy
-from fastppo.rollout import AsyncCollector, SpillRollout
+from fastppo.rollout import AsyncCollector, SpillRollout, as_words
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
@@ -259,3 +259,15 @@ def test_graphed_acting_draws_what_eager_acting_draws(own_generator):
     for e, g in zip(eager, graphed, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
     assert torch.equal(graphed_state, eager_state)  # capture and warm-up drew nothing extra
+
+
+def test_as_words_is_the_same_memory_in_wider_elements():
+    obs = torch.randint(0, 256, (5, 4, 84, 84), dtype=torch.uint8)
+    words = as_words(obs)
+    assert words.dtype == torch.int64 and words.shape == (5, 4 * 84 * 84 // 8)
+    assert words.data_ptr() == obs.data_ptr()
+    dst = torch.zeros(9, 4, 84, 84, dtype=torch.uint8)
+    as_words(dst).index_copy_(0, torch.tensor([7, 0, 3, 8, 1]), words)
+    assert torch.equal(dst[[7, 0, 3, 8, 1]], obs)
+    assert as_words(torch.zeros(5, 3)).dtype == torch.float32  # 12-byte rows: no wider type tiles them
+    assert as_words(torch.zeros(5, 6, dtype=torch.uint8)).dtype == torch.int16

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -35,3 +38,17 @@ def test_bench_cudagraphs_on_cpu_is_a_one_line_error(tmp_path, capsys):
     code = main(["bench", "--device", "cpu", "--cudagraphs", "--out-dir", str(tmp_path)])
     assert code == 2
     assert capsys.readouterr().err == "fastppo: error: --cudagraphs needs CUDA; the device is cpu\n"
+
+
+def test_host_overhead_bench_smoke(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "bench" / "host_overhead.py"
+    proc = subprocess.run([sys.executable, str(script), "--num-envs", "4", "8", "--num-steps", "4", "--rollouts", "1",
+                           "--out", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((tmp_path / "host_overhead_cpu.json").read_text())["rows"]
+    assert len(rows) == 2 * 2 * 2  # two observation shapes, sync and async, two env counts
+    assert all(r["us_per_step"] > 0 for r in rows)
+    bad = subprocess.run([sys.executable, str(script), "--num-envs", "5", "--out", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "host_overhead.py: error: --num-envs must be even counts >= 2, got [5]"]
