@@ -154,8 +154,10 @@ class Actor:
         side = torch.cuda.Stream(obs.device)
         side.wait_stream(torch.cuda.current_stream(obs.device))
         with torch.cuda.stream(side):  # warm-up outside the capture (cuBLAS/cuDNN workspaces, compile)
-            static_u = torch.full((obs.shape[0], self._num_actions(static_obs)), 0.5, device=obs.device)
-            for _ in range(3):
+            # the first draws from a throwaway generator, so that capturing leaves the real ones alone
+            logits = act(self.forward, static_obs, torch.Generator(obs.device))[3]
+            static_u = torch.full_like(logits, 0.5)
+            for _ in range(2):
                 act(self.forward, static_obs, uniform=static_u)
         torch.cuda.current_stream(obs.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
@@ -164,6 +166,3 @@ class Actor:
         self.graphs[obs.shape[0]] = (static_obs, static_u, graph, outputs)
         return self.graphs[obs.shape[0]]
 
-    def _num_actions(self, obs: torch.Tensor) -> int:
-        with torch.no_grad():
-            return self.forward(obs[:1])[0].shape[-1]

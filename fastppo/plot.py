@@ -1,10 +1,10 @@
 """``fastppo plot``: one PNG comparing runs from their metrics.jsonl, for users without W&B.
 
 Three panels: mean full-game return against agent steps, the same against wall-clock time
-(``time/elapsed``), and steps/s (``charts/SPS``) against steps. Each metrics line's return is the mean
-of the games that ended during that iteration (drawn faintly); the curve is the mean of the latest
-10 or more games (``recent_means``: whole lines, weighted by their games). ``eval/episodic_return`` points are
-drawn as markers when the run evaluated with --eval-every.
+(``time/elapsed``), and steps/s (``charts/SPS``) against steps. Each metrics line's return is the
+mean of the games that ended during that iteration (drawn faintly); the curve is the mean of the
+latest 10 or more games (``recent_means``: whole lines, weighted by their games).
+``eval/episodic_return`` points are drawn as markers when the run evaluated with --eval-every.
 """
 
 from __future__ import annotations
