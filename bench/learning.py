@@ -3,6 +3,7 @@
     python bench/learning.py --env-id Pong-v5 --preset fast --target-return 20 --max-seconds 120
     python bench/learning.py --env-id CartPole-v1 --preset cleanrl --target-return 450 --device cpu
     python bench/learning.py --env-id Breakout-v5 --preset fast --target-return 400 -- --total-timesteps 10000000
+    python bench/learning.py --resume bench/results/runs/learning_Pong-v5_cleanrl_cpu_1 --max-seconds 3600
 
 Flags after ``--`` go to ``fastppo train`` as they are (they override the preset). The run stops at
 the first iteration where the mean full-game return of the last 10 games reaches --target-return
@@ -10,7 +11,9 @@ the first iteration where the mean full-game return of the last 10 games reaches
 run's --total-timesteps. Writes ``<out-dir>/<name>.json`` (the curve: global step, wall-clock
 seconds and mean return per iteration; whether and when the target was reached; the resolved
 config; GPU/CPU model, core count, versions, commit, date) and ``<name>.png``. The run folder is
-kept under ``<out-dir>/runs/`` (git-ignored).
+kept under ``<out-dir>/runs/`` (git-ignored). ``--resume RUN_DIR`` goes on with such a run (its own
+env, preset and target; ``fastppo train --resume`` rebuilds the envs exactly) for another
+--max-seconds, and writes the results of the whole run: steps and seconds count from its start.
 """
 
 from __future__ import annotations
@@ -39,13 +42,23 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--env-id", default="Pong-v5")
     p.add_argument("--preset", default="fast", choices=["none", "cleanrl", "fast"])
-    p.add_argument("--target-return", type=float, required=True, help="stop once the last 10 games reach this")
-    p.add_argument("--max-seconds", type=float, default=600.0, help="wall-clock budget of the training run")
+    p.add_argument("--target-return", type=float, help="stop once the last 10 games reach this (required unless "
+                   "--resume)")
+    p.add_argument("--max-seconds", type=float, default=600.0,
+                   help="wall-clock budget of the training run (of this segment, with --resume)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
-    p.add_argument("--name", default=None, help="file stem (default learning_<env>_<preset>_<device>_<seed>)")
+    p.add_argument("--name", default=None, help="file stem (default learning_<env>_<preset>_<device>_<seed>, or "
+                   "the run folder's name with --resume)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="go on with the run in RUN_DIR (its config, "
+                   "target included) and write the results of the whole run")
     args = p.parse_args(own)
+    if args.resume is None and args.target_return is None:
+        p.error("--target-return is required (unless --resume)")
+    if args.resume is not None and (args.target_return is not None or args.preset != p.get_default("preset")
+                                    or args.env_id != p.get_default("env_id")):
+        p.error("--resume goes on with the run's own --env-id, --preset and --target-return; do not give them")
     if not args.max_seconds > 0:
         p.error(f"--max-seconds must be positive, got {args.max_seconds}")
     return args, train_args
@@ -84,12 +97,17 @@ def plot(points: list[dict], target: float, games: int, title: str, path: str) -
 def main(argv: list[str] | None = None) -> int:
     args, train_args = parse(list(sys.argv[1:] if argv is None else argv))
     info = machine()
-    device_name = (info["gpu"] or "cpu").replace(" ", "-") if args.device != "cpu" else "cpu"
-    name = args.name or f"learning_{args.env_id}_{args.preset}_{device_name}_{args.seed}"
     out_dir = Path(args.out_dir)
-    run_dir = out_dir / "runs" / name
-    train_argv = ["--env-id", args.env_id, "--preset", args.preset, "--target-return", str(args.target_return),
-                  "--seed", str(args.seed), "--device", args.device, "--run-dir", str(run_dir), *train_args]
+    if args.resume is not None:
+        run_dir = Path(args.resume)
+        name = args.name or run_dir.name
+        train_argv = ["--resume", str(run_dir), "--device", args.device, *train_args]
+    else:
+        device_name = (info["gpu"] or "cpu").replace(" ", "-") if args.device != "cpu" else "cpu"
+        name = args.name or f"learning_{args.env_id}_{args.preset}_{device_name}_{args.seed}"
+        run_dir = out_dir / "runs" / name
+        train_argv = ["--env-id", args.env_id, "--preset", args.preset, "--target-return", str(args.target_return),
+                      "--seed", str(args.seed), "--device", args.device, "--run-dir", str(run_dir), *train_args]
     cfg = tyro.cli(Config, args=train_argv, prog="bench/learning.py -- (fastppo train flags)")
     try:
         last = train(cfg, explicit=flags_given(train_argv), max_seconds=args.max_seconds)
@@ -99,9 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     points = curve(str(run_dir))
     with open(run_dir / "config.json") as f:
         config = json.load(f)
+    env_id, preset, target = config["env_id"], config["preset"], config["target_return"]
     reached = last["stopped_by"] == "target_return"
     result = {
-        "env_id": args.env_id, "preset": args.preset, "target_return": args.target_return,
+        "env_id": env_id, "preset": preset, "target_return": target, "resumed": args.resume is not None,
         "max_seconds": args.max_seconds, "reached": reached, "stopped_by": last["stopped_by"],
         "steps": last["global_step"], "seconds": last["time/elapsed"],
         "final_return": last["charts/episodic_return"], "curve": points, "config": config, "machine": info,
@@ -110,10 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     with open(out_dir / f"{name}.json", "w") as f:
         json.dump(result, f, indent=1)
     where = info["gpu"] or f"{info['cpu']} ({info['cpu_cores']} cores)"
-    title = f"{args.env_id}, --preset {args.preset}, {where}"
-    plot(points, args.target_return, config["target_return_games"], title, str(out_dir / f"{name}.png"))
+    title = f"{env_id}, --preset {preset}, {where}"
+    plot(points, target, config["target_return_games"], title, str(out_dir / f"{name}.png"))
     status = "reached" if reached else "NOT reached"
-    print(f"{args.env_id} --preset {args.preset}: target {args.target_return:g} {status} after "
+    print(f"{env_id} --preset {preset}: target {target:g} {status} after "
           f"{last['global_step']:,} steps, {last['time/elapsed']:.1f} s on {where}")
     print(f"wrote {out_dir / name}.json and .png")
     return 0

@@ -71,3 +71,28 @@ def test_learning_bench_writes_json_and_png(tmp_path):
     assert result["machine"]["cpu_cores"] and result["config"]["preset"] == "cleanrl"
     assert (out / "smoke.png").stat().st_size > 1000
     assert "target 30 reached" in proc.stdout
+
+
+def test_learning_bench_resumes_a_run_and_reports_all_of_it(tmp_path):
+    out = tmp_path / "results"
+    script = [sys.executable, str(ROOT / "bench" / "learning.py")]
+    first = subprocess.run([*script, "--env-id", "CartPole-v1", "--preset", "cleanrl", "--target-return", "500",
+                            "--device", "cpu", "--max-seconds", "1", "--out-dir", str(out), "--name", "r"],
+                           capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    before = json.loads((out / "r.json").read_text())
+    assert before["stopped_by"] == "max_seconds" and not before["resumed"]
+
+    refused = subprocess.run([*script, "--resume", str(out / "runs" / "r"), "--target-return", "30"],
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and "do not give them" in refused.stderr.strip().splitlines()[-1]
+
+    second = subprocess.run([*script, "--resume", str(out / "runs" / "r"), "--device", "cpu", "--max-seconds", "1",
+                             "--out-dir", str(out)], capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr
+    after = json.loads((out / "r.json").read_text())
+    assert after["resumed"] and after["target_return"] == 500 and after["env_id"] == "CartPole-v1"
+    steps = [p["global_step"] for p in after["curve"]]
+    assert steps[: len(before["curve"])] == [p["global_step"] for p in before["curve"]]  # the whole run
+    assert after["steps"] > before["steps"] and steps == sorted(set(steps))
+    assert after["seconds"] > before["seconds"]
