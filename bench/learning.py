@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fastppo.bench import machine  # noqa: E402
-from fastppo.config import Config, ConfigError, flags_given  # noqa: E402
-from fastppo.envs import EnvError  # noqa: E402
+from fastppo.cli import USER_ERRORS  # noqa: E402
+from fastppo.config import Config, flags_given  # noqa: E402
 from fastppo.plot import drawn, recent_means  # noqa: E402
 from fastppo.trainer import train  # noqa: E402
 
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = tyro.cli(Config, args=train_argv, prog="bench/learning.py -- (fastppo train flags)")
     try:
         last = train(cfg, explicit=flags_given(train_argv), max_seconds=args.max_seconds)
-    except (ConfigError, EnvError) as e:
+    except USER_ERRORS as e:
         print(f"learning.py: error: {e}", file=sys.stderr)
         return 2
     points = curve(str(run_dir))

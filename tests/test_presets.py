@@ -86,6 +86,10 @@ def test_learning_bench_resumes_a_run_and_reports_all_of_it(tmp_path):
     refused = subprocess.run([*script, "--resume", str(out / "runs" / "r"), "--target-return", "30"],
                              capture_output=True, text=True)
     assert refused.returncode == 2 and "do not give them" in refused.stderr.strip().splitlines()[-1]
+    missing = subprocess.run([*script, "--resume", str(tmp_path / "nothing"), "--device", "cpu"],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [
+        f"learning.py: error: --resume {str(tmp_path / 'nothing')!r}: no such run folder"]
 
     second = subprocess.run([*script, "--resume", str(out / "runs" / "r"), "--device", "cpu", "--max-seconds", "1",
                              "--out-dir", str(out)], capture_output=True, text=True)
