@@ -60,6 +60,22 @@ def read_wandb_records(path) -> list:
     return records
 
 
+def read_finished_wandb_records(path, timeout: float = 20.0) -> list:
+    """The records of a finished W&B run file, once it holds the run's exit record.
+
+    run.finish() can return before W&B's writer process has flushed the last records to the file,
+    so this re-reads it until the exit record is there (or `timeout` seconds have passed).
+    """
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        records = read_wandb_records(path)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.1)
+
+
 def wandb_history(records) -> list[dict]:
     """The history rows (wandb.log calls) among W&B records, as {name: value}."""
     return [{(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item}

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers import read_metrics, read_wandb_records, wandb_history, without_timings
+from helpers import read_finished_wandb_records, read_metrics, wandb_history, without_timings
 
 import fastppo.trainer
 from fastppo.checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -260,7 +260,7 @@ def test_offline_wandb_run_holds_the_metrics_config_model_and_eval_video(tmp_pat
                  "--wandb-tags", "a", "b"]) == 0
     run_id = json.loads((run_dir / "wandb_run.json").read_text())["id"]
     [path] = glob.glob(str(run_dir / "wandb" / "offline-run-*" / f"run-{run_id}.wandb"))
-    records = read_wandb_records(path)
+    records = read_finished_wandb_records(path)
     [run] = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     config = {u.key: json.loads(u.value_json) for u in run.config.update}
     assert config["env_id"] == "CartPole-v1" and config["total_timesteps"] == 1024 and config["num_envs"] == 4
@@ -276,7 +276,7 @@ def test_offline_wandb_run_holds_the_metrics_config_model_and_eval_video(tmp_pat
     # fastppo eval --video logs to the same W&B run
     assert main(["eval", str(run_dir), "--episodes", "2", "--video"]) == 0
     rows = [row for p in glob.glob(str(run_dir / "wandb" / "offline-run-*" / f"run-{run_id}.wandb"))
-            for row in wandb_history(read_wandb_records(p))]
+            for row in wandb_history(read_finished_wandb_records(p))]
     [video_row] = [row for row in rows if row.get("eval/video/_type") == "video-file"]
     assert video_row["global_step"] == 1024 and "eval/episodic_return" in video_row
     assert glob.glob(str(run_dir / "wandb" / "offline-run-*" / "files" / video_row["eval/video/path"]))
