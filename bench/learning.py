@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -32,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from fastppo.bench import machine  # noqa: E402
 from fastppo.cli import USER_ERRORS  # noqa: E402
 from fastppo.config import Config, flags_given  # noqa: E402
-from fastppo.plot import drawn, recent_means  # noqa: E402
+from fastppo.plot import drawn, read_run, recent_means  # noqa: E402
 from fastppo.trainer import train  # noqa: E402
 
 
@@ -66,10 +65,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def curve(run_dir: str) -> list[dict]:
     """Per iteration: global step, wall-clock seconds, mean return of the games since the last line."""
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        lines = [json.loads(line) for line in f]
     return [{"global_step": m["global_step"], "seconds": m["time/elapsed"], "return": m["charts/episodic_return"],
-             "games": m["charts/episodes"]} for m in lines]
+             "games": m["charts/episodes"]} for m in read_run(run_dir)]
 
 
 def plot(points: list[dict], target: float, games: int, title: str, path: str) -> None:
