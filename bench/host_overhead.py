@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from fastppo.bench import machine  # noqa: E402
 from fastppo.envs import EnvInfo  # noqa: E402
-from fastppo.perf import Actor  # noqa: E402
+from fastppo.policy import Actor  # noqa: E402
 from fastppo.rollout import AsyncCollector, Collector  # noqa: E402
 
 

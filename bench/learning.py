@@ -30,8 +30,9 @@ sys.path.insert(0, str(ROOT))
 
 from fastppo.bench import machine  # noqa: E402
 from fastppo.cli import USER_ERRORS  # noqa: E402
-from fastppo.config import Config, flags_given  # noqa: E402
-from fastppo.plot import drawn, read_run, recent_means  # noqa: E402
+from fastppo.config import Config, flags_given, mark_given  # noqa: E402
+from fastppo.logger import read_metrics  # noqa: E402
+from fastppo.plot import drawn  # noqa: E402
 from fastppo.trainer import train  # noqa: E402
 
 
@@ -64,9 +65,10 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def curve(run_dir: str) -> list[dict]:
-    """Per iteration: global step, wall-clock seconds, mean return of the games since the last line."""
+    """Per iteration: global step, wall-clock seconds, mean return of the games since the last line and
+    the recent return (the mean of the last --target-return-games games, what the target compares)."""
     return [{"global_step": m["global_step"], "seconds": m["time/elapsed"], "return": m["charts/episodic_return"],
-             "games": m["charts/episodes"]} for m in read_run(run_dir)]
+             "games": m["charts/episodes"], "recent": m.get("charts/recent_return")} for m in read_metrics(run_dir)]
 
 
 def plot(points: list[dict], target: float, games: int, title: str, path: str) -> None:
@@ -76,11 +78,11 @@ def plot(points: list[dict], target: float, games: int, title: str, path: str) -
     import matplotlib.pyplot as plt
 
     pts = [p for p in points if p["return"] is not None]
-    recent = recent_means([p["return"] for p in pts], [p["games"] for p in pts], games)
+    recent = [p["recent"] for p in pts]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, label in ((axes[0], "global_step", "agent steps"), (axes[1], "seconds", "wall-clock seconds")):
         ax.plot([p[key] for p in pts], [p["return"] for p in pts], lw=0.6, alpha=0.35, label="games of the iteration")
-        ax.plot(*drawn([p[key] for p in pts], recent), lw=1.4, label=f"latest >= {games} games")
+        ax.plot(*drawn([p[key] for p in pts], recent), lw=1.4, label=f"last {games} games")
         ax.axhline(target, color="k", ls="--", lw=0.8, label=f"target {target:g}")
         ax.set_xlabel(label)
         ax.set_ylabel("mean full-game return")
@@ -98,16 +100,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume is not None:
         run_dir = Path(args.resume)
         name = args.name or run_dir.name
-        train_argv = ["--resume", str(run_dir), "--device", args.device, *train_args]
+        train_argv = ["--resume", str(run_dir), "--device", args.device, "--max-seconds", str(args.max_seconds),
+                      *train_args]
     else:
         device_name = (info["gpu"] or "cpu").replace(" ", "-") if args.device != "cpu" else "cpu"
         name = args.name or f"learning_{args.env_id}_{args.preset}_{device_name}_{args.seed}"
         run_dir = out_dir / "runs" / name
         train_argv = ["--env-id", args.env_id, "--preset", args.preset, "--target-return", str(args.target_return),
-                      "--seed", str(args.seed), "--device", args.device, "--run-dir", str(run_dir), *train_args]
+                      "--seed", str(args.seed), "--device", args.device, "--run-dir", str(run_dir),
+                      "--max-seconds", str(args.max_seconds), *train_args]
     cfg = tyro.cli(Config, args=train_argv, prog="bench/learning.py -- (fastppo train flags)")
     try:
-        last = train(cfg, explicit=flags_given(train_argv), max_seconds=args.max_seconds)
+        last = train(mark_given(cfg, flags_given(train_argv)))
     except USER_ERRORS as e:
         print(f"learning.py: error: {e}", file=sys.stderr)
         return 2

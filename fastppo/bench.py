@@ -32,8 +32,9 @@ import torch
 
 from fastppo.config import Config, ConfigError, training_device
 from fastppo.envs import env_info, make_envs
-from fastppo.perf import PHASES, Actor, PhaseTimer, learner_forward
-from fastppo.policy import make_policy
+from fastppo.logger import read_metrics
+from fastppo.perf import PHASES, PhaseTimer, learner_forward
+from fastppo.policy import Actor, make_policy
 from fastppo.rollout import AsyncCollector, Collector
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,12 +189,11 @@ def training(cfg: BenchConfig, num_envs: int) -> tuple[float, dict, int]:
             num_minibatches=cfg.num_minibatches, total_timesteps=num_envs * cfg.num_steps * 1_000_000,
             async_envs=cfg.async_envs, env_batch_size=batch if cfg.async_envs else None, overlap=cfg.overlap,
             compile=cfg.compile, cudagraphs=cfg.cudagraphs, bf16=cfg.bf16, env_threads=cfg.env_threads,
-            device=cfg.device, seed=cfg.seed, run_dir=run_dir,  # type: ignore[arg-type]
+            device=cfg.device, seed=cfg.seed, run_dir=run_dir, max_seconds=cfg.warmup + cfg.seconds,  # type: ignore[arg-type]
         )
         with contextlib.redirect_stdout(io.StringIO()):
-            train(train_cfg, max_seconds=cfg.warmup + cfg.seconds)
-        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-            lines = [json.loads(line) for line in f]
+            train(train_cfg)
+        lines = read_metrics(run_dir)
     # drop the warm-up: the first iteration always, then iterations until --warmup seconds have passed
     kept, spent = [], 0.0
     for i, m in enumerate(lines):

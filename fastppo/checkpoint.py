@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import os
+import pickle
 import random
 import re
 import signal
@@ -28,6 +29,15 @@ class CheckpointError(ValueError):
     """A missing, truncated or foreign checkpoint; one line for the CLI."""
 
 
+class WriteFailed(RuntimeError):
+    """The run folder could not be written (disk full, a read-only or vanished folder); the run stops with
+    one line and its last checkpoint intact."""
+
+
+def _why(e: OSError) -> str:
+    return e.strerror or type(e).__name__
+
+
 def checkpoint_path(run_dir: str, iteration: int) -> str:
     return os.path.join(run_dir, CKPT_DIR, f"ckpt_{iteration:07d}.pt")
 
@@ -38,29 +48,54 @@ def list_checkpoints(run_dir: str) -> list[str]:
     return sorted((p for p in paths if _CKPT_RE.search(p)), key=lambda p: int(_CKPT_RE.search(p).group(1)))
 
 
+def non_finite(state: dict) -> str | None:
+    """The name of the first model parameter or optimizer state tensor of state that is not finite."""
+    for name, t in state["model"].items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            return f"parameter {name}"
+    for index, slots in state.get("optimizer", {}).get("state", {}).items():
+        for slot, t in slots.items():
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+                return f"optimizer state {slot} of parameter {index}"
+    return None
+
+
 def save_checkpoint(run_dir: str, iteration: int, state: dict, keep: int = 3) -> str:
-    """Write state atomically as checkpoints/ckpt_<iteration>.pt; keep the newest `keep`."""
+    """Write state atomically as checkpoints/ckpt_<iteration>.pt; keep the newest `keep`.
+
+    Refuses (ValueError) a state whose parameters or optimizer moments are not finite: a diverged run
+    never overwrites or rotates away its last good checkpoint. A failed write (disk full, say) raises
+    WriteFailed and leaves the previous checkpoints as they were.
+    """
+    bad = non_finite(state)
+    if bad is not None:
+        raise ValueError(f"{bad} is not finite")
     path = checkpoint_path(run_dir, iteration)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    for stale in glob.glob(os.path.join(run_dir, CKPT_DIR, "ckpt_*.pt.tmp.*")):
-        os.remove(stale)  # left by a process killed mid-save; never a checkpoint
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    dir_fd = os.open(os.path.dirname(path), os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        os.remove(old)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        for stale in glob.glob(os.path.join(run_dir, CKPT_DIR, "ckpt_*.pt.tmp.*")):
+            os.remove(stale)  # left by a process killed mid-save; never a checkpoint
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        dir_fd = os.open(os.path.dirname(path), os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # make the rename itself durable
+        finally:
+            os.close(dir_fd)
+        for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+            os.remove(old)
+    except OSError as e:
+        last = list_checkpoints(run_dir)
+        kept = f"the last checkpoint is {last[-1]}" if last else "no checkpoint was written"
+        raise WriteFailed(f"cannot write checkpoint {path} ({_why(e)}); {kept}") from e
     return path
 
 
@@ -81,13 +116,40 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
         raise CheckpointError(f"checkpoint {path!r} does not exist")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated zip, pickle of foreign objects, not a torch file at all
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read checkpoint {path!r}: {first}") from e
+    except pickle.UnpicklingError:  # torch's message suggests weights_only=False: never relay that
+        raise CheckpointError(f"cannot read checkpoint {path!r}: it holds Python objects other than tensors "
+                              f"and plain data, and fastppo reads checkpoints as data only") from None
+    except Exception as e:  # truncated zip, not a torch file at all
+        raise CheckpointError(f"cannot read checkpoint {path!r}: the file is truncated or not a torch checkpoint "
+                              f"({type(e).__name__})") from None
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         raise CheckpointError(f"{path!r} is not a fastppo checkpoint (missing {', '.join(REQUIRED_KEYS)})")
+    _check_parts(state, path, CHECKPOINT_PARTS)
+    if not all(isinstance(t, torch.Tensor) for t in state["model"].values()):
+        raise CheckpointError(f"{path!r} is damaged: its model holds values that are not tensors")
     state["path"] = path
     return state
+
+
+# Each part of a checkpoint and the types it may have (None: the part may be None).
+CHECKPOINT_PARTS = {
+    "model": (dict,), "config": (dict,), "iteration": (int,), "global_step": (int,),
+}
+RESUME_PARTS = {
+    "optimizer": (dict,), "rng": (dict,), "kl_coef": (float, int), "elapsed": (float, int),
+    "actions": (torch.Tensor, type(None)), "recent_returns": (list,),
+}
+
+
+def _check_parts(state: dict, path: str, parts: dict) -> None:
+    for key, types in parts.items():
+        if key in state and (not isinstance(state[key], types) or isinstance(state[key], bool)):
+            raise CheckpointError(f"{path!r} is damaged: its {key!r} is a {type(state[key]).__name__}")
+    for key in ("iteration", "global_step"):
+        if key in state and state[key] < 0:
+            raise CheckpointError(f"{path!r} is damaged: its {key!r} is {state[key]}")
+    if not isinstance(state["config"].get("env_id"), str):
+        raise CheckpointError(f"{path!r} is damaged: its config names no env_id")
 
 
 RESUME_KEYS = ("optimizer", "rng", "actions", "kl_coef", "elapsed")
@@ -96,7 +158,8 @@ RESUME_KEYS = ("optimizer", "rng", "actions", "kl_coef", "elapsed")
 def load_resumable(run_dir: str) -> dict:
     """The newest checkpoint of a run folder, checked to hold everything a resume needs.
 
-    Raises CheckpointError (one line) for a missing folder, or a missing, truncated or foreign file.
+    Raises CheckpointError (one line) for a missing folder, or a missing, truncated, damaged or
+    foreign file.
     """
     if not os.path.isdir(run_dir):
         raise CheckpointError(f"--resume {run_dir!r}: no such run folder")
@@ -104,6 +167,18 @@ def load_resumable(run_dir: str) -> dict:
     missing = [k for k in RESUME_KEYS if k not in state]
     if missing:
         raise CheckpointError(f"{state['path']!r} cannot be resumed from: it has no {', '.join(missing)}")
+    _check_parts(state, state["path"], RESUME_PARTS)
+    if not all(isinstance(r, (int, float)) for r in state["recent_returns"]):
+        raise CheckpointError(f"{state['path']!r} is damaged: its 'recent_returns' are not numbers")
+    if state["actions"] is not None and state["actions"].dim() != 2:
+        raise CheckpointError(f"{state['path']!r} is damaged: its actions have shape {tuple(state['actions'].shape)}")
+    try:
+        check_rng_state(state.get("rank_rng", [state["rng"]]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{state['path']!r} is damaged: its RNG states do not read ({e})") from None
+    bad = non_finite(state)
+    if bad is not None:
+        raise CheckpointError(f"{state['path']!r} cannot be resumed from: its {bad} is not finite")
     return state
 
 
@@ -119,6 +194,21 @@ def rng_state() -> dict:
         "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
                    "gauss_next": gauss_next},
     }
+
+
+def check_rng_state(states: list) -> None:
+    """Raise KeyError/TypeError/ValueError unless each of states has rng_state()'s structure."""
+    if not isinstance(states, (list, tuple)) or not states:
+        raise TypeError("not a list of states")
+    for state in states:
+        if not isinstance(state["torch"], torch.Tensor) or not isinstance(state["cuda"], (list, tuple)):
+            raise TypeError("torch states are not tensors")
+        n, p = state["numpy"], state["python"]
+        if not isinstance(n["keys"], torch.Tensor) or n["keys"].numel() != 624 or not isinstance(n["kind"], str):
+            raise ValueError("numpy state")
+        int(n["pos"]), int(n["has_gauss"]), float(n["cached_gaussian"])
+        if not isinstance(p["internal"], torch.Tensor) or p["internal"].numel() != 625:
+            raise ValueError("python state")
 
 
 def set_rng_state(state: dict) -> None:

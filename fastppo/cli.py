@@ -3,8 +3,9 @@
 Flags come from dataclasses (tyro), so --help shows each field's docstring. Bad input is one line
 on stderr and exit code 2, before any environment or device memory is created.
 
-Exit codes: 0 done, 1 the loss diverged (NaN), 2 bad input, 128 + signal number after SIGINT (130)
-or SIGTERM (143) stopped a run (it saved a checkpoint first; ``fastppo train --resume`` goes on).
+Exit codes: 0 done, 1 the loss diverged (NaN) or the run folder could not be written, 2 bad input,
+128 + signal number after SIGINT (130) or SIGTERM (143) stopped a run (it saved a checkpoint first;
+``fastppo train --resume`` goes on).
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import sys
 import tyro
 
 from fastppo.bench import BenchConfig
-from fastppo.checkpoint import CheckpointError
-from fastppo.config import Config, ConfigError, flags_given
+from fastppo.checkpoint import CheckpointError, WriteFailed
+from fastppo.config import Config, ConfigError, flags_given, mark_given
 from fastppo.envs import EnvError
 from fastppo.evaluate import EvalConfig
 from fastppo.plot import PlotConfig
@@ -37,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
             from fastppo.trainer import TrainingDiverged, TrainingInterrupted, train
 
             try:
-                train(args, explicit=flags_given(argv[1:]))
-            except (TrainingDiverged, RanksLost) as e:
+                train(mark_given(args, flags_given(argv[1:])))
+            except (TrainingDiverged, RanksLost, WriteFailed) as e:
                 print(f"fastppo: {e}", file=sys.stderr)
                 return 1
             except TrainingInterrupted as e:

@@ -10,7 +10,9 @@ environment or device memory is created.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -46,7 +48,11 @@ class Config:
     target_return: float | None = None
     """stop early once the mean full-game return of the last --target-return-games games reaches this"""
     target_return_games: int = 10
-    """games in the --target-return mean"""
+    """games in the recent-return window: the mean of the last this many full games is
+    charts/recent_return, the progress display's return and what --target-return compares"""
+    max_seconds: float | None = None
+    """stop after the first iteration that ends past this many seconds of training (per launch:
+    a resumed run counts from its resume); the run ends normally, with a checkpoint"""
     resume: str | None = None
     """continue the run in this folder (runs/<name>) from its newest checkpoint; the run's saved
     config is used, and only the flags in RESUME_FLAGS may be given with it (see README)"""
@@ -211,6 +217,67 @@ ATARI_DEFAULTS = {"num_envs": 8, "total_timesteps": 10_000_000, "clip_coef": 0.1
 VECTOR_DEFAULTS = {"num_envs": 4, "total_timesteps": 500_000, "clip_coef": 0.2}
 
 
+# --- which fields the caller set ------------------------------------------------------------------
+# A preset fills the fields its caller did not set, and --resume refuses the fields outside
+# RESUME_FLAGS that its caller set. Both need to know which fields were set, not only their values:
+# Config(preset="fast", update_epochs=4) sets update_epochs to its default value and means it. So a
+# Config records the fields its constructor was given and every field assigned afterwards
+# (given_fields). The command line, whose parser passes every field to the constructor, replaces
+# that record with the flags actually on it (mark_given(cfg, flags_given(argv))).
+
+_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Config))
+
+
+def _record_given(cls: type) -> type:
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        object.__setattr__(self, "_given", set(_FIELD_NAMES[: len(args)]) | set(kwargs))
+
+    def __setattr__(self, name, value):
+        object.__setattr__(self, name, value)
+        given = self.__dict__.get("_given")
+        if given is not None and name in _FIELD_NAMES:
+            given.add(name)
+
+    cls.__init__ = __init__
+    cls.__setattr__ = __setattr__
+    return cls
+
+
+_record_given(Config)
+
+
+def given_fields(cfg: Config) -> set[str]:
+    """The fields cfg's caller set: constructor arguments, later assignments, or the CLI's flags."""
+    return set(cfg.__dict__.get("_given", ()))
+
+
+def mark_given(cfg: Config, names: set[str]) -> Config:
+    """Record `names` as the fields the caller set (the command line's flags); returns cfg."""
+    object.__setattr__(cfg, "_given", set(names))
+    return cfg
+
+
+def flags_given(argv: list[str]) -> set[str]:
+    """Config field names named on a command line (--total-timesteps 9 / --no-anneal-lr / --x=1)."""
+    given = set()
+    for token in argv:
+        if not token.startswith("--") or token == "--":
+            continue
+        name = token[2:].split("=", 1)[0].replace("-", "_")
+        if name not in _FIELD_NAMES and name.startswith("no_") and name[3:] in _FIELD_NAMES:
+            name = name[3:]
+        if name in _FIELD_NAMES:
+            given.add(name)
+    return given
+
+
+# --- resolution and validation --------------------------------------------------------------------
+
+
 def resolve(cfg: Config, info: EnvInfo, world_size: int = 1) -> Config:
     """Fill the env-dependent defaults and validate every value; returns a new Config.
 
@@ -228,8 +295,24 @@ def resolve(cfg: Config, info: EnvInfo, world_size: int = 1) -> Config:
     return cfg
 
 
+INT32_MAX = 2**31 - 1
+MAX_DIST_TIMEOUT = 365 * 24 * 3600  # torch keeps collective timeouts in milliseconds; a year is plenty
+
+
+def available_cpus() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def validate(cfg: Config) -> None:
     """Raise ConfigError on the first bad value."""
+    for name in _FIELD_NAMES:
+        value = getattr(cfg, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--{_flag(name)} must be a finite number, got {value}")
     for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "total_timesteps",
                  "target_return_games"):
         value = getattr(cfg, name)
@@ -238,15 +321,26 @@ def validate(cfg: Config) -> None:
     for name in ("env_threads", "torch_threads", "save_every", "eval_every"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"--{_flag(name)} must be >= 0, got {getattr(cfg, name)}")
-    if not cfg.dist_timeout > 0:
-        raise ConfigError(f"--dist-timeout must be positive, got {cfg.dist_timeout}")
+    cpus = available_cpus()
+    for name in ("env_threads", "torch_threads"):
+        if getattr(cfg, name) > cpus:
+            raise ConfigError(f"--{_flag(name)} {getattr(cfg, name)} is more than the {cpus} CPU cores this process "
+                              f"may use")
+    if not 0 <= cfg.seed <= INT32_MAX:
+        raise ConfigError(f"--seed must be in [0, 2^31), got {cfg.seed}")
+    if cfg.num_envs * cfg.world_size > INT32_MAX:
+        raise ConfigError(f"--num-envs {cfg.num_envs} is too large")
+    if not 0 < cfg.dist_timeout <= MAX_DIST_TIMEOUT:
+        raise ConfigError(f"--dist-timeout must be in (0, {MAX_DIST_TIMEOUT}] seconds, got {cfg.dist_timeout}")
+    if cfg.max_seconds is not None and not cfg.max_seconds > 0:
+        raise ConfigError(f"--max-seconds must be positive, got {cfg.max_seconds}")
     for name in ("log_every", "eval_episodes"):
         if getattr(cfg, name) <= 0:
             raise ConfigError(f"--{_flag(name)} must be positive, got {getattr(cfg, name)}")
     if not cfg.log_seconds >= 0:
         raise ConfigError(f"--log-seconds must be >= 0, got {cfg.log_seconds}")
-    if cfg.max_episode_steps is not None and cfg.max_episode_steps <= 0:
-        raise ConfigError(f"--max-episode-steps must be positive, got {cfg.max_episode_steps}")
+    if cfg.max_episode_steps is not None and not 0 < cfg.max_episode_steps <= INT32_MAX:
+        raise ConfigError(f"--max-episode-steps must be in [1, 2^31), got {cfg.max_episode_steps}")
     for name in ("learning_rate", "clip_coef", "kl_target", "kl_max", "kl_min"):
         if not getattr(cfg, name) > 0:
             raise ConfigError(f"--{_flag(name)} must be positive, got {getattr(cfg, name)}")
@@ -302,6 +396,9 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
+# --- the run folder -------------------------------------------------------------------------------
+
+
 def default_run_dir(cfg: Config, now: float) -> str:
     """runs/<env>__<exp>__<seed>__<unix time>, CleanRL's run name."""
     name = f"{cfg.env_id}__{cfg.exp_name}__{cfg.seed}__{int(now)}"
@@ -309,15 +406,34 @@ def default_run_dir(cfg: Config, now: float) -> str:
 
 
 RUN_MARKERS = ("config.json", "metrics.jsonl", "checkpoints")
+NAME_MAX, PATH_MAX = 255, 4095  # bytes, Linux's limits for one folder name and for a whole path
 
 
-def check_run_dir(path: str) -> None:
-    """A run folder must be new or empty of run files: never overwrite a user's run."""
+def check_run_dir(path: str, flag: str = "--run-dir") -> None:
+    """A run folder must be new or empty of run files, and makeable: never overwrite a user's run.
+
+    flag names the option the path came from (--exp-name for the default name). Creates nothing.
+    """
+    if not path:
+        raise ConfigError(f"{flag} must not be empty")
+    if len(os.fsencode(path)) > PATH_MAX:
+        raise ConfigError(f"{flag}: the run folder's path is {len(os.fsencode(path))} bytes, more than {PATH_MAX}")
+    for part in path.split(os.sep):
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise ConfigError(f"{flag}: the folder name {part[:24]!r}... is {len(os.fsencode(part))} bytes, more "
+                              f"than the {NAME_MAX} a file system allows")
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f"--run-dir {path!r} exists and is not a folder")
     for marker in RUN_MARKERS:
         if os.path.exists(os.path.join(path, marker)):
             raise ConfigError(f"--run-dir {path!r} already holds a run ({marker}); choose another folder")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"--run-dir {path!r}: {existing!r} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--run-dir {path!r}: the folder {existing!r} is not writable")
 
 
 def save_config(cfg: Config, path: str) -> None:
@@ -332,48 +448,44 @@ def save_config(cfg: Config, path: str) -> None:
 # Flags that may be given with --resume: they change how long the run goes on and what it reports,
 # never the algorithm, the environments or the seed (so the resumed run stays the same run).
 RESUME_FLAGS = (
-    "resume", "total_timesteps", "save_every", "log_every", "log_seconds", "eval_every", "eval_episodes",
-    "track", "wandb_project", "wandb_entity", "wandb_group", "wandb_tags", "device", "env_threads",
-    "torch_threads", "dist_timeout",
+    "resume", "total_timesteps", "max_seconds", "save_every", "log_every", "log_seconds", "eval_every",
+    "eval_episodes", "track", "wandb_project", "wandb_entity", "wandb_group", "wandb_tags", "device",
+    "env_threads", "torch_threads", "dist_timeout",
 )
+# What names a run: every field but those a resume may change and the folder's own name.
+IDENTITY_EXCLUDED = set(RESUME_FLAGS) | {"run_dir", "exp_name"}
 
 
-def flags_given(argv: list[str]) -> set[str]:
-    """Config field names named on a command line (--total-timesteps 9 / --no-anneal-lr / --x=1)."""
-    names = {f.name for f in dataclasses.fields(Config)}
-    given = set()
-    for token in argv:
-        if not token.startswith("--") or token == "--":
-            continue
-        name = token[2:].split("=", 1)[0].replace("-", "_")
-        if name not in names and name.startswith("no_") and name[3:] in names:
-            name = name[3:]
-        if name in names:
-            given.add(name)
-    return given
+def run_identity(config: dict) -> str:
+    """A short hash of the fields that define a run (its algorithm, envs and seed), from a config dict.
+
+    A checkpoint belongs to a run folder when its config has the folder's identity.
+    """
+    import hashlib
+
+    kept = {k: config.get(k) for k in _FIELD_NAMES if k not in IDENTITY_EXCLUDED}
+    kept["world_size"] = config.get("world_size", 1)
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=list).encode()).hexdigest()[:12]
 
 
-def fields_changed(cfg: Config) -> set[str]:
-    """Fields that differ from their defaults: the flags given, when no command line is at hand."""
-    default = Config()
-    return {f.name for f in dataclasses.fields(Config) if getattr(cfg, f.name) != getattr(default, f.name)}
-
-
-def resume_config(saved: dict, given: Config, explicit: set[str]) -> Config:
-    """The config of a resumed run: the saved one, with the RESUME_FLAGS the user gave.
+def resume_config(saved: dict, given: Config) -> Config:
+    """The config of a resumed run: the saved one, with the RESUME_FLAGS the caller set on `given`.
 
     Raises ConfigError naming the first flag that may not change on resume.
     """
+    explicit = given_fields(given)
     refused = sorted(explicit - set(RESUME_FLAGS))
     if refused:
         allowed = ", ".join(f"--{_flag(n)}" for n in RESUME_FLAGS[1:])
         raise ConfigError(f"--{_flag(refused[0])} cannot be given with --resume (the run keeps its config; "
                           f"allowed: {allowed})")
-    names = {f.name for f in dataclasses.fields(Config)}
-    values = {k: v for k, v in saved.items() if k in names}
+    values = {k: v for k, v in saved.items() if k in _FIELD_NAMES}
     if "wandb_tags" in values:
         values["wandb_tags"] = tuple(values["wandb_tags"])
-    cfg = Config(**values)
+    try:
+        cfg = Config(**values)
+    except TypeError as e:
+        raise ConfigError(f"the run's saved config does not fit this fastppo: {e}") from None
     for name in explicit:
         setattr(cfg, name, getattr(given, name))
     cfg.resume = given.resume

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TypeVar
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -86,12 +87,15 @@ class World:
         return cls(rank, local_rank, size, local_size, launched=True)
 
 
-def rank_seeds(seed: int, num_envs: int, rank: int) -> tuple[int, int]:
+def rank_seeds(seed: int, num_envs: int, rank: int, restart: int = 0) -> tuple[int, int]:
     """(torch seed, first env seed) of a rank: seed + rank, and seed + rank * num_envs.
 
-    Env seeds never overlap across ranks; rank 0 gets exactly the plain run's seeds.
+    Env seeds never overlap across ranks; rank 0 gets exactly the plain run's seeds. restart: the
+    iteration an async/overlap run resumes after; its envs start over from a fresh base seed derived
+    from (seed, restart) instead of seed (EnvPool takes seeds below 2^31; make_envs wraps them).
     """
-    return seed + rank, seed + rank * num_envs
+    base = seed if restart == 0 else int(np.random.SeedSequence([seed, restart]).generate_state(1)[0])
+    return seed + rank, base + rank * num_envs
 
 
 def env_threads(requested: int, num_envs: int, world: World, cpus: int | None = None) -> int:

@@ -34,6 +34,11 @@ class EnvInfo:
     num_actions: int
     is_atari: bool
 
+    @property
+    def obs_bytes(self) -> int:
+        """Bytes of one env's observation."""
+        return int(np.prod(self.obs_shape, dtype=np.int64)) * np.dtype(self.obs_dtype).itemsize
+
 
 def _envpool():
     import envpool
@@ -91,7 +96,8 @@ def make_envs(
     reward_clip: bool = True,
     render_mode: str | None = None,
 ):
-    """An EnvPool pool with the gymnasium API; Atari gets CleanRL's settings.
+    """An EnvPool pool with the gymnasium API; Atari gets CleanRL's settings. Env i gets seed + i
+    (seed taken modulo 2^31, EnvPool's range).
 
     Atari: episodic_life, reward_clip, 84x84 gray, 4-frame stack, frame skip 4, up to 30 no-op
     starts (all EnvPool's v5 defaults except the first two). ``episodic_life`` and ``reward_clip``
@@ -99,7 +105,7 @@ def make_envs(
     "rgb_array"`` makes ``envs.render(env_ids=[i])`` return env i's screen, (1, H, W, 3) uint8.
     """
     envpool = _envpool()
-    kwargs: dict = dict(env_type="gymnasium", num_envs=num_envs, seed=seed)
+    kwargs: dict = dict(env_type="gymnasium", num_envs=num_envs, seed=seed % 2**31)  # EnvPool's seeds are int32
     if batch_size is not None:
         kwargs["batch_size"] = batch_size
     if num_threads:

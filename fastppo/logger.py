@@ -21,36 +21,35 @@ import sys
 import time
 from collections import deque
 
+import numpy as np
+
 
 class RecentReturns:
-    """Mean full-game return over (about) the last `games` games, from per-line means and counts."""
+    """The recent-return window: the mean full-game return of the last `games` games (None until that
+    many have ended).
 
-    def __init__(self, games: int = 100):
-        self.games = games
-        self.lines: deque[tuple[float, int]] = deque()
-        self.total = 0.0
-        self.count = 0
+    The one definition behind charts/recent_return, the progress display, --target-return and the
+    curves of ``fastppo plot`` and bench/learning.py (which draw the logged charts/recent_return).
+    """
 
-    def add(self, mean: float | None, n: int) -> None:
-        if not n:
-            return
-        self.lines.append((mean * n, n))
-        self.total += mean * n
-        self.count += n
-        while self.count - self.lines[0][1] >= self.games:
-            total, n_old = self.lines.popleft()
-            self.total -= total
-            self.count -= n_old
+    def __init__(self, games: int):
+        self.window: deque[float] = deque(maxlen=games)
+
+    def extend(self, returns) -> None:
+        self.window.extend(returns)
 
     def mean(self) -> float | None:
-        return self.total / self.count if self.count else None
+        return float(np.mean(self.window)) if len(self.window) == self.window.maxlen else None
+
+    def state(self) -> list[float]:
+        return list(self.window)
 
 
 class RunLogger:
     """Writes metrics.jsonl, drives the progress display and (optionally) a W&B Tracker."""
 
     def __init__(self, run_dir: str, total_steps: int, *, log_every: int = 1, log_seconds: float = 0.0,
-                 tracker=None, stream=None, live: bool | None = None, title: str = "fastppo"):
+                 tracker=None, stream=None, live: bool | None = None, title: str = "fastppo", window: int = 10):
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.file = open(self.path, "a")
         self.stream = stream if stream is not None else sys.stdout
@@ -58,13 +57,12 @@ class RunLogger:
         self.log_every = log_every
         self.log_seconds = log_seconds
         self.tracker = tracker
-        self.recent = RecentReturns()
         self.last_sent: tuple[int, float] | None = None  # (iteration, time) of the last W&B / progress line
         self._games = [0.0, 0, 0.0]  # return sum, games, length sum since the last line
         self._held: dict | None = None  # the newest metrics, when the throttle held them back
         if live is None:
             live = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.display = LiveDisplay(self.stream, total_steps, title) if live else None
+        self.display = LiveDisplay(self.stream, total_steps, title, window) if live else None
 
     def phase(self, name: str) -> None:
         """The phase the trainer is in (collect, update, eval, checkpoint, replay), for the display."""
@@ -77,12 +75,11 @@ class RunLogger:
         self.file.flush()
         n = metrics.get("charts/episodes", 0)
         if n:
-            self.recent.add(metrics["charts/episodic_return"], n)
             self._games[0] += metrics["charts/episodic_return"] * n
             self._games[1] += n
             self._games[2] += metrics["charts/episodic_length"] * n
         if self.display is not None:
-            self.display.update(metrics, self.recent.mean())
+            self.display.update(metrics)
         now = time.monotonic()
         iteration = metrics["iteration"]
         due = (self.last_sent is None or iteration == metrics["num_iterations"]
@@ -114,22 +111,51 @@ class RunLogger:
         self.file.close()
 
 
+def _parse(line: str) -> dict | None:
+    """One metrics.jsonl line as a dict; None for a torn line, or one that is not a metrics object."""
+    try:
+        m = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    ok = isinstance(m, dict) and isinstance(m.get("global_step"), int) and isinstance(m.get("iteration"), int)
+    return m if ok and line.endswith("\n") else None
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    """The metrics lines of a run folder, in order: the one reader of metrics.jsonl (plot, bench,
+    tests). A line cut short by a kill, or one that is not a metrics object, is skipped.
+
+    Raises ConfigError when the folder has no metrics.jsonl or it holds no metrics line.
+    """
+    from fastppo.config import ConfigError
+
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{run_dir!r} is not a run folder (no metrics.jsonl)")
+    try:
+        with open(path, errors="replace") as f:
+            lines = [m for m in map(_parse, f) if m is not None]
+    except OSError as e:
+        raise ConfigError(f"cannot read {path!r} ({e.strerror})") from None
+    if not lines:
+        raise ConfigError(f"{path!r} holds no metrics yet")
+    return lines
+
+
 def keep_metrics_until(run_dir: str, iteration: int) -> int:
     """Drop the metrics.jsonl lines after `iteration` (a resume redoes them); returns how many went.
 
-    A line cut short by a kill is dropped too. The file is rewritten atomically, only when needed.
+    A line cut short by a kill, or one that is not a metrics object, is dropped too. The file is
+    rewritten atomically, only when needed.
     """
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
         return 0
     kept, dropped = [], 0
-    with open(path) as f:
+    with open(path, errors="replace") as f:
         for line in f:
-            try:
-                ok = json.loads(line).get("iteration", 0) <= iteration
-            except json.JSONDecodeError:
-                ok = False
-            if ok and line.endswith("\n"):
+            m = _parse(line)
+            if m is not None and m["iteration"] <= iteration:
                 kept.append(line)
             else:
                 dropped += 1
@@ -171,21 +197,20 @@ def progress_line(m: dict, total_steps: int | None = None) -> str:
 class LiveDisplay:
     """A rich live panel, redrawn by rich's own thread 4 times a second from the latest values."""
 
-    def __init__(self, stream, total_steps: int, title: str):
+    def __init__(self, stream, total_steps: int, title: str, window: int):
         from rich.console import Console
         from rich.live import Live
 
         self.total_steps = total_steps
         self.title = title
+        self.window = window
         self.phase = "start"
         self.metrics: dict = {}
-        self.recent: float | None = None
         self.live = Live(self, console=Console(file=stream), refresh_per_second=4, transient=False)
         self.live.start()
 
-    def update(self, metrics: dict, recent_return: float | None) -> None:
+    def update(self, metrics: dict) -> None:
         self.metrics = metrics
-        self.recent = recent_return
 
     def __rich__(self):
         from rich.progress_bar import ProgressBar
@@ -200,7 +225,7 @@ class LiveDisplay:
         if m:
             grid.add_row(f"steps/s {m['charts/SPS']:,}", f"elapsed {_duration(m.get('time/elapsed'))}  "
                          f"ETA {_duration(eta_seconds(m, self.total_steps))}")
-            grid.add_row(f"return (last 100 games) {_fmt(self.recent, '.2f')}",
+            grid.add_row(f"return (last {self.window} games) {_fmt(m.get('charts/recent_return'), '.2f')}",
                          f"iter {m['iteration']}/{m['num_iterations']}  pg {_fmt(m.get('losses/policy_loss'), '.4f')}"
                          f"  v {_fmt(m.get('losses/value_loss'), '.4f')}  kl {_fmt(m.get('losses/kl'), '.4f')}")
         return grid

@@ -2,20 +2,20 @@
 
 Three panels: mean full-game return against agent steps, the same against wall-clock time
 (``time/elapsed``), and steps/s (``charts/SPS``) against steps. Each metrics line's return is the
-mean of the games that ended during that iteration (drawn faintly); the curve is the mean of the
-latest 10 or more games (``recent_means``: whole lines, weighted by their games).
+mean of the games that ended during that iteration (drawn faintly); the curve is the run's recent
+return (``charts/recent_return``: the mean of its last --target-return-games games).
 ``eval/episodic_return`` points are drawn as markers when the run evaluated with --eval-every.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 
 import tyro
 
 from fastppo.config import ConfigError
+from fastppo.logger import read_metrics
 
 
 @dataclass
@@ -24,41 +24,6 @@ class PlotConfig:
     """run folders (runs/<name> ...), each with a metrics.jsonl"""
     out: str = "plot.png"
     """PNG file to write"""
-
-
-def read_run(run_dir: str) -> list[dict]:
-    """The metrics lines of a run; ConfigError for a missing or empty file (a torn last line is skipped)."""
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        raise ConfigError(f"{run_dir!r} is not a run folder (no metrics.jsonl)")
-    lines = []
-    with open(path) as f:
-        for line in f:
-            try:
-                lines.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    if not lines:
-        raise ConfigError(f"{path!r} holds no metrics yet")
-    return lines
-
-
-def recent_means(returns: list[float], games: list[int], window: int = 10) -> list[float | None]:
-    """Per metrics line, the mean full-game return of the latest games, at least `window` of them.
-
-    returns[i] is line i's mean over its games[i] games. The window is the fewest latest whole lines
-    that hold >= `window` games, weighted by their games (a line keeps a mean, not each game); None
-    until that many games have ended.
-    """
-    out: list[float | None] = []
-    for end in range(len(returns)):
-        total = count = 0
-        for ret, n in zip(reversed(returns[: end + 1]), reversed(games[: end + 1]), strict=True):
-            total, count = total + ret * n, count + n
-            if count >= window:
-                break
-        out.append(total / count if count >= window else None)
-    return out
 
 
 def drawn(xs: list, ys: list[float | None]) -> tuple[list, list]:
@@ -76,7 +41,7 @@ def plot_runs(pcfg: PlotConfig) -> str:
     out_dir = os.path.dirname(pcfg.out) or "."
     if not os.path.isdir(out_dir):
         raise ConfigError(f"--out {pcfg.out!r}: folder {out_dir!r} does not exist")
-    runs = {run: read_run(run) for run in pcfg.runs}
+    runs = {run: read_metrics(run) for run in pcfg.runs}
 
     import matplotlib
 
@@ -91,7 +56,7 @@ def plot_runs(pcfg: PlotConfig) -> str:
         steps = [m["global_step"] for m in games]
         times = [m.get("time/elapsed") for m in games]
         ret = [m["charts/episodic_return"] for m in games]
-        recent = recent_means(ret, [m.get("charts/episodes", 1) for m in games])
+        recent = [m.get("charts/recent_return") for m in games]
         ax_steps.plot(steps, ret, color=color, alpha=0.2, lw=0.8)
         ax_steps.plot(*drawn(steps, recent), color=color, label=label)
         if all(t is not None for t in times):

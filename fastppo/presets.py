@@ -1,4 +1,4 @@
-"""Named settings for ``fastppo train --preset NAME``; explicit flags override a preset's values.
+"""Named settings for ``fastppo train --preset NAME``; the fields a caller sets override a preset's values.
 
 ``cleanrl`` is CleanRL's hyperparameters exactly (``ppo_atari_envpool.py`` for Atari, ``ppo.py`` for
 vector observations, i.e. fastppo's defaults) with every throughput option off; its update is
@@ -28,9 +28,16 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def apply_preset(cfg, explicit: set[str]):
-    """cfg with its preset's values, except for the fields named in `explicit` (flags the user gave)."""
+def apply_preset(cfg):
+    """cfg with its preset's values in the fields its caller did not set (``config.given_fields``).
+
+    The same rule for the command line (the flags given win) and for Python
+    (``Config(preset="fast", update_epochs=4)`` keeps its 4 epochs).
+    """
+    from fastppo.config import given_fields
+
     if cfg.preset == "none":
         return cfg
+    explicit = given_fields(cfg)
     values = {k: v for k, v in PRESETS[cfg.preset].items() if k not in explicit}
     return dataclasses.replace(cfg, **values)

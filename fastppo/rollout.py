@@ -7,14 +7,19 @@ Row t of every buffer describes one transition of each env: the observation seen
 chosen for it (with its log-prob, value and logits under the behaviour policy, recorded when the
 action was chosen), and what the env returned. ``values`` has a row T for the bootstrap value.
 
-Three ways to fill it:
+Two collectors fill a buffer:
 
 * :class:`Collector` steps a synchronous pool: every env, every step (CleanRL, the default).
 * :class:`AsyncCollector` uses EnvPool's ``send``/``recv``: each ``recv`` returns the
   ``batch_size`` envs that finished first, in any order. Each env has its own time cursor and its
   step lands in its own column; see the class for how a rollout ends and carries over.
-* :class:`BackgroundCollection` runs either collector in a thread (on CUDA, its own stream) with a
-  frozen copy of the weights while the trainer updates on the previous rollout (``--overlap``).
+
+The trainer sees neither: it asks a :class:`Collection` for the next rollout (``next()``), hands it
+the learner's weights after each update (``refresh(policy)``), takes its part of a checkpoint
+(``state()``) and closes it (``close()``). :class:`InlineCollection` collects each rollout when asked,
+acting with the learner itself; :class:`OverlapCollection` (``--overlap``) collects rollout k+1 in a
+background thread (on CUDA, its own stream; :class:`BackgroundCollection`) with a frozen copy of the
+weights while the trainer updates on rollout k. :func:`make_collection` picks one from the config.
 
 Data path on CUDA: EnvPool's numpy arrays are copied into pinned host buffers, then copied to the
 device with ``non_blocking=True`` (:class:`Stager`); the only host sync per step is the copy of the
@@ -24,6 +29,7 @@ chosen actions to the host, which EnvPool needs.
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
 from dataclasses import dataclass, field, fields
 
@@ -32,7 +38,8 @@ import torch
 from torch import nn
 
 from fastppo.envs import EnvInfo, EpisodeStats
-from fastppo.perf import Actor, PhaseTimer
+from fastppo.perf import PhaseTimer, copy_weights, learner_forward
+from fastppo.policy import Actor
 
 
 @dataclass
@@ -49,6 +56,8 @@ class Rollout:
     advantages: torch.Tensor  # (T, N), filled by advantage.compute_advantages
     returns: torch.Tensor  # (T, N)
     next_obs: torch.Tensor  # (N, *obs_shape), the observation after row T - 1 (for values[T])
+    # host side: (returns, lengths) of the games that ended while this rollout was collected
+    games: tuple[list[float], list[int]] = ((), ())
 
     @classmethod
     def allocate(cls, info: EnvInfo, num_steps: int, num_envs: int, device: torch.device) -> Rollout:
@@ -81,7 +90,10 @@ class Rollout:
         return self.obs.shape[0]
 
     def nbytes(self) -> int:
-        return sum(getattr(self, f.name).nbytes for f in fields(self))
+        return sum(t.nbytes for t in self.tensors())
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)]
 
 
 @dataclass
@@ -107,9 +119,11 @@ class SpillRollout(Rollout):
         return cls(**views, advantages=base.advantages[:T], returns=base.returns[:T], next_obs=full["obs"][T],
                    full=full)
 
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.full.values()) + self.advantages.nbytes + self.returns.nbytes
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.full.values(), self.advantages, self.returns]
 
+
+SPILL_ROWS = 16  # rows past T an async env may run ahead into while the slowest envs finish the rollout
 
 # The per-step fields an env's transition writes (advantages and returns are computed later).
 STEP_FIELDS = ("obs", "actions", "logprobs", "logits", "values", "rewards", "terminated", "truncated", "valid")
@@ -222,6 +236,16 @@ class Collector:
         self.stats.pop()
         self.action_log = [np.ascontiguousarray(actions, dtype=self.action_dtype)]
 
+    def state(self) -> dict:
+        """This rank's part of a checkpoint: every action sent since the envs' reset, (S, N) on the host.
+
+        The log is kept as one array afterwards, so the next save is one copy.
+        """
+        if len(self.action_log) != 1:
+            self.action_log = [np.concatenate(self.action_log) if self.action_log
+                               else np.zeros((0, self.num_envs), dtype=self.action_dtype)]
+        return {"actions": self.action_log[0]}
+
     def allocate(self, num_steps: int, num_buffers: int = 1) -> list[Rollout]:
         return [Rollout.allocate(self.info, num_steps, self.num_envs, self.device) for _ in range(num_buffers)]
 
@@ -291,7 +315,7 @@ class AsyncCollector:
 
     def __init__(self, envs, info: EnvInfo, device: torch.device, num_envs: int, batch_size: int,
                  generator: torch.Generator | None = None, timer: PhaseTimer | None = None,
-                 spill_rows: int = 16):
+                 spill_rows: int = SPILL_ROWS):
         self.envs = envs
         self.info = info
         self.device = device
@@ -307,6 +331,10 @@ class AsyncCollector:
         self.held = np.zeros(num_envs, dtype=bool)  # observation stored at row cursor, no action sent
         self.in_flight = 0
         self.last: SpillRollout | None = None
+
+    def state(self) -> dict:
+        """No action log: the order in which async envs step cannot be replayed (a resume restarts them)."""
+        return {"actions": None}
 
     def allocate(self, num_steps: int, num_buffers: int = 1) -> list[SpillRollout]:
         """Buffers of T + S rows, S = min(T, spill_rows); needs T >= 2 (the spill holds row T and more)."""
@@ -444,3 +472,118 @@ class BackgroundCollection:
         if self.error is not None:
             error, self.error = self.error, None
             raise error
+
+
+class InlineCollection:
+    """Collects each rollout when asked, acting with the learner itself (sync or async envs).
+
+    The actor evaluates the learner's own module, so ``refresh`` has nothing to do: every rollout is
+    collected by the weights of the latest update (CleanRL's on-policy loop).
+    """
+
+    def __init__(self, collector: Collector | AsyncCollector, actor: Actor, num_steps: int):
+        self.collector = collector
+        self.actor = actor
+        (self.buf,) = collector.allocate(num_steps)
+
+    def next(self) -> Rollout:
+        self.collector.collect(self.actor, self.buf)
+        self.buf.games = self.collector.stats.pop()
+        return self.buf
+
+    def refresh(self, policy: nn.Module) -> None:
+        pass
+
+    def state(self) -> dict:
+        return self.collector.state()
+
+    def close(self) -> None:
+        self.collector.envs.close()
+
+
+class OverlapCollection:
+    """``--overlap``: rollout k+1 is collected in the background while the learner updates on rollout k.
+
+    The actor evaluates ``behaviour``, a frozen copy of the learner's weights (theta'). ``next()``
+    returns rollout k (the first one is collected on the spot: there is nothing to overlap it with)
+    and starts rollout k+1 with theta' = the weights before the update on rollout k; ``refresh``
+    waits for that collection, then copies the updated weights into theta' in place, so rollout k+2
+    acts with them. The behaviour log-probs stored with each step are theta''s, so PPO's importance
+    ratio stays correct. Two buffers alternate; ``rollouts`` is how many ``next()`` will be asked
+    for, so no collection is started after the last one. The actor draws its sampling noise from its
+    own generator (the update's shuffles run at the same time on the caller's thread).
+    """
+
+    def __init__(self, collector: Collector | AsyncCollector, actor: Actor, behaviour: nn.Module, num_steps: int,
+                 rollouts: int, device: torch.device):
+        self.collector = collector
+        self.actor = actor
+        self.behaviour = behaviour
+        self.bufs = collector.allocate(num_steps, 2)
+        self.remaining = rollouts
+        self.background = BackgroundCollection(collector, device)
+        self.pending: Rollout | None = None  # the buffer being filled in the background
+
+    def next(self) -> Rollout:
+        if self.pending is None:
+            buf = self.bufs[0]
+            self.collector.collect(self.actor, buf)
+        else:
+            self.background.wait()  # normally already joined by refresh()
+            buf = self.pending
+        buf.games = self.collector.stats.pop()  # the games of rollout k, before rollout k+1 adds its own
+        self.remaining -= 1
+        self.pending = None
+        if self.remaining > 0:
+            self.pending = self.bufs[1] if buf is self.bufs[0] else self.bufs[0]
+            self.background.start(self.actor, self.pending)
+        return buf
+
+    def refresh(self, policy: nn.Module) -> None:
+        self.background.wait()
+        copy_weights(self.behaviour, policy)  # theta' <- theta, in place (a CUDA graph keeps its addresses)
+
+    def state(self) -> dict:
+        return {**self.collector.state(), "acting_rng": self.actor.generator.get_state()}
+
+    def close(self) -> None:
+        if self.background.thread is not None:
+            self.background.thread.join()  # an error in the update: let the collection finish first
+        self.collector.envs.close()
+
+
+Collection = InlineCollection | OverlapCollection
+
+
+def make_collection(cfg, envs, info: EnvInfo, device: torch.device, policy: nn.Module, forward: nn.Module,
+                    timer: PhaseTimer, rollouts: int, seed: int) -> Collection:
+    """The collection cfg asks for: sync or async envs (--async-envs), inline or overlapped (--overlap).
+
+    policy is the learner and forward its bf16/compiled wrapper; with --overlap the actor evaluates a
+    frozen copy instead and draws its noise from its own generator seeded with `seed`. rollouts: how
+    many ``next()`` calls the run will make.
+    """
+    if cfg.async_envs:
+        collector = AsyncCollector(envs, info, device, cfg.num_envs, cfg.recv_batch_size, timer=timer)
+    else:
+        collector = Collector(envs, info, device, timer=timer)
+    graphs = dict(cudagraphs=cfg.cudagraphs, graph_batch_sizes=(cfg.recv_batch_size,))
+    if not cfg.overlap:
+        return InlineCollection(collector, Actor(policy, forward, **graphs), cfg.num_steps)
+    behaviour = copy.deepcopy(policy).requires_grad_(False)  # theta', refreshed in place after each update
+    generator = torch.Generator(device).manual_seed(seed)
+    actor = Actor(behaviour, learner_forward(behaviour, cfg.bf16, cfg.compile), generator=generator, **graphs)
+    return OverlapCollection(collector, actor, behaviour, cfg.num_steps, rollouts, device)
+
+
+def storage_bytes(info: EnvInfo, num_steps: int, num_envs: int, buffers: int = 1, spill: bool = False) -> int:
+    """Bytes of the rollout storage the collectors allocate: `buffers` buffers, with the async spill rows.
+
+    The buffers are allocated on the meta device, which sizes them exactly and allocates nothing.
+    """
+    meta = torch.device("meta")
+    if spill:
+        buf = SpillRollout.allocate_spill(info, num_steps, num_envs, min(num_steps, SPILL_ROWS), meta)
+    else:
+        buf = Rollout.allocate(info, num_steps, num_envs, meta)
+    return buffers * buf.nbytes()

@@ -1,33 +1,34 @@
 """The training loop: collect a rollout, compute advantages, update the policy, log, repeat.
 
-Plain functions over plain tensors, CleanRL's order of operations:
+Plain functions over plain tensors, in CleanRL's order (:func:`_loop`):
 
-    for iteration in 1..num_iterations:
+    for iteration in first..num_iterations:
         anneal the learning rate
-        collector.collect(policy, buf)            # envs -> rollout storage on the device
-        compute_advantages(buf, ops.gae, ...)     # GAE, once per rollout
-        update(policy, optimizer, buf, ...)       # K epochs of shuffled minibatches
-        [penalty] beta <- adaptive rule(KL)       # once per iteration, after the epochs
-        [--eval-every] play full games on a separate small pool
-        log metrics; checkpoint; stop here after SIGINT/SIGTERM
+        buf = collection.next()                    # envs -> rollout storage on the device
+        compute_advantages(buf, ops.gae, ...)      # GAE, once per rollout
+        stats = update(policy, optimizer, buf)     # K epochs of minibatches (PPO-clip or -penalty)
+        collection.refresh(policy)                 # what acts next (--overlap: theta' <- theta)
+        [penalty] beta <- adaptive rule(KL)        # once per iteration, after the epochs
+        log the iteration; stop or save
 
---resume rebuilds the state of the loop from a checkpoint first (see :func:`restore`).
-
-With --overlap the collection of rollout k+1 runs in the background (rollout.BackgroundCollection),
-acting with a frozen copy of the weights, while the main thread runs GAE and the update on rollout k.
+Everything around it is a named helper: :func:`prepare` / :func:`prepare_resume` check every input
+before anything exists, :func:`build` makes the envs, networks and collection (and, on resume, puts
+them back where the checkpoint was: :func:`restore`), :func:`iteration_metrics` assembles a metrics
+line, :func:`stop_reason` and :func:`save_due` are the stop and save rules.
 
 Under torchrun each rank runs this loop on its own envs; see ``distributed`` for what is shared.
 """
 
 from __future__ import annotations
 
-import collections
-import copy
+import contextlib
+import json
 import math
 import os
 import random
 import signal
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ from fastppo.advantage import compute_advantages, explained_variance
 from fastppo.checkpoint import (
     CheckpointError,
     StopOnSignal,
+    WriteFailed,
     checkpoint_path,
     list_checkpoints,
     load_resumable,
@@ -48,31 +50,32 @@ from fastppo.checkpoint import (
 from fastppo.config import (
     Config,
     ConfigError,
-    check_run_dir,
     default_run_dir,
-    fields_changed,
     resolve,
     resume_config,
+    run_identity,
     save_config,
     training_device,
 )
 from fastppo.distributed import World
 from fastppo.envs import EnvInfo, env_info, make_envs
 from fastppo.evaluate import eval_metrics
-from fastppo.logger import RunLogger, keep_metrics_until
+from fastppo.logger import RecentReturns, RunLogger, keep_metrics_until
 from fastppo.loss import AdaptiveKLCoef, loss_kwargs, minibatch_loss, policy_kl
-from fastppo.perf import PHASES, Actor, PhaseTimer, copy_weights, learner_forward
+from fastppo.perf import PHASES, PhaseTimer, learner_forward
 from fastppo.policy import make_policy
 from fastppo.presets import apply_preset
-from fastppo.rollout import AsyncCollector, BackgroundCollection, Collector, Rollout, gather_rows
+from fastppo.rollout import Collection, Rollout, gather_rows, make_collection, storage_bytes
+from fastppo.runfolder import RunFolder
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN/inf; the run stops and keeps its last good checkpoint."""
+    """The loss or the parameters became NaN/inf; the run stops and keeps its last good checkpoint."""
 
 
 class TrainingInterrupted(RuntimeError):
-    """SIGINT/SIGTERM: the run saved a checkpoint after its current iteration and stopped."""
+    """SIGINT/SIGTERM: the run saved a checkpoint after its current iteration and stopped (or, before
+    training started, stopped and left nothing behind)."""
 
     def __init__(self, signum: int, message: str):
         super().__init__(message)
@@ -84,6 +87,9 @@ def seed_everything(seed: int, torch_deterministic: bool) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.backends.cudnn.deterministic = torch_deterministic
+
+
+# --- the update ----------------------------------------------------------------------------------
 
 
 def flatten(buf: Rollout) -> dict[str, torch.Tensor]:
@@ -192,121 +198,608 @@ def update(
     return out
 
 
-def checkpoint_state(
-    cfg: Config, policy: nn.Module, optimizer: torch.optim.Optimizer, iteration: int, global_step: int,
-    kl_ctl: AdaptiveKLCoef, collector: Collector | AsyncCollector, elapsed: float, recent_returns: list[float],
-) -> dict | None:
-    """Everything the loop needs to go on exactly; the LR follows from iteration and the config.
+def rollout_stats(buf: Rollout, forward: nn.Module, cfg: Config) -> dict[str, torch.Tensor]:
+    """After the update: explained variance of the rollout's values; for PPO-penalty the exact KL between
+    the behaviour policy and the updated one over the whole batch (it drives beta). 0-dim tensors."""
+    out = {"explained_variance": explained_variance(buf.values[:-1].reshape(-1), buf.returns.reshape(-1),
+                                                    buf.valid.reshape(-1))}
+    if cfg.loss == "penalty":
+        b = flatten(buf)
+        out["kl"] = policy_kl(forward, b["obs"], b["logits"], b["valid"], cfg.minibatch_size)
+    return out
 
-    Runs with --async-envs or --overlap save no action log (``actions`` is None): the order in which
-    their envs stepped cannot be replayed, so they cannot be resumed.
+
+def params_finite(policy: nn.Module) -> torch.Tensor:
+    """1.0 when every parameter is finite, else 0.0 (0-dim, on the device; no host sync here)."""
+    norms = torch._foreach_norm([p.detach() for p in policy.parameters()])
+    return torch.stack(norms).isfinite().all().float()
+
+
+def host_values(stats: dict[str, torch.Tensor], device: torch.device) -> dict[str, float]:
+    """The iteration's stats as Python numbers, averaged over the ranks.
+
+    Host-device sync, deliberate: one per iteration, to log, to decide beta and to stop on NaN. The
+    values are means over the ranks, so those decisions are the same on all of them.
+    """
+    names = list(stats)
+    reduced = distributed.all_reduce_mean(torch.stack([stats[k].to(device, torch.float64) for k in names]))
+    return dict(zip(names, reduced.tolist(), strict=True))
+
+
+# --- what the loop carries, and its rules --------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    """The loop's counters. elapsed_before: wall-clock seconds of training in earlier launches (resume)."""
+
+    iteration: int = 0
+    global_step: int = 0
+    elapsed_before: float = 0.0
+    start_step: int = 0
+    start_time: float = field(default_factory=time.time)
+    eval_time: float = 0.0  # seconds spent evaluating in this launch: left out of charts/SPS
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.time() - self.start_time
+
+    def sps(self) -> int:
+        return int((self.global_step - self.start_step) / max(time.time() - self.start_time - self.eval_time, 1e-9))
+
+
+def anneal_lr(optimizer: torch.optim.Optimizer, cfg: Config, iteration: int) -> float:
+    """CleanRL's linear schedule: lr * (1 - (iteration - 1) / num_iterations) with --anneal-lr."""
+    if cfg.anneal_lr:
+        optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / cfg.num_iterations) * cfg.learning_rate
+    return optimizer.param_groups[0]["lr"]
+
+
+def check_finite(values: dict[str, float], progress: Progress, run_dir: str) -> None:
+    """TrainingDiverged when the loss or the parameters stopped being finite."""
+    if math.isfinite(values["loss"]) and values["params_finite"] == 1.0:
+        return
+    what = f"loss is {values['loss']}" if not math.isfinite(values["loss"]) else "the parameters are not finite"
+    last = list_checkpoints(run_dir)
+    kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written"
+    raise TrainingDiverged(f"{what} at iteration {progress.iteration} (global step {progress.global_step}); "
+                           f"stopping, {kept}")
+
+
+def iteration_metrics(cfg: Config, progress: Progress, lr: float, kl_coef: float, values: dict[str, float],
+                      games: tuple[list[float], list[int]], recent: RecentReturns) -> dict:
+    """One metrics.jsonl line (CleanRL's names; see the README for each)."""
+    returns, lengths = games
+    return {
+        "global_step": progress.global_step,
+        "iteration": progress.iteration,
+        "num_iterations": cfg.num_iterations,
+        "charts/episodic_return": float(np.mean(returns)) if returns else None,
+        "charts/episodic_length": float(np.mean(lengths)) if lengths else None,
+        "charts/episodes": len(returns),
+        "charts/recent_return": recent.mean(),
+        "charts/SPS": progress.sps(),
+        "charts/learning_rate": lr,
+        "losses/policy_loss": values["policy_loss"],
+        "losses/value_loss": values["value_loss"],
+        "losses/entropy": values["entropy"],
+        "losses/approx_kl": values["approx_kl"],
+        "losses/old_approx_kl": values["old_approx_kl"],
+        "losses/clipfrac": values["clipfrac"],
+        "losses/explained_variance": values["explained_variance"],
+        "losses/kl": values["kl"],
+        "losses/kl_coef": kl_coef,
+        "losses/epochs": int(values["epochs"]),
+        "time/elapsed": progress.elapsed(),
+    }
+
+
+def perf_metrics(timer: PhaseTimer, collect_timer: PhaseTimer, rollout_time: float, update_time: float,
+                 iteration_seconds: float) -> dict[str, float]:
+    """perf/<phase>: seconds per iteration in each phase; perf/iteration: the iteration's wall time.
+
+    Read at log time (the CUDA events are read after the iteration's sync). With --overlap the
+    collection phases run beside gae/update, so the phases may add up to more than perf/iteration.
+    perf/logging is the previous iteration's (this line is timed after it is written).
+    """
+    phases = collect_timer.read()
+    for name, seconds in timer.read().items():
+        phases[name] = phases.get(name, 0.0) + seconds
+    out = {f"perf/{name}": round(phases.get(name, 0.0), 6) for name in PHASES}
+    out.update({"perf/rollout_time": rollout_time, "perf/update_time": update_time,
+                "perf/iteration": round(iteration_seconds, 6)})
+    return out
+
+
+def stop_reason(cfg: Config, recent: RecentReturns, progress: Progress, stop: StopOnSignal,
+                device: torch.device) -> str | None:
+    """Why the loop stops after this iteration: "target_return", "max_seconds", "signal" or None.
+
+    A collective under torchrun (every rank takes the same decision: the return window holds the
+    games of all ranks, and a time limit or a signal on any rank stops them all).
+    """
+    if cfg.target_return is not None and recent.mean() is not None and recent.mean() >= cfg.target_return:
+        return "target_return"
+    if cfg.max_seconds is not None and distributed.any_rank(time.time() - progress.start_time > cfg.max_seconds,
+                                                            device):
+        return "max_seconds"
+    if distributed.any_rank(stop.signum is not None, device):
+        return "signal"
+    return None
+
+
+def save_due(cfg: Config, iteration: int, stopping: str | None) -> bool:
+    """A checkpoint after every --save-every iterations, when the run stops, and at its last iteration."""
+    return bool(stopping or iteration == cfg.num_iterations or (cfg.save_every and iteration % cfg.save_every == 0))
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+
+def checkpoint_state(cfg: Config, policy: nn.Module, optimizer: torch.optim.Optimizer, progress: Progress,
+                     kl_ctl: AdaptiveKLCoef, collection: Collection, recent: RecentReturns) -> dict | None:
+    """Everything the loop needs to go on; the LR follows from the iteration and the config.
 
     Under torchrun every rank calls it (a collective) and rank 0 gets the state, others None: the
-    model, optimizer and beta are the same on every rank; the actions are those of all ranks, rank
-    r's envs in columns [r * N, (r + 1) * N); ``rank_rng`` holds each rank's RNG states.
+    model, optimizer and beta are the same on every rank; ``actions`` (sync collection only: the
+    action log that a resume replays) are those of all ranks, rank r's envs in columns
+    [r * N, (r + 1) * N); ``rank_rng`` and ``collection`` hold each rank's RNG states and collection
+    state (the acting generator with --overlap).
     """
-    replayable = not (cfg.async_envs or cfg.overlap)
-    if replayable:
-        collector.action_log = [np.concatenate(collector.action_log)]  # one array, so the next save is one copy
-    gathered = distributed.gather_on_main((collector.action_log[0] if replayable else None, rng_state()))
+    gathered = distributed.gather_on_main((collection.state(), rng_state()))
     if gathered is None:
         return None
-    actions, rngs = zip(*gathered, strict=True)
+    collections, rngs = zip(*gathered, strict=True)
+    actions = [c.pop("actions") for c in collections]
     state = {
         "model": policy.state_dict(),
         "optimizer": optimizer.state_dict(),
         "config": cfg.to_dict(),
-        "iteration": iteration,
-        "global_step": global_step,
+        "identity": run_identity(cfg.to_dict()),
+        "iteration": progress.iteration,
+        "global_step": progress.global_step,
         "kl_coef": kl_ctl.beta,
         "rng": rngs[0],
-        # (iteration * T, world * N), every action sent
-        "actions": torch.from_numpy(np.concatenate(actions, axis=1)) if replayable else None,
-        "elapsed": elapsed,  # wall-clock seconds of training so far (time/elapsed)
-        "recent_returns": recent_returns,  # the --target-return window
+        # (iteration * T, world * N), every action sent; None for async/overlap collection
+        "actions": None if actions[0] is None else torch.from_numpy(np.concatenate(actions, axis=1)),
+        "collection": list(collections),
+        "elapsed": progress.elapsed(),  # wall-clock seconds of training so far (time/elapsed)
+        "recent_returns": recent.state(),  # the recent-return window
     }
     if cfg.world_size > 1:
         state["rank_rng"] = rngs
     return state
 
 
-def restore(
-    state: dict, policy: nn.Module, optimizer: torch.optim.Optimizer, kl_ctl: AdaptiveKLCoef, collector: Collector,
-    rank: int = 0,
-) -> None:
+def save(cfg: Config, run_dir: str, state: dict | None, progress: Progress) -> str:
+    """save_checkpoint on rank 0 (state None elsewhere: see checkpoint_state); the file's path.
+
+    A state with non-finite parameters is never written (TrainingDiverged: the last checkpoint stays
+    the last good one).
+    """
+    if state is None:
+        return checkpoint_path(run_dir, progress.iteration)
+    try:
+        return save_checkpoint(run_dir, progress.iteration, state)
+    except ValueError as e:  # Host-device sync, deliberate: the finiteness check reads every tensor once per save
+        last = list_checkpoints(run_dir)
+        kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written"
+        raise TrainingDiverged(f"{e} at iteration {progress.iteration} (global step {progress.global_step}); "
+                               f"stopping, {kept}") from None
+
+
+def restore(state: dict, policy: nn.Module, optimizer: torch.optim.Optimizer, kl_ctl: AdaptiveKLCoef,
+            collection: Collection, rank: int = 0) -> None:
     """Put the loop back where the checkpoint was taken.
 
-    Model, optimizer and beta are loaded; the envs, freshly made with the run's seed, replay every
-    action of the run (EnvPool cannot save an env's state), which rebuilds their state, the next
-    observation and the running game scores exactly; the RNG states come last, as they were.
-    Under torchrun every rank loads the same checkpoint and takes its own columns and RNG states.
+    Model, optimizer and beta are loaded. Sync collection: the envs, freshly made with the run's seed,
+    replay every action of the run (EnvPool cannot save an env's state), which rebuilds their state,
+    the next observation and the running game scores exactly. Async/overlap collection: the envs
+    were made with fresh seeds (see :func:`prepare_resume`); the acting generator is restored. The
+    RNG states come last, as they were. Under torchrun every rank loads the same checkpoint and
+    takes its own columns and states.
     """
     policy.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     kl_ctl.beta = state["kl_coef"]
-    n = collector.num_envs
-    collector.replay(state["actions"][:, rank * n : (rank + 1) * n].numpy())
+    if state["actions"] is not None:
+        n = collection.collector.num_envs
+        collection.collector.replay(state["actions"][:, rank * n : (rank + 1) * n].numpy())
+    acting = state.get("collection", [{}])[rank].get("acting_rng")
+    if acting is not None and getattr(collection.actor, "generator", None) is not None:
+        collection.actor.generator.set_state(acting)
     set_rng_state(state["rank_rng"][rank] if "rank_rng" in state else state["rng"])
 
 
-def prepare_resume(
-    cfg: Config, explicit: set[str] | None, world: World | None = None
-) -> tuple[Config, EnvInfo, torch.device, str, kernels.Ops, dict]:
-    """--resume: load and check the run's newest checkpoint and merge the config, touching no file.
+# --- before anything exists: every input checked ---------------------------------------------------
 
-    Under torchrun every rank reads the same checkpoint (the run folder must be visible to all).
-    Raises CheckpointError / ConfigError / EnvError (one line each).
+
+@dataclass
+class Prepared:
+    """What prepare / prepare_resume checked: the resolved config, the env, this rank's device and ops,
+    and for a resume its folder (locked on rank 0) and checkpoint."""
+
+    cfg: Config
+    info: EnvInfo
+    device: torch.device
+    ops: kernels.Ops
+    resume: dict | None = None
+    folder: RunFolder | None = None
+
+
+def select_ops(cfg: Config, device: torch.device) -> kernels.Ops:
+    try:
+        return kernels.select(cfg.kernels, device)
+    except ValueError as e:
+        raise ConfigError(f"--kernels {cfg.kernels}: {e}") from None
+
+
+def check_memory(cfg: Config, info: EnvInfo, device: torch.device) -> None:
+    """ConfigError when the rollout storage (and EnvPool's buffers) cannot fit, naming the bytes."""
+    rollout = storage_bytes(info, cfg.num_steps, cfg.num_envs, buffers=2 if cfg.overlap else 1,
+                            spill=cfg.async_envs)
+    envs = 3 * cfg.num_envs * info.obs_bytes  # EnvPool's state queue holds a few observations per env
+    if device.type == "cuda":
+        checks = [(rollout, torch.cuda.mem_get_info(device)[0], f"free on {device}"),
+                  (envs, host_memory_available(), "available in host memory")]
+    else:
+        checks = [(rollout + envs, host_memory_available(), "available in host memory")]
+    for need, free, where in checks:
+        if need > free:
+            raise ConfigError(f"the rollout of --num-envs {cfg.num_envs} x --num-steps {cfg.num_steps} needs "
+                              f"{need / 2**30:,.1f} GiB, more than the {free / 2**30:,.1f} GiB {where}")
+
+
+def host_memory_available() -> int:
+    """Bytes of host memory available to a new allocation (Linux's MemAvailable)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def prepare(cfg: Config, world: World | None = None) -> Prepared:
+    """Validate everything the caller gave, before any env, file, device memory or process group exists.
+
+    Every check here gives the same answer on every rank; the run folder is claimed later, on rank 0.
+    Raises EnvError / ConfigError (one line each).
     """
     world = world or World()
-    state = load_resumable(cfg.resume)
-    if state["actions"] is None:
-        raise CheckpointError(f"{state['path']!r} cannot be resumed from: the run used --async-envs or --overlap, "
-                              f"whose env steps cannot be replayed")
-    saved_world = state["config"].get("world_size", 1)
-    if saved_world != world.size:
-        raise ConfigError(f"the run in {cfg.resume!r} was trained by {saved_world} rank(s); resume it with "
-                          f"{saved_world} (this launch has {world.size})")
-    cfg = resume_config(state["config"], cfg, explicit if explicit is not None else fields_changed(cfg))
     info = env_info(cfg.env_id)
     cfg = resolve(cfg, info, world.size)
-    iteration = state["iteration"]
-    if cfg.num_iterations <= iteration:
-        raise ConfigError(f"the run in {cfg.run_dir!r} already ran {iteration} of its {cfg.num_iterations} "
-                          f"iterations ({state['global_step']:,} steps); raise --total-timesteps to go on")
-    expected = (iteration * cfg.num_steps, cfg.num_envs * cfg.world_size)
-    if tuple(state["actions"].shape) != expected:
-        raise CheckpointError(f"{state['path']!r} does not match its config (actions of shape "
-                              f"{tuple(state['actions'].shape)}, expected {expected})")
     cfg.env_threads = distributed.env_threads(cfg.env_threads, cfg.num_envs, world)
     device = distributed.rank_device(training_device(cfg), world)
-    return cfg, info, device, cfg.run_dir, select_ops(cfg, device), state
+    check_memory(cfg, info, device)
+    return Prepared(cfg, info, device, select_ops(cfg, device))
 
 
-def prepare(cfg: Config, world: World | None = None) -> tuple[Config, EnvInfo, torch.device, kernels.Ops]:
-    """Validate everything the user gave, before any env, file, device memory or process group exists.
+def prepare_resume(cfg: Config, world: World | None = None) -> Prepared:
+    """--resume: lock the run folder (rank 0), load and check its newest checkpoint against the folder,
+    and merge the config, changing no file.
 
-    Every check here gives the same answer on every rank; the run folder is checked later, on rank
-    0 (:func:`claim_run_dir`). Returns the resolved config, the env's info, this rank's device
-    (world: None for a plain run) and the GAE/loss ops. Raises EnvError / ConfigError (one line each).
+    The checkpoint must belong to the folder: its config has the identity (env, algorithm, seed,
+    sizes: config.run_identity) of the folder's config.json, and its model, optimizer state and
+    action log fit that config. Under torchrun every rank reads the same checkpoint (the run folder
+    must be visible to all). Raises CheckpointError / ConfigError / EnvError (one line each).
     """
     world = world or World()
-    info = env_info(cfg.env_id)
-    cfg = resolve(cfg, info, world.size)
-    cfg.env_threads = distributed.env_threads(cfg.env_threads, cfg.num_envs, world)
-    device = distributed.rank_device(training_device(cfg), world)
-    return cfg, info, device, select_ops(cfg, device)
+    folder = RunFolder.lock_existing(cfg.resume) if world.rank == 0 else None
+    try:
+        state = load_resumable(cfg.resume)
+        folder_config = read_folder_config(cfg.resume)
+        path = state["path"]
+        if run_identity(state["config"]) != run_identity(folder_config):
+            raise CheckpointError(
+                f"{path!r} belongs to another run ({state['config']['env_id']}, identity "
+                f"{run_identity(state['config'])}) than its folder ({folder_config.get('env_id')}, identity "
+                f"{run_identity(folder_config)}); remove it or resume its own run")
+        saved_world = state["config"].get("world_size", 1)
+        if saved_world != world.size:
+            raise ConfigError(f"the run in {cfg.resume!r} was trained by {saved_world} rank(s); resume it with "
+                              f"{saved_world} (this launch has {world.size})")
+        cfg = resume_config(state["config"], cfg)
+        info = env_info(cfg.env_id)
+        cfg = resolve(cfg, info, world.size)
+        iteration = state["iteration"]
+        if cfg.num_iterations <= iteration:
+            raise ConfigError(f"the run in {cfg.run_dir!r} already ran {iteration} of its {cfg.num_iterations} "
+                              f"iterations ({state['global_step']:,} steps); raise --total-timesteps to go on")
+        if state["global_step"] != iteration * cfg.global_batch_size:
+            raise CheckpointError(f"{path!r} is damaged: global step {state['global_step']} after {iteration} "
+                                  f"iterations of {cfg.global_batch_size}")
+        replayable = not (cfg.async_envs or cfg.overlap)
+        expected = (iteration * cfg.num_steps, cfg.num_envs * cfg.world_size)
+        if replayable and (state["actions"] is None or tuple(state["actions"].shape) != expected):
+            got = None if state["actions"] is None else tuple(state["actions"].shape)
+            raise CheckpointError(f"{path!r} does not match its config (actions of shape {got}, expected {expected})")
+        check_loadable(state, info)
+        cfg.env_threads = distributed.env_threads(cfg.env_threads, cfg.num_envs, world)
+        device = distributed.rank_device(training_device(cfg), world)
+        check_memory(cfg, info, device)
+        return Prepared(cfg, info, device, select_ops(cfg, device), state, folder)
+    except BaseException:
+        if folder is not None:
+            folder.release()
+        raise
 
 
-def claim_run_dir(cfg: Config) -> str:
-    """The run folder (named now when --run-dir is not given), checked to hold no run yet."""
-    run_dir = cfg.run_dir or default_run_dir(cfg, time.time())
-    check_run_dir(run_dir)
-    return run_dir
+def read_folder_config(run_dir: str) -> dict:
+    """The run folder's config.json; CheckpointError when it is missing or not a JSON object."""
+    path = os.path.join(run_dir, "config.json")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"--resume {run_dir!r}: the folder has no config.json") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"--resume {run_dir!r}: its config.json does not read ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"--resume {run_dir!r}: its config.json is not a JSON object")
+    return config
 
 
-def save(run_dir: str, iteration: int, state: dict | None) -> str:
-    """save_checkpoint on rank 0 (state None elsewhere: see checkpoint_state); the file's path."""
-    return checkpoint_path(run_dir, iteration) if state is None else save_checkpoint(run_dir, iteration, state)
+def check_loadable(state: dict, info: EnvInfo) -> None:
+    """CheckpointError unless the checkpoint's model and optimizer state load into this env's networks."""
+    policy = make_policy(info)
+    expected = {k: tuple(v.shape) for k, v in policy.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state["model"].items()}
+    if got != expected:
+        wrong = sorted(set(got) ^ set(expected)) or sorted(k for k in got if got[k] != expected[k])
+        raise CheckpointError(f"{state['path']!r} does not fit a {info.env_id} policy (at {wrong[0]}: "
+                              f"{got.get(wrong[0])} vs {expected.get(wrong[0])})")
+    optimizer = torch.optim.Adam(policy.parameters(), eps=1e-5)
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
+        raise CheckpointError(f"{state['path']!r} is damaged: its optimizer state does not load ({e})") from None
+
+
+# --- the run ---------------------------------------------------------------------------------------
+
+
+def train(cfg: Config) -> dict:
+    """Train from cfg; returns the last metrics line, with "stopped_by": "total_timesteps",
+    "target_return" or "max_seconds". Writes cfg.run_dir (see README).
+
+    The fields the caller set (``config.given_fields``: constructor arguments, later assignments, or the
+    command line's flags) override cfg.preset's values. With cfg.resume, continues that run: only the
+    RESUME_FLAGS may be set then. Raises ConfigError / EnvError / CheckpointError on bad input (before
+    anything is written), TrainingInterrupted after SIGINT/SIGTERM, TrainingDiverged on NaN, WriteFailed
+    when the run folder cannot be written. Under torchrun: one rank of a data-parallel run; only rank
+    0 prints and writes the run folder.
+    """
+    world = World.from_env()
+    if cfg.resume is not None:  # the saved config holds its preset's values (--preset is refused with --resume)
+        prepared = prepare_resume(cfg, world)
+    else:
+        prepared = prepare(apply_preset(cfg), world)
+    threads = torch.get_num_threads()  # --torch-threads changes a process-wide setting: put it back after
+    try:
+        if prepared.cfg.track and not tracking.wandb_installed():
+            raise ConfigError("--track needs wandb: pip install 'fastppo[track]'")
+        with distributed.process_group(world, prepared.device, prepared.cfg.dist_timeout):
+            return _train(prepared, world)
+    finally:
+        if prepared.folder is not None:
+            prepared.folder.release()
+        torch.set_num_threads(threads)
+
+
+def claim_run_dir(cfg: Config) -> RunFolder:
+    """The new run's folder (named now when --run-dir is not given): checked, made and locked."""
+    if cfg.run_dir is not None:
+        return RunFolder.claim_new(cfg.run_dir)
+    return RunFolder.claim_new(default_run_dir(cfg, time.time()), flag="--exp-name (the default --run-dir)")
+
+
+@dataclass
+class Session:
+    """What the loop works with, built by :func:`build`."""
+
+    policy: nn.Module
+    forward: nn.Module  # bf16 autocast / compiled wrapper of policy (same parameters)
+    train_forward: nn.Module  # forward, wrapped in DDP under torchrun
+    optimizer: torch.optim.Optimizer
+    collection: Collection
+    kl_ctl: AdaptiveKLCoef
+    recent: RecentReturns
+    progress: Progress
+    timer: PhaseTimer
+    collect_timer: PhaseTimer
+
+
+def build(prepared: Prepared, world: World) -> Session:
+    """Envs, networks, optimizer and collection of this rank; on resume, put back as checkpointed."""
+    cfg, info, device, state = prepared.cfg, prepared.info, prepared.device, prepared.resume
+    # Async/overlap runs resume with their envs restarted on fresh seeds derived from (seed, iteration).
+    restart = state["iteration"] if state is not None and state["actions"] is None else 0
+    torch_seed, env_seed = distributed.rank_seeds(cfg.seed, cfg.num_envs, world.rank, restart)
+    seed_everything(torch_seed, cfg.torch_deterministic)
+    if cfg.torch_threads or len(info.obs_shape) != 3:  # auto: 1 thread for the MLP (see --torch-threads)
+        torch.set_num_threads(cfg.torch_threads or 1)
+    envs = make_envs(
+        info, cfg.num_envs, env_seed,
+        num_threads=cfg.env_threads,
+        max_episode_steps=cfg.max_episode_steps,
+        repeat_action_probability=cfg.repeat_action_probability,
+        batch_size=cfg.recv_batch_size if cfg.async_envs else None,
+    )
+    try:
+        policy = make_policy(info).to(device)
+        optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.learning_rate, eps=1e-5)
+        # the update calls `forward` (bf16 autocast / compiled wrapper, same parameters); checkpoints hold
+        # `policy`. Under torchrun the update calls DDP around it (gradients averaged across ranks in
+        # backward); acting and the no-grad KL call `forward` itself.
+        forward = learner_forward(policy, cfg.bf16, cfg.compile)
+        collect_timer = PhaseTimer(device)
+        first = 1 if state is None else state["iteration"] + 1
+        collection = make_collection(cfg, envs, info, device, policy, forward, collect_timer,
+                                     rollouts=cfg.num_iterations - first + 1, seed=torch_seed + 1)
+    except BaseException:
+        envs.close()
+        raise
+    session = Session(policy, forward, distributed.wrap_model(forward, device), optimizer, collection,
+                      AdaptiveKLCoef(cfg.kl_coef, cfg.kl_min, cfg.kl_max), RecentReturns(cfg.target_return_games),
+                      Progress(), PhaseTimer(device), collect_timer)
+    if state is not None:
+        try:
+            restore(state, policy, optimizer, session.kl_ctl, collection, world.rank)
+        except BaseException:
+            collection.close()
+            raise
+        session.recent.extend(state["recent_returns"])
+        p = session.progress
+        p.iteration, p.global_step, p.elapsed_before = state["iteration"], state["global_step"], state["elapsed"]
+        p.start_step = p.global_step
+    return session
+
+
+def _train(prepared: Prepared, world: World) -> dict:
+    cfg, device = prepared.cfg, prepared.device
+    main = distributed.is_main()
+    stop = StopOnSignal()
+    stop.install()  # from here a SIGINT/SIGTERM is a request: before training starts it undoes the start
+    folder = prepared.folder
+    try:
+        if prepared.resume is None:
+            claimed: list[RunFolder] = []  # rank 0's; every rank gets the path (or the ConfigError)
+            cfg.run_dir = distributed.on_main(lambda: claimed.append(claim_run_dir(cfg)) or claimed[0].path)
+            folder = claimed[0] if claimed else None
+        try:
+            session = build(prepared, world)
+        except BaseException:
+            if folder is not None and prepared.resume is None:
+                folder.abandon()
+            raise
+        try:
+            if distributed.any_rank(stop.signum is not None, device):  # a signal while setting up: undo the start
+                if folder is not None and prepared.resume is None:
+                    folder.abandon()
+                signum = stop.signum or signal.SIGTERM
+                what = "the run is unchanged" if prepared.resume is not None else "nothing was written"
+                raise TrainingInterrupted(signum, f"stopped by {signal.Signals(signum).name} before training "
+                                                  f"started; {what}")
+            logger, tracker = start_outputs(cfg, prepared, folder) if main else (_Quiet(), None)
+            if folder is not None:
+                folder.commit()
+            return _loop(cfg, prepared, session, logger, tracker, stop, device)
+        finally:
+            session.collection.close()
+    finally:
+        stop.restore()
+        if folder is not None and folder is not prepared.folder:
+            folder.release()
+
+
+def start_outputs(cfg: Config, prepared: Prepared, folder: RunFolder):
+    """Rank 0: config.json (a resume keeps its metrics up to the checkpoint), metrics logger, W&B."""
+    run_dir = cfg.run_dir
+    try:
+        save_config(cfg, os.path.join(run_dir, "config.json"))
+        if prepared.resume is not None:
+            keep_metrics_until(run_dir, prepared.resume["iteration"])
+    except OSError as e:
+        raise WriteFailed(f"cannot write to the run folder {run_dir!r} ({e.strerror or e})") from None
+    tracker = None
+    if cfg.track:
+        tracker = tracking.Tracker.start(run_dir, project=cfg.wandb_project, entity=cfg.wandb_entity,
+                                         group=cfg.wandb_group, tags=cfg.wandb_tags, config=cfg.to_dict())
+    try:
+        logger = RunLogger(run_dir, cfg.num_iterations * cfg.global_batch_size, log_every=cfg.log_every,
+                           log_seconds=cfg.log_seconds, tracker=tracker, window=cfg.target_return_games,
+                           title=f"fastppo {cfg.env_id}  {run_dir}")
+    except OSError as e:
+        if tracker is not None:
+            tracker.finish(1)
+        raise WriteFailed(f"cannot write to the run folder {run_dir!r} ({e.strerror or e})") from None
+    return logger, tracker
+
+
+def _loop(cfg: Config, prepared: Prepared, s: Session, logger, tracker, stop: StopOnSignal,
+          device: torch.device) -> dict:
+    """The training loop (see the module docstring); returns the last metrics line with "stopped_by"."""
+    ops, progress, run_dir = prepared.ops, s.progress, cfg.run_dir
+    metrics: dict = {}
+    reason: str | None = None
+    exit_code = 1
+    progress.start_time = time.time()
+    try:
+        for iteration in range(progress.iteration + 1, cfg.num_iterations + 1):
+            t_start = time.perf_counter()
+            progress.iteration = iteration
+            lr = anneal_lr(s.optimizer, cfg, iteration)
+            logger.phase("collect")
+            buf = s.collection.next()  # envs -> rollout storage
+            t_collected = time.perf_counter()  # collection ends synchronised: each step waits for its actions
+            logger.phase("update")
+            kl_coef = s.kl_ctl.beta
+            with s.timer.phase("gae"):
+                compute_advantages(buf, ops.gae, cfg.gamma, cfg.gae_lambda)
+            with s.timer.phase("update"):
+                stats = update(s.train_forward, s.optimizer, buf, cfg, ops, kl_coef)
+                stats.update(rollout_stats(buf, s.forward, cfg), params_finite=params_finite(s.policy))
+            s.collection.refresh(s.policy)
+            with s.timer.phase("logging", host=True):
+                values = host_values(stats, device)
+            t_updated = time.perf_counter()
+            progress.global_step += cfg.global_batch_size
+            check_finite(values, progress, run_dir)
+            if cfg.loss == "penalty":
+                s.kl_ctl.update(values["kl"])
+            games = distributed.all_games(*buf.games)  # the games of every rank
+            s.recent.extend(games[0])
+            metrics = iteration_metrics(cfg, progress, lr, kl_coef, values, games, s.recent)
+            metrics.update(perf_metrics(s.timer, s.collect_timer, t_collected - t_start, t_updated - t_collected,
+                                        time.perf_counter() - t_start))
+            if distributed.is_main() and cfg.eval_every and (iteration % cfg.eval_every == 0
+                                                               or iteration == cfg.num_iterations):
+                logger.phase("eval")
+                t_eval = time.perf_counter()
+                metrics.update(eval_metrics(s.policy, prepared.info, cfg, iteration, device))
+                metrics["perf/eval_time"] = time.perf_counter() - t_eval
+                progress.eval_time += metrics["perf/eval_time"]
+            with s.timer.phase("logging", host=True), write_errors(run_dir):
+                logger.log(metrics)
+            reason = stop_reason(cfg, s.recent, progress, stop, device)
+            if save_due(cfg, iteration, reason):
+                logger.phase("checkpoint")
+                with write_errors(run_dir):
+                    path = save(cfg, run_dir, checkpoint_state(cfg, s.policy, s.optimizer, progress, s.kl_ctl,
+                                                               s.collection, s.recent), progress)
+            if reason is not None:
+                break
+        if reason == "target_return" and distributed.is_main():
+            print(f"target return {cfg.target_return} reached: mean of the last {cfg.target_return_games} games is "
+                  f"{s.recent.mean():.2f} at global step {progress.global_step}", flush=True)
+        if reason == "signal":
+            signum = stop.signum or signal.SIGTERM  # a rank stopped by another rank's signal
+            exit_code = 128 + signum
+            raise TrainingInterrupted(
+                signum, f"stopped by {signal.Signals(signum).name} after iteration {progress.iteration} "
+                f"(global step {progress.global_step:,}); saved {path}; go on with: fastppo train --resume {run_dir}")
+        if tracker is not None:
+            tracker.log_model(path, progress.global_step)
+        exit_code = 0
+    finally:
+        logger.close()
+        if tracker is not None:
+            tracker.finish(exit_code)
+    return dict(metrics, stopped_by=reason or "total_timesteps")
+
+
+@contextlib.contextmanager
+def write_errors(run_dir: str):
+    """An OSError while writing the run folder (disk full, say) becomes WriteFailed: one line, and the last
+    checkpoint stays intact (checkpoints are written to a temporary file and renamed)."""
+    try:
+        yield
+    except OSError as e:
+        last = list_checkpoints(run_dir)
+        kept = f"the last checkpoint is {last[-1]}" if last else "no checkpoint was written"
+        raise WriteFailed(f"cannot write to the run folder {run_dir!r} ({e.strerror or e}); {kept}") from None
 
 
 class _Quiet:
@@ -320,255 +813,3 @@ class _Quiet:
 
     def close(self) -> None:
         pass
-
-
-def select_ops(cfg: Config, device: torch.device) -> kernels.Ops:
-    try:
-        return kernels.select(cfg.kernels, device)
-    except ValueError as e:
-        raise ConfigError(f"--kernels {cfg.kernels}: {e}") from None
-
-
-def make_collector(cfg: Config, envs, info: EnvInfo, device: torch.device,
-                   timer: PhaseTimer) -> Collector | AsyncCollector:
-    if cfg.async_envs:
-        return AsyncCollector(envs, info, device, cfg.num_envs, cfg.recv_batch_size, timer=timer)
-    return Collector(envs, info, device, timer=timer)
-
-
-def perf_metrics(timer: PhaseTimer, collect_timer: PhaseTimer, iteration_seconds: float) -> dict[str, float]:
-    """perf/<phase>: seconds per iteration in each phase; perf/iteration: the iteration's wall time.
-
-    Read at log time (the CUDA events are read after the log line's sync). With --overlap the
-    collection phases run beside gae/update, so the phases may add up to more than perf/iteration.
-    perf/logging is the previous iteration's (this line is timed after it is written).
-    """
-    phases = collect_timer.read()
-    for name, seconds in timer.read().items():
-        phases[name] = phases.get(name, 0.0) + seconds
-    out = {f"perf/{name}": round(phases.get(name, 0.0), 6) for name in PHASES}
-    out["perf/iteration"] = round(iteration_seconds, 6)
-    return out
-
-
-def train(cfg: Config, explicit: set[str] | None = None, *, max_seconds: float | None = None) -> dict:
-    """Train from cfg; returns the last metrics line, with "stopped_by": "total_timesteps",
-    "target_return" or "max_seconds". Writes cfg.run_dir (see README).
-
-    max_seconds (for ``fastppo bench``): stop after the first iteration that ends past it.
-
-    With cfg.resume, continues that run; `explicit` names the flags given on the command line (None:
-    those that differ from their defaults). Raises TrainingInterrupted after SIGINT/SIGTERM.
-    Under torchrun: one rank of a data-parallel run; only rank 0 prints and writes cfg.run_dir.
-    """
-    world = World.from_env()
-    resume_state, run_dir = None, None
-    if cfg.resume is not None:  # the saved config holds its preset's values (--preset is refused with --resume)
-        cfg, info, device, run_dir, ops, resume_state = prepare_resume(cfg, explicit, world)
-    else:
-        cfg = apply_preset(cfg, explicit if explicit is not None else fields_changed(cfg))
-        cfg, info, device, ops = prepare(cfg, world)
-    if cfg.track and not tracking.wandb_installed():
-        raise ConfigError("--track needs wandb: pip install 'fastppo[track]'")
-    threads = torch.get_num_threads()  # --torch-threads changes a process-wide setting: put it back after
-    try:
-        with distributed.process_group(world, device, cfg.dist_timeout):
-            return _train(cfg, info, device, ops, world, run_dir, resume_state, max_seconds)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _train(
-    cfg: Config, info: EnvInfo, device: torch.device, ops: kernels.Ops, world: World, run_dir: str | None,
-    resume_state: dict | None, max_seconds: float | None,
-) -> dict:
-    if run_dir is None:
-        run_dir = cfg.run_dir = distributed.on_main(lambda: claim_run_dir(cfg))
-    main = distributed.is_main()
-    torch_seed, env_seed = distributed.rank_seeds(cfg.seed, cfg.num_envs, world.rank)
-    seed_everything(torch_seed, cfg.torch_deterministic)
-    if main:
-        os.makedirs(run_dir, exist_ok=True)
-        save_config(cfg, os.path.join(run_dir, "config.json"))
-        if resume_state is not None:
-            keep_metrics_until(run_dir, resume_state["iteration"])
-    envs = make_envs(
-        info, cfg.num_envs, env_seed,
-        num_threads=cfg.env_threads,
-        max_episode_steps=cfg.max_episode_steps,
-        repeat_action_probability=cfg.repeat_action_probability,
-        batch_size=cfg.recv_batch_size if cfg.async_envs else None,
-    )
-    if cfg.torch_threads or len(info.obs_shape) != 3:  # auto: 1 thread for the MLP (see --torch-threads)
-        torch.set_num_threads(cfg.torch_threads or 1)
-    policy = make_policy(info).to(device)
-    optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.learning_rate, eps=1e-5)
-    # the update calls `forward` (bf16 autocast / compiled wrapper, same parameters); checkpoints hold `policy`
-    forward = learner_forward(policy, cfg.bf16, cfg.compile)
-    # Under torchrun the update calls DDP around it (gradients averaged across ranks in backward);
-    # acting and the no-grad KL call `forward` itself.
-    train_forward = distributed.wrap_model(forward, device)
-    # --overlap acts with a frozen copy of the weights (theta'), refreshed after each update
-    behaviour = copy.deepcopy(policy).requires_grad_(False) if cfg.overlap else policy
-    # With --overlap, acting draws its Gumbel noise from its own generator: the update's shuffles run
-    # at the same time on the main thread, and one shared generator would make runs irreproducible.
-    acting_rng = torch.Generator(device).manual_seed(torch_seed + 1) if cfg.overlap else None
-    actor = Actor(behaviour, learner_forward(behaviour, cfg.bf16, cfg.compile) if cfg.overlap else forward,
-                  generator=acting_rng, cudagraphs=cfg.cudagraphs, graph_batch_sizes=(cfg.recv_batch_size,))
-    timer, collect_timer = PhaseTimer(device), PhaseTimer(device)
-    collector = make_collector(cfg, envs, info, device, collect_timer)
-    bufs = collector.allocate(cfg.num_steps, 2 if cfg.overlap else 1)
-    background = BackgroundCollection(collector, device) if cfg.overlap else None
-    kl_ctl = AdaptiveKLCoef(cfg.kl_coef, cfg.kl_min, cfg.kl_max)
-    tracker = None
-    if cfg.track and main:
-        tracker = tracking.Tracker.start(run_dir, project=cfg.wandb_project, entity=cfg.wandb_entity,
-                                         group=cfg.wandb_group, tags=cfg.wandb_tags, config=cfg.to_dict())
-    logger = RunLogger(run_dir, cfg.num_iterations * cfg.global_batch_size, log_every=cfg.log_every,
-                       log_seconds=cfg.log_seconds, tracker=tracker,
-                       title=f"fastppo {cfg.env_id}  {run_dir}") if main else _Quiet()
-
-    recent_returns: collections.deque[float] = collections.deque(maxlen=cfg.target_return_games)
-    first_iteration, global_step, elapsed = 1, 0, 0.0
-    if resume_state is not None:
-        logger.phase("replay")
-        restore(resume_state, policy, optimizer, kl_ctl, collector, world.rank)
-        first_iteration = resume_state["iteration"] + 1
-        global_step, elapsed = resume_state["global_step"], resume_state["elapsed"]
-        recent_returns.extend(resume_state.get("recent_returns", []))
-    start_step = global_step
-    start_time = time.time()
-    eval_time = 0.0  # SPS leaves out time spent evaluating (training envs idle)
-    metrics: dict = {}
-    stopped_by = "total_timesteps"
-    exit_code = 1
-    stop = StopOnSignal()
-    stop.install()
-    try:
-        if background is not None:
-            collector.collect(actor, bufs[0])  # rollout 1: nothing to overlap with yet
-        for iteration in range(first_iteration, cfg.num_iterations + 1):
-            iteration_start = time.perf_counter()
-            if cfg.anneal_lr:
-                frac = 1.0 - (iteration - 1.0) / cfg.num_iterations
-                optimizer.param_groups[0]["lr"] = frac * cfg.learning_rate
-            lr = optimizer.param_groups[0]["lr"]
-
-            buf = bufs[(iteration - 1) % len(bufs)]
-            logger.phase("collect")
-            t_collect = time.perf_counter()
-            if background is None:
-                collector.collect(actor, buf)
-            games = collector.stats.pop()  # the games that ended in rollout k (before k+1 starts below)
-            if background is not None and iteration < cfg.num_iterations:
-                background.start(actor, bufs[iteration % 2])  # rollout k+1, theta' = the weights before this update
-            t_update = time.perf_counter()  # collect ends synchronised: each step waits for its actions
-            logger.phase("update")
-            global_step += cfg.global_batch_size
-            with timer.phase("gae"):
-                compute_advantages(buf, ops.gae, cfg.gamma, cfg.gae_lambda)
-            kl_coef = kl_ctl.beta
-            with timer.phase("update"):
-                stats = update(train_forward, optimizer, buf, cfg, ops, kl_coef)
-                if cfg.loss == "penalty":
-                    b = flatten(buf)
-                    stats["kl"] = policy_kl(forward, b["obs"], b["logits"], b["valid"], cfg.minibatch_size)
-            stats["explained_variance"] = explained_variance(
-                buf.values[:-1].reshape(-1), buf.returns.reshape(-1), buf.valid.reshape(-1)
-            )
-            if background is not None:
-                background.wait()
-                copy_weights(behaviour, policy)  # theta' <- theta for the next rollout
-
-            with timer.phase("logging", host=True):
-                # Host-device sync, deliberate: one per iteration, to log (and to decide beta on). The
-                # values are means over the ranks, so beta and the NaN stop are the same on all of them.
-                names = list(stats)
-                reduced = distributed.all_reduce_mean(torch.stack([stats[k].to(device, torch.float64) for k in names]))
-                values = dict(zip(names, reduced.tolist(), strict=True))
-            t_done = time.perf_counter()
-            if not math.isfinite(values["loss"]):
-                last = list_checkpoints(run_dir)
-                kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written"
-                raise TrainingDiverged(
-                    f"loss is {values['loss']} at iteration {iteration} (global step {global_step}); "
-                    f"stopping, {kept}"
-                )
-            if cfg.loss == "penalty":
-                kl_ctl.update(values["kl"])
-
-            returns, lengths = distributed.all_games(*games)  # the games of every rank
-            metrics = {
-                "global_step": global_step,
-                "iteration": iteration,
-                "num_iterations": cfg.num_iterations,
-                "charts/episodic_return": float(np.mean(returns)) if returns else None,
-                "charts/episodic_length": float(np.mean(lengths)) if lengths else None,
-                "charts/episodes": len(returns),
-                "charts/SPS": int((global_step - start_step) / max(time.time() - start_time - eval_time, 1e-9)),
-                "charts/learning_rate": lr,
-                "losses/policy_loss": values["policy_loss"],
-                "losses/value_loss": values["value_loss"],
-                "losses/entropy": values["entropy"],
-                "losses/approx_kl": values["approx_kl"],
-                "losses/old_approx_kl": values["old_approx_kl"],
-                "losses/clipfrac": values["clipfrac"],
-                "losses/explained_variance": values["explained_variance"],
-                "losses/kl": values["kl"],
-                "losses/kl_coef": kl_coef,
-                "losses/epochs": int(values["epochs"]),
-                "time/elapsed": elapsed + time.time() - start_time,
-                "perf/rollout_time": t_update - t_collect,
-                "perf/update_time": t_done - t_update,
-                **perf_metrics(timer, collect_timer, time.perf_counter() - iteration_start),
-            }
-            if main and cfg.eval_every and (iteration % cfg.eval_every == 0 or iteration == cfg.num_iterations):
-                logger.phase("eval")
-                t_eval = time.perf_counter()
-                metrics.update(eval_metrics(policy, info, cfg, iteration, device))
-                metrics["perf/eval_time"] = time.perf_counter() - t_eval
-                eval_time += metrics["perf/eval_time"]
-            with timer.phase("logging", host=True):
-                logger.log(metrics)
-
-            recent_returns.extend(returns)
-            reached = (cfg.target_return is not None and len(recent_returns) == recent_returns.maxlen
-                       and np.mean(recent_returns) >= cfg.target_return)
-            if reached:
-                if main:
-                    print(f"target return {cfg.target_return} reached: mean of the last {len(recent_returns)} "
-                          f"games is {np.mean(recent_returns):.2f} at global step {global_step}", flush=True)
-                stopped_by = "target_return"
-                break
-            if max_seconds is not None and distributed.any_rank(time.time() - start_time > max_seconds, device):
-                stopped_by = "max_seconds"
-                break
-            # Any rank's signal stops them all, after the same iteration.
-            stopping = distributed.any_rank(stop.signum is not None, device) and iteration != cfg.num_iterations
-            if stopping or (cfg.save_every and iteration % cfg.save_every == 0 and iteration != cfg.num_iterations):
-                logger.phase("checkpoint")
-                path = save(run_dir, iteration, checkpoint_state(
-                    cfg, policy, optimizer, iteration, global_step, kl_ctl, collector, metrics["time/elapsed"],
-                    list(recent_returns)))
-            if stopping:
-                signum = stop.signum or signal.SIGTERM  # a rank stopped by another rank's signal
-                exit_code = 128 + signum
-                raise TrainingInterrupted(
-                    signum, f"stopped by {signal.Signals(signum).name} after iteration {iteration} "
-                    f"(global step {global_step:,}); saved {path}; go on with: fastppo train --resume {run_dir}")
-        logger.phase("checkpoint")
-        path = save(run_dir, iteration, checkpoint_state(
-            cfg, policy, optimizer, iteration, global_step, kl_ctl, collector, metrics["time/elapsed"],
-            list(recent_returns)))
-        if tracker is not None:
-            tracker.log_model(path, global_step)
-        exit_code = 0
-    finally:
-        if background is not None and background.thread is not None:
-            background.thread.join()  # an error in the update: let the collection finish before closing the envs
-        stop.restore()
-        logger.close()
-        if tracker is not None:
-            tracker.finish(exit_code)
-        envs.close()
-    return dict(metrics, stopped_by=stopped_by)

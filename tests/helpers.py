@@ -3,22 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 
-from fastppo.plot import recent_means
-
-
-def read_metrics(run_dir) -> list[dict]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def best_recent_return(metrics: list[dict], games: int = 10) -> float:
-    """The best mean full-game return over the latest >= `games` games at any metrics line."""
-    lines = [m for m in metrics if m["charts/episodes"]]
-    means = recent_means([m["charts/episodic_return"] for m in lines], [m["charts/episodes"] for m in lines], games)
-    return max((r for r in means if r is not None), default=float("-inf"))
-
+from fastppo.logger import read_metrics  # noqa: F401  (the one reader of metrics.jsonl, re-exported for the tests)
 
 TIMING_KEYS = ("charts/SPS", "time/elapsed")
 

@@ -216,7 +216,7 @@ def test_envpool_async_cartpole_masks_and_scores():
 def test_async_columns_on_cuda(cudagraphs):
     """The CUDA data path (pinned staging, non-blocking copies, index_copy_ on the device, graphed
     acting) assembles the same columns."""
-    from fastppo.perf import Actor
+    from fastppo.policy import Actor
 
     torch.manual_seed(0)
     policy = make_policy(INFO).cuda()
@@ -239,7 +239,7 @@ def test_graphed_acting_draws_what_eager_acting_draws(own_generator):
     """A CUDA graph's Gumbel noise is filled outside the graph from the actor's generator: graphed
     and eager acting give the same actions from the same RNG state, capturing draws nothing, and the
     default generator is left alone when the actor has its own (the --overlap thread's)."""
-    from fastppo.perf import Actor
+    from fastppo.policy import Actor
 
     torch.manual_seed(0)
     policy = make_policy(env_info("Pong-v5")).cuda()

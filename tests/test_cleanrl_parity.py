@@ -136,7 +136,7 @@ def test_cleanrl_preset_update_is_cleanrls(one_torch_thread, target_kl):
     info = env_info("Pong-v5")
     cfg = Config(env_id="Pong-v5", preset="cleanrl", num_envs=N, num_steps=T, device="cpu", kernels="torch",
                  target_kl=target_kl)
-    cfg = resolve(apply_preset(cfg, {"num_envs", "num_steps", "target_kl", "kernels"}), info)
+    cfg = resolve(apply_preset(cfg), info)
     assert (cfg.clip_coef, cfg.update_epochs, cfg.num_minibatches, cfg.minibatch_by, cfg.advantages) == (
         0.1, 4, 4, "sample", "rollout")
 

@@ -3,6 +3,8 @@ one rank matches the plain run, bad launches fail fast, and two ranks learn Cart
 
 from __future__ import annotations
 
+import glob
+import json
 import os
 import shutil
 import signal
@@ -137,7 +139,7 @@ def test_two_ranks_stay_identical_and_only_rank0_writes(tmp_path):
     runs = os.listdir(work / "runs")
     assert len(runs) == 1, runs
     run_dir = work / "runs" / runs[0]
-    assert sorted(os.listdir(run_dir)) == ["checkpoints", "config.json", "metrics.jsonl"]
+    assert sorted(os.listdir(run_dir)) == [".lock", "checkpoints", "config.json", "metrics.jsonl"]
     metrics = read_metrics(run_dir)
     assert [m["global_step"] for m in metrics] == [512 * i for i in range(1, 9)]  # 2 ranks x 2 envs x 128
     assert proc.stdout.count("iter 1/8 ") == 1  # one progress line per iteration, from rank 0
@@ -240,14 +242,17 @@ def test_two_ranks_resume_exactly(tmp_path):
 
 
 def test_resume_with_another_world_size_is_refused(tmp_path, capsys):
+    """A run made by 2 ranks (here: a plain run relabelled so, in its checkpoint and its folder)."""
     run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "checkpoints").mkdir()
-    config = {"world_size": 2, "num_envs": 2, "env_id": "CartPole-v1"}
-    torch.save({"model": {}, "config": config, "iteration": 1, "global_step": 512, "optimizer": {}, "rng": {},
-                "actions": torch.zeros(128, 4), "kl_coef": 1.0, "elapsed": 1.0},
-               run_dir / "checkpoints" / "ckpt_0000001.pt")
-    assert main(["train", "--resume", str(run_dir)]) == 2
+    assert main([*CARTPOLE, "--num-envs", "2", "--total-timesteps", "512", "--run-dir", str(run_dir)]) == 0
+    [path] = glob.glob(str(run_dir / "checkpoints" / "*.pt"))
+    state = torch.load(path, weights_only=True)
+    state["config"]["world_size"] = 2
+    torch.save(state, path)
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps(dict(config, world_size=2)))
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run_dir), "--total-timesteps", "4096"]) == 2
     assert "was trained by 2 rank(s); resume it with 2 (this launch has 1)" in capsys.readouterr().err
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fastppo.cli import main
-from fastppo.plot import recent_means
+from fastppo.logger import RecentReturns
 
 CARTPOLE = ["train", "--env-id", "CartPole-v1", "--device", "cpu"]
 
@@ -85,10 +85,10 @@ def test_plot_bad_input(cartpole_run, tmp_path, args, message, capsys):
     assert message in err and err.count("\n") == 1
 
 
-def test_recent_means_weight_whole_lines_by_their_games():
-    # lines: (mean, games); the window is the fewest latest lines holding >= 3 games
-    means = recent_means([-21.0, -19.0, -20.0, -15.0], [1, 1, 2, 4], window=3)
-    assert means[:2] == [None, None]
-    assert means[2] == pytest.approx((-19 - 2 * 20) / 3)  # lines 1 and 2 hold 3 games
-    assert means[3] == pytest.approx(-15.0)  # the last line alone holds 4 games
-    assert recent_means([], [], window=10) == []
+def test_recent_return_is_the_mean_of_exactly_the_last_n_games():
+    recent = RecentReturns(3)
+    assert recent.mean() is None
+    recent.extend([-21.0, -19.0])
+    assert recent.mean() is None  # fewer than 3 games: no recent return yet
+    recent.extend([-20.0, -15.0])
+    assert recent.mean() == pytest.approx((-19 - 20 - 15) / 3) and recent.state() == [-19.0, -20.0, -15.0]

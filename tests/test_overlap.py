@@ -15,8 +15,8 @@ from fastppo.advantage import compute_advantages
 from fastppo.cli import main
 from fastppo.config import Config, resolve
 from fastppo.envs import env_info, make_envs
-from fastppo.perf import Actor, copy_weights
-from fastppo.policy import make_policy
+from fastppo.perf import copy_weights
+from fastppo.policy import Actor, make_policy
 from fastppo.rollout import AsyncCollector, BackgroundCollection, Collector
 from fastppo.trainer import update
 

@@ -81,13 +81,13 @@ def test_checkpoint_killed_between_write_and_rename_keeps_the_previous_one(tmp_p
     script = f"""
 import os, signal, torch
 import fastppo.checkpoint as ck
-ck.save_checkpoint({str(run_dir)!r}, 1, {{"model": {{"w": torch.ones(3)}}, "config": {{}}, "iteration": 1,
-                                        "global_step": 8}})
+ck.save_checkpoint({str(run_dir)!r}, 1, {{"model": {{"w": torch.ones(3)}}, "config": {{"env_id": "CartPole-v1"}},
+                                        "iteration": 1, "global_step": 8}})
 def killed(src, dst):
     os.kill(os.getpid(), signal.SIGKILL)
 ck.os.replace = killed
-ck.save_checkpoint({str(run_dir)!r}, 2, {{"model": {{"w": torch.zeros(3)}}, "config": {{}}, "iteration": 2,
-                                        "global_step": 16}})
+ck.save_checkpoint({str(run_dir)!r}, 2, {{"model": {{"w": torch.zeros(3)}}, "config": {{"env_id": "CartPole-v1"}},
+                                        "iteration": 2, "global_step": 16}})
 """
     proc = subprocess.run([sys.executable, "-c", script], env=subprocess_env(), capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
@@ -304,6 +304,7 @@ class Terminal(io.StringIO):
 def fake_metrics(iteration: int, n: int, ret: float | None, games: int) -> dict:
     return {"global_step": 100 * iteration, "iteration": iteration, "num_iterations": n, "charts/SPS": 1000,
             "charts/episodic_return": ret, "charts/episodic_length": ret, "charts/episodes": games,
+            "charts/recent_return": ret,
             "losses/policy_loss": 0.1, "losses/value_loss": 1.0, "losses/entropy": 0.6, "losses/kl": 0.01,
             "time/elapsed": 0.1 * iteration}
 

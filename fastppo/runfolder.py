@@ -1,0 +1,113 @@
+"""The run folder a training process owns: locked while it trains, left as it was when a start fails.
+
+* Lock. A run folder holds one writer at a time: the trainer takes an advisory lock (``flock``) on
+  ``<run>/.lock`` before it reads or changes anything in the folder and keeps it until it exits
+  (the kernel drops it when the process dies, ``kill -9`` included). The holder's PID is written in
+  the file, so a second ``fastppo train --resume`` on the same folder stops with one line naming it.
+* A new run's folder is claimed (checked, made, locked) before the envs exist, but nothing that
+  makes it a run (config.json, metrics.jsonl, checkpoints, W&B files) is written until training
+  starts. If the start fails or a SIGINT/SIGTERM arrives first, :meth:`RunFolder.abandon` removes
+  what the start made (the folder itself when it made it), so the same command can simply be run
+  again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+
+from fastppo.config import RUN_MARKERS, ConfigError, check_run_dir
+
+LOCK_FILE = ".lock"
+# Everything a start may write in a folder that already existed (empty of run files) before it
+_START_FILES = (*RUN_MARKERS, LOCK_FILE, "wandb_run.json", "wandb", "videos", "tensorboard", "README.md")
+
+
+class RunFolder:
+    """A locked run folder; ``committed`` once training started (until then abandon() undoes the start)."""
+
+    def __init__(self, path: str, fd: int, made: bool, new: bool):
+        self.path = path
+        self.fd = fd
+        self.made = made  # the folder did not exist before this process
+        self.new = new  # a new run (not a resume)
+        self.committed = not new
+
+    @classmethod
+    def claim_new(cls, path: str, flag: str = "--run-dir") -> RunFolder:
+        """Check (config.check_run_dir), make and lock the folder of a new run. ConfigError on failure."""
+        check_run_dir(path, flag)
+        made = not os.path.exists(path)
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"--run-dir {path!r}: cannot make the folder ({e.strerror})") from None
+        try:
+            fd = _lock(path)
+            check_run_dir(path, flag)  # a process that claimed the folder meanwhile has written its config
+        except BaseException:
+            if made:
+                shutil.rmtree(path, ignore_errors=True)
+            raise
+        return cls(path, fd, made, new=True)
+
+    @classmethod
+    def lock_existing(cls, path: str) -> RunFolder:
+        """Lock the folder of a run to resume; ConfigError when another process holds it."""
+        if not os.path.isdir(path):
+            raise ConfigError(f"--resume {path!r}: no such run folder")
+        return cls(path, _lock(path), made=False, new=False)
+
+    def commit(self) -> None:
+        """Training starts: from here on the folder holds a run and is never removed."""
+        self.committed = True
+
+    def abandon(self) -> None:
+        """Undo an uncommitted start: remove the folder it made, or the files it wrote; then unlock."""
+        if not self.committed:
+            if self.made:
+                shutil.rmtree(self.path, ignore_errors=True)
+            else:
+                for name in _START_FILES:
+                    target = os.path.join(self.path, name)
+                    if os.path.isdir(target) and not os.path.islink(target):
+                        shutil.rmtree(target, ignore_errors=True)
+                    elif os.path.lexists(target):
+                        with contextlib.suppress(OSError):
+                            os.remove(target)
+        self.release()
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing the descriptor drops the lock
+            self.fd = -1
+
+
+def _lock(path: str) -> int:
+    """Take the folder's lock (non-blocking) and write this PID in it; ConfigError naming the holder."""
+    lock_path = os.path.join(path, LOCK_FILE)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ConfigError(f"cannot lock the run folder {path!r} ({e.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise ConfigError(f"the run folder {path!r} is in use by process {holder} (another fastppo train); "
+                          f"wait for it to end or stop it first") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def holder_pid(path: str) -> int | None:
+    """The PID written in a run folder's lock file (the last process that held it), or None."""
+    try:
+        with open(os.path.join(path, LOCK_FILE)) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
