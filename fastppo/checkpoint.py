@@ -116,7 +116,10 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
         raise CheckpointError(f"checkpoint {path!r} does not exist")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:  # torch's message suggests weights_only=False: never relay that
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):  # not a pickle at all
+            raise CheckpointError(f"cannot read checkpoint {path!r}: not a torch checkpoint") from None
+        # torch's message suggests loading with weights_only=False, i.e. running the file's code: never relay that
         raise CheckpointError(f"cannot read checkpoint {path!r}: it holds Python objects other than tensors "
                               f"and plain data, and fastppo reads checkpoints as data only") from None
     except Exception as e:  # truncated zip, not a torch file at all

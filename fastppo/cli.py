@@ -11,6 +11,7 @@ Exit codes: 0 done, 1 the loss diverged (NaN) or the run folder could not be wri
 from __future__ import annotations
 
 import sys
+import typing
 
 import tyro
 
@@ -22,12 +23,43 @@ from fastppo.evaluate import EvalConfig
 from fastppo.plot import PlotConfig
 
 USER_ERRORS = (ConfigError, EnvError, CheckpointError)
+SUBCOMMANDS = {"train": Config, "eval": EvalConfig, "plot": PlotConfig, "bench": BenchConfig}
+
+
+def literal_choices(annotation) -> tuple[str, ...]:
+    """The values of a Literal[...] (or Literal[...] | None) annotation; () for any other type."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return typing.get_args(annotation)
+    return tuple(v for arg in typing.get_args(annotation) for v in literal_choices(arg))
+
+
+def check_choices(cls: type, argv: list[str]) -> None:
+    """ConfigError, on one line naming the allowed values, for a bad value of a choice flag.
+
+    tyro catches these too, but in a box wrapped to the terminal's width; the rest of the parsing is
+    tyro's.
+    """
+    hints = typing.get_type_hints(cls, include_extras=False)
+    for i, token in enumerate(argv):
+        name, eq, value = token[2:].partition("=") if token.startswith("--") else ("", "", "")
+        choices = literal_choices(hints.get(name.replace("-", "_")))
+        if not choices or (not eq and i + 1 >= len(argv)):
+            continue  # not a choice flag, or its value is missing (tyro says so)
+        value = value if eq else argv[i + 1]
+        if value not in choices:
+            raise ConfigError(f"--{name} {value!r} is not one of {', '.join(map(str, choices))}")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in SUBCOMMANDS:
+            check_choices(SUBCOMMANDS[argv[0]], argv[1:])
+    except ConfigError as e:
+        print(f"fastppo: error: {e}", file=sys.stderr)
+        return 2
     args = tyro.extras.subcommand_cli_from_dict(
-        {"train": Config, "eval": EvalConfig, "plot": PlotConfig, "bench": BenchConfig},
+        SUBCOMMANDS,
         prog="fastppo",
         description="fastppo: high-throughput PPO on EnvPool.",
         args=argv,

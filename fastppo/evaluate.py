@@ -32,7 +32,7 @@ EVAL_SEED_OFFSET = 1_000_000  # eval pools never share a seed with the training 
 @dataclass
 class EvalConfig:
     run: tyro.conf.Positional[str]
-    """run folder (runs/<name>)"""
+    """run folder (runs/<name>), or one of its checkpoint files"""
     checkpoint: str | None = None
     """checkpoint file to load (default: the run's newest)"""
     episodes: int = 10
@@ -119,11 +119,19 @@ def write_video(frames: list[np.ndarray], path: str, fps: int) -> None:
     imageio.mimwrite(path, frames, fps=fps, codec="libx264", pixelformat="yuv420p", macro_block_size=2)
 
 
+def run_folder(path: str) -> str:
+    """The run folder of a run folder or of one of its checkpoint files (<run>/checkpoints/ckpt_*.pt)."""
+    if os.path.isdir(path):
+        return path
+    parent = os.path.dirname(os.path.abspath(path))
+    return os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else parent
+
+
 def run_eval(ecfg: EvalConfig, stream=None) -> Games:
     """``fastppo eval``: print the scores; write (and log) the video. Raises ConfigError / CheckpointError."""
     import sys
 
-    from fastppo.checkpoint import load_checkpoint
+    from fastppo.checkpoint import CheckpointError, load_checkpoint, non_finite
     from fastppo.envs import env_info
     from fastppo.policy import make_policy
     from fastppo.tracking import Tracker, tracked_run, wandb_installed
@@ -142,6 +150,12 @@ def run_eval(ecfg: EvalConfig, stream=None) -> Games:
         except ImportError:
             raise ConfigError("--video needs imageio and imageio-ffmpeg: pip install 'fastppo[video]'") from None
     state = load_checkpoint(ecfg.checkpoint if ecfg.checkpoint is not None else ecfg.run)
+    bad = non_finite({"model": state["model"]})
+    if bad is not None:
+        raise CheckpointError(f"{state['path']!r} holds a non-finite {bad} (the run diverged); evaluate an earlier "
+                              f"checkpoint")
+    run_dir = run_folder(ecfg.run)
+    known = tracked_run(run_dir) if ecfg.track else None  # a damaged record is an error before any game
     cfg = state["config"]
     info = env_info(cfg["env_id"])
     auto = "cuda" if torch.cuda.is_available() else "cpu"
@@ -167,12 +181,11 @@ def run_eval(ecfg: EvalConfig, stream=None) -> Games:
     video_path = None
     if ecfg.video:
         name = os.path.splitext(os.path.basename(state["path"]))[0]
-        video_path = os.path.join(ecfg.run, "videos", f"{name}_{how}.mp4")
+        video_path = os.path.join(run_dir, "videos", f"{name}_{how}.mp4")
         write_video(games.frames, video_path, fps=15 if info.is_atari else 50)  # Atari: 60 Hz / frame skip 4
         print(f"video: {video_path} ({len(games.frames)} frames of game 1, score {r[0]:.2f})", file=stream)
-    known = tracked_run(ecfg.run)
-    if ecfg.track and known is not None and wandb_installed():
-        tracker = Tracker.start(ecfg.run, project=known["project"], entity=known["entity"], job_type="eval")
+    if known is not None and wandb_installed():
+        tracker = Tracker.start(run_dir, project=known["project"], entity=known["entity"], job_type="eval")
         if video_path is not None:
             tracker.log_video(video_path, scores)
         else:

@@ -32,12 +32,31 @@ def wandb_installed() -> bool:
 
 
 def tracked_run(run_dir: str) -> dict | None:
-    """The W&B run this run folder logs to ({"id", "project", "entity"}), or None."""
+    """The W&B run this run folder logs to ({"id", "project", "entity"}), or None.
+
+    Raises ConfigError (one line) when the folder's wandb_run.json does not read as such a record.
+    """
+    from fastppo.config import ConfigError
+
     path = os.path.join(run_dir, RUN_FILE)
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            known = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path!r} does not read ({type(e).__name__}); fix or remove it (it names the run's "
+                          f"W&B run)") from None
+    if (not isinstance(known, dict) or not isinstance(known.get("id"), str) or not isinstance(known.get("project"), str)
+            or not isinstance(known.get("entity"), (str, type(None)))):
+        raise ConfigError(f"{path!r} is not a W&B run record (id, project, entity); fix or remove it")
+    return known
+
+
+def _write_run_file(run_dir: str, record: dict) -> None:
+    with open(os.path.join(run_dir, RUN_FILE), "w") as f:
+        json.dump(record, f)
+        f.write("\n")
 
 
 def _first_line(e: Exception) -> str:
@@ -64,9 +83,11 @@ class Tracker:
             run_id, project, entity = known["id"], known["project"], known["entity"]
         else:
             run_id = secrets.token_hex(4)  # not `random`: the run's RNG streams stay untouched
-            with open(os.path.join(run_dir, RUN_FILE), "w") as f:
-                json.dump({"id": run_id, "project": project, "entity": entity}, f)
-                f.write("\n")
+            try:
+                _write_run_file(run_dir, {"id": run_id, "project": project, "entity": entity})
+            except OSError as e:
+                warn(f"cannot write {os.path.join(run_dir, RUN_FILE)} ({e.strerror}); tracking is off")
+                return cls(None)
         kwargs = dict(
             project=project, entity=entity, group=group, tags=list(tags) or None, config=config, id=run_id,
             resume="allow", name=os.path.basename(os.path.normpath(run_dir)), dir=run_dir, job_type=job_type,
@@ -99,9 +120,10 @@ class Tracker:
             run = wandb.init(mode="offline", **kwargs)
         except Exception as e:
             return None, f"{first}; {_first_line(e)}"
-        with open(os.path.join(run_dir, RUN_FILE), "w") as f:
-            json.dump({"id": kwargs["id"], "project": kwargs["project"], "entity": kwargs["entity"]}, f)
-            f.write("\n")
+        try:
+            _write_run_file(run_dir, {"id": kwargs["id"], "project": kwargs["project"], "entity": kwargs["entity"]})
+        except OSError as e:
+            first = f"{first}; cannot record the new run id: {e.strerror}"
         return run, f" as a new run {kwargs['id']} ({first})"
 
     def _call(self, what: str, fn, *args, **kwargs) -> None:

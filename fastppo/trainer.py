@@ -501,6 +501,8 @@ def prepare_resume(cfg: Config, world: World | None = None) -> Prepared:
             raise ConfigError(f"the run in {cfg.resume!r} was trained by {saved_world} rank(s); resume it with "
                               f"{saved_world} (this launch has {world.size})")
         cfg = resume_config(state["config"], cfg)
+        if cfg.track:
+            tracking.tracked_run(cfg.run_dir)  # a damaged W&B record is an error now, not after the envs exist
         info = env_info(cfg.env_id)
         cfg = resolve(cfg, info, world.size)
         iteration = state["iteration"]
