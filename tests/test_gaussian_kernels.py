@@ -14,6 +14,8 @@ passed as param.expand(M, D) (stride 0 on dim 0), whose gradient autograd sums o
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
 import os
 import subprocess
@@ -523,6 +525,17 @@ def test_gaussian_kernel_compiles_for_sm90() -> None:
                          timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("built") == 3
+
+
+def test_bench_smoke_has_gaussian_rows(tmp_path: Path) -> None:
+    """bench/bench_kernels.py --smoke times gaussian_ppo_loss for every provider it has."""
+    spec = importlib.util.spec_from_file_location("bench_kernels", ROOT / "bench" / "bench_kernels.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = json.loads(bench.main(["--smoke", "--out", str(tmp_path)]).read_text())["rows"]
+    gaussian = [r for r in rows if r["op"] == "gaussian_ppo_loss"]
+    assert {r["provider"] for r in gaussian} >= {"triton", "torch"}
+    assert all(r["both_us"] > 0 and r["gbps"] > 0 for r in gaussian)
 
 
 # ---------------------------------------------------------------------------------------------
