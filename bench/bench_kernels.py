@@ -7,6 +7,8 @@ Rows (median microseconds, triton.testing.do_bench):
   gae            T=128, N=M/128 and T=128, N=4096: impl loop, impl scan, torch, torch.compile
   ppo_loss       M in {256, 1024, 8192, 32768, 131072} x A in {6, 18}: forward, backward, both
   gae_ppo_loss   T=128, n=M/128 x A in {6, 18}: the fused op against reference.gae_ppo_loss
+  gaussian_ppo_loss  M as ppo_loss x D in {6, 17} action dims, a state-independent (1, D) log-std
+                 expanded to (M, D) (CleanRL's continuous policy): forward, backward, both
 
 Triton's loss "forward" already computes the gradients (its backward is a scale by grad_output),
 so the column to compare across providers is "both". GB/s is the op's minimum traffic (the bytes
@@ -32,6 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = (256, 1024, 8192, 32768, 131072)
 ACTIONS = (6, 18)
+ACTION_DIMS = (6, 17)  # continuous actions: e.g. HalfCheetah and Humanoid
 T_GAE = 128
 CLIP = dict(clip_coef=0.2, vf_coef=0.5, ent_coef=0.01)
 
@@ -91,6 +94,34 @@ def fused_inputs(T: int, n: int, A: int, device: torch.device) -> tuple[list[tor
     return args, dict(CLIP, gamma=0.99, gae_lambda=0.95, mask=torch.rand(T, n, device=device) < 0.9)
 
 
+def gaussian_inputs(M: int, D: int, device: torch.device) -> tuple[list[torch.Tensor], dict]:
+    """mean (M, D) and a shared log-std parameter (1, D) (see shared_log_std), both requiring grad."""
+    from fastppo.kernels import reference
+
+    mean = torch.randn(M, D, device=device, requires_grad=True)
+    log_std = torch.full((1, D), -0.5, device=device, requires_grad=True)
+    values = torch.randn(M, device=device, requires_grad=True)
+    actions = mean.detach() + log_std.detach().exp() * torch.randn(M, D, device=device)
+    old_logp = reference.gaussian_log_prob(mean.detach(), log_std.detach(), actions) + 0.1 * torch.randn(
+        M, device=device)
+    rest = [torch.randn(M, device=device) for _ in range(3)]  # advantages, old_values, returns
+    args = [mean, log_std, actions, old_logp, rest[0], values, rest[1], rest[2]]
+    return args, dict(CLIP, mask=torch.rand(M, device=device) < 0.9)
+
+
+def shared_log_std(fn: Callable) -> Callable:
+    """fn with its log_std argument given as the (1, D) parameter, expanded to (M, D) inside (so the
+    timed backward includes autograd's sum of the per-sample log-std gradient)."""
+    return lambda mean, log_std, *rest, **kw: fn(mean, log_std.expand_as(mean), *rest, **kw)
+
+
+def gaussian_loss_bytes(M: int, D: int, esize: int = 4) -> int:
+    """mean and actions read, dmean and dlog_std written (M, D); the shared log-std read once; the 5
+    float vectors + mask read, dvalues written (gaussian_loss.py's model; autograd's sum of dlog_std
+    over the samples is not counted)."""
+    return M * D * esize * 4 + D * esize + M * (4 * 5 + 1) + M * 4
+
+
 def loss_bytes(M: int, A: int, esize: int = 4) -> int:
     """dlogits and dvalues written, logits and 6 vectors (int64 actions) + mask read."""
     return M * A * esize * 2 + M * (8 + 4 * 5 + 1) + M * 4
@@ -136,6 +167,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     from fastppo.kernels import gae as gae_mod
     from fastppo.kernels import gae_loss as gae_loss_mod
+    from fastppo.kernels import gaussian_loss as gaussian_loss_mod
     from fastppo.kernels import loss as loss_mod
     from fastppo.kernels import reference
 
@@ -144,14 +176,16 @@ def main(argv: list[str] | None = None) -> Path:
         sys.exit("bench_kernels --smoke on CPU: the kernels were imported without TRITON_INTERPRET=1")
     bench = timer(args.smoke)
     sizes, actions, gae_shapes = SIZES, ACTIONS, [(T_GAE, M // T_GAE) for M in SIZES] + [(T_GAE, 4096)]
+    action_dims = ACTION_DIMS
     if args.smoke:
-        sizes, actions, gae_shapes = (256,), (6,), [(8, 4)]
+        sizes, actions, gae_shapes, action_dims = (256,), (6,), [(8, 4)], (6,)
     # torch.compile on CPU builds C++ for ~20 s a variant: left out of the CPU smoke run.
     compile_ok = device.type == "cuda"
     compiled = {}
     if compile_ok:
         compiled = dict(gae=torch.compile(reference.gae), ppo_loss=torch.compile(reference.ppo_loss),
-                        gae_ppo_loss=torch.compile(reference.gae_ppo_loss))
+                        gae_ppo_loss=torch.compile(reference.gae_ppo_loss),
+                        gaussian_ppo_loss=torch.compile(shared_log_std(reference.gaussian_ppo_loss)))
     copy = copy_gbps(device, bench, args.smoke)
     rows: list[dict] = []
 
@@ -184,6 +218,14 @@ def main(argv: list[str] | None = None) -> Path:
                 providers["torch.compile"] = compiled["gae_ppo_loss"]
             rows += fwd_bwd_rows("gae_ppo_loss", f"T={T} n={n} A={A}", providers, fargs, fkw, bench,
                                  fused_bytes(T, n, A), copy)
+        for D in action_dims:
+            gargs, gkw = gaussian_inputs(M, D, device)
+            providers = {"triton": shared_log_std(gaussian_loss_mod.gaussian_ppo_loss),
+                         "torch": shared_log_std(reference.gaussian_ppo_loss)}
+            if compile_ok:
+                providers["torch.compile"] = compiled["gaussian_ppo_loss"]
+            rows += fwd_bwd_rows("gaussian_ppo_loss", f"M={M} D={D}", providers, gargs, gkw, bench,
+                                 gaussian_loss_bytes(M, D), copy)
 
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter; times meaningless)"
     result = dict(gpu=gpu, torch=torch.__version__, triton=triton.__version__, commit=git_commit(),
@@ -195,12 +237,12 @@ def main(argv: list[str] | None = None) -> Path:
 
     print(f"{gpu} | torch {torch.__version__} | triton {triton.__version__} | commit {result['commit']} | "
           f"copy {copy:.0f} GB/s")
-    header = (f"{'op':<13} {'shape':<20} {'provider':<14} {'fwd us':>9} {'bwd us':>9} {'both us':>9} "
+    header = (f"{'op':<17} {'shape':<20} {'provider':<14} {'fwd us':>9} {'bwd us':>9} {'both us':>9} "
               f"{'GB/s':>8} {'%copy':>6}")
     print(header)
     print("-" * len(header))
     for row in rows:
-        print(f"{row['op']:<13} {row['shape']:<20} {row['provider']:<14} {fmt(row['fwd_us']):>9} "
+        print(f"{row['op']:<17} {row['shape']:<20} {row['provider']:<14} {fmt(row['fwd_us']):>9} "
               f"{fmt(row['bwd_us']):>9} {fmt(row['both_us']):>9} {row['gbps']:>8.1f} {row['pct_copy']:>6.1f}")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

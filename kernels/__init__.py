@@ -2,7 +2,8 @@
 
 Installed as ``fastppo.kernels`` (the source lives in the top-level ``kernels/`` folder).
 ``reference`` holds the torch versions, which are the CPU path and the test oracle; ``gae``,
-``loss`` and ``gae_loss`` hold the Triton twins (imported lazily: ``import fastppo.kernels`` works
+``loss`` and ``gae_loss`` (categorical policies) and ``gaussian_loss`` (diagonal-Gaussian policies,
+continuous actions) hold the Triton twins (imported lazily: ``import fastppo.kernels`` works
 without triton). ``select(kind, device)`` returns the op set the trainer uses.
 """
 
@@ -17,20 +18,32 @@ from fastppo.kernels import reference
 
 
 class Ops(NamedTuple):
-    """The op set the trainer calls; every member follows ``reference``'s signature."""
+    """The op set the trainer calls; every member follows ``reference``'s signature of its name.
+
+    ppo_loss / gae_ppo_loss take categorical logits; gaussian_ppo_loss / gae_gaussian_ppo_loss take
+    the mean and log-std of a diagonal-Gaussian policy (continuous actions).
+    """
 
     name: str
     gae: object
     ppo_loss: object
     gae_ppo_loss: object
+    gaussian_ppo_loss: object
+    gae_gaussian_ppo_loss: object
+
+
+def _reference_ops() -> Ops:
+    return Ops("torch", reference.gae, reference.ppo_loss, reference.gae_ppo_loss, reference.gaussian_ppo_loss,
+               reference.gae_gaussian_ppo_loss)
 
 
 def _triton_ops() -> Ops:
     from fastppo.kernels.gae import gae
     from fastppo.kernels.gae_loss import gae_ppo_loss
+    from fastppo.kernels.gaussian_loss import gae_gaussian_ppo_loss, gaussian_ppo_loss
     from fastppo.kernels.loss import ppo_loss
 
-    return Ops("triton", gae, ppo_loss, gae_ppo_loss)
+    return Ops("triton", gae, ppo_loss, gae_ppo_loss, gaussian_ppo_loss, gae_gaussian_ppo_loss)
 
 
 def _interpreted() -> bool:
@@ -55,7 +68,7 @@ def select(kind: str, device: torch.device | str) -> Ops:
     if kind not in ("auto", "torch", "triton"):
         raise ValueError(f"kernels must be one of auto, torch, triton; got {kind!r}")
     device = torch.device(device)
-    reference_ops = Ops("torch", reference.gae, reference.ppo_loss, reference.gae_ppo_loss)
+    reference_ops = _reference_ops()
     if kind == "torch":
         return reference_ops
     if kind == "auto":

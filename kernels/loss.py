@@ -25,7 +25,9 @@ Launches: (1) when there is a mask or norm_adv, a pre-reduction of the advantage
 (count, mean, M2) triples (a few dozen blocks); (2) the main kernel, BLOCK_M samples per program:
 softmax, losses, gradients, and per-program partial sums of the eight statistics; (3) a one-program
 finalize that sums the partials into the loss and the stats. Every program of (2) combines the
-triples of (1) itself, so no launch waits on a host value and nothing syncs.
+triples of (1) itself, so no launch waits on a host value and nothing syncs. The pieces of (2) that
+do not depend on the policy's distribution (sample weights, surrogate, value loss, partial sums)
+are @triton.jit helpers that ``gaussian_loss`` shares, as it shares (1) and (3).
 
 Bytes moved, fp32 logits: read M*A*4 (logits) + M*(8 + 4*5 + 1) (action, old_logp, advantage,
 value, old value, return, mask), write M*A*4 (dlogits) + M*4 (dvalues); old_logits add M*A*4.
@@ -92,6 +94,105 @@ def _log_softmax(x_ptr, rows, cols, rmask, cmask, stride_m, stride_a):
 
 
 @triton.jit
+def sample_weights(mask_ptr, adv_stats_ptr, rows, rmask, M, n_adv_stats, stride_mask,
+                   BLOCK_G: tl.constexpr, HAS_MASK: tl.constexpr, NORM_ADV: tl.constexpr):
+    """(valid, scale, n_valid, adv_mean, adv_m2) of a block of rows: the valid samples, n = their count
+    (which every mean divides by), scale = valid / max(n, 1) = d(masked mean)/d(sample), and the
+    advantages' (mean, M2) over the valid samples, combined from the pre-reduced (count, mean, M2)
+    triples (0 when neither HAS_MASK nor NORM_ADV: then nothing was pre-reduced)."""
+    valid = rmask
+    if HAS_MASK:
+        valid = valid & (tl.load(mask_ptr + rows * stride_mask, mask=rmask, other=0) != 0)
+    adv_mean = 0.0
+    adv_m2 = 0.0
+    if HAS_MASK or NORM_ADV:
+        g = tl.arange(0, BLOCK_G)
+        gm = g < n_adv_stats
+        n_valid, adv_mean, adv_m2 = reduce_stats(
+            tl.load(adv_stats_ptr + g * 3, mask=gm, other=0.0),
+            tl.load(adv_stats_ptr + g * 3 + 1, mask=gm, other=0.0),
+            tl.load(adv_stats_ptr + g * 3 + 2, mask=gm, other=0.0), 0)
+    else:
+        n_valid = M * 1.0
+    scale = tl.where(valid, 1.0 / tl.maximum(n_valid, 1.0), 0.0)
+    return valid, scale, n_valid, adv_mean, adv_m2
+
+
+@triton.jit
+def surrogate(logratio, adv_raw, valid, n_valid, adv_mean, adv_m2, clip_coef, kl_coef,
+              NORM_ADV: tl.constexpr, CLIP: tl.constexpr, K3_PENALTY: tl.constexpr):
+    """Per-sample (pg, dloss_i/dlogratio_i before the 1/n scale, k3, clipped) from the log-ratio and
+    the raw advantage; K3_PENALTY adds the gradient of beta * k3 (the KL term without old params)."""
+    ratio = tl.exp(logratio)
+    k3 = (ratio - 1.0) - logratio
+    adv = adv_raw
+    if NORM_ADV:
+        std = tl.sqrt(adv_m2 / tl.maximum(n_valid - 1.0, 1.0))
+        adv = (adv - adv_mean) / (std + ADV_EPS)
+    adv = tl.where(valid, adv, 0.0)
+
+    if CLIP:
+        pg_loss1 = -adv * ratio
+        pg_loss2 = -adv * tl.clamp(ratio, 1.0 - clip_coef, 1.0 + clip_coef, propagate_nan=NAN)
+        pg = tl.maximum(pg_loss1, pg_loss2, propagate_nan=NAN)
+        w1 = tl.where(pg_loss1 > pg_loss2, 1.0, tl.where(pg_loss1 == pg_loss2, 0.5, 0.0))
+        inside = (ratio >= 1.0 - clip_coef) & (ratio <= 1.0 + clip_coef)  # clamp passes gradient
+        dpg_dratio = -adv * (w1 + tl.where(inside, 1.0 - w1, 0.0))
+        clipped = tl.where(tl.abs(ratio - 1.0) > clip_coef, 1.0, 0.0)
+    else:
+        pg = -adv * ratio
+        dpg_dratio = -adv
+        clipped = tl.zeros_like(ratio)
+    dlogratio = ratio * dpg_dratio
+    if K3_PENALTY:
+        dlogratio += kl_coef * (ratio - 1.0)  # d k3 / d logratio
+    return pg, dlogratio, k3, clipped
+
+
+@triton.jit
+def value_loss(values_ptr, old_values_ptr, returns_ptr, grad_values_ptr, rows, rmask, adv_raw, scale,
+               stride_v, stride_ov, stride_ret, vf_clip_coef, vf_coef,
+               VF_CLIP: tl.constexpr, RET_FROM_ADV: tl.constexpr):
+    """(Clipped) squared error per sample; stores dloss/dvalues (contiguous) and returns vl.
+    Returns are constants; with RET_FROM_ADV they are the raw advantage + value (fused GAE)."""
+    v = tl.load(values_ptr + rows * stride_v, mask=rmask, other=0.0).to(tl.float32)
+    if RET_FROM_ADV:
+        ret = adv_raw + v
+    else:
+        ret = tl.load(returns_ptr + rows * stride_ret, mask=rmask, other=0.0).to(tl.float32)
+    dv = v - ret
+    vl = dv * dv
+    dvl = dv  # half of d vl / d v
+    if VF_CLIP:
+        old_v = tl.load(old_values_ptr + rows * stride_ov, mask=rmask, other=0.0).to(tl.float32)
+        step = v - old_v
+        dc = old_v + tl.clamp(step, -vf_clip_coef, vf_clip_coef, propagate_nan=NAN) - ret
+        vl_clipped = dc * dc
+        wu = tl.where(vl > vl_clipped, 1.0, tl.where(vl == vl_clipped, 0.5, 0.0))
+        inside_v = (step >= -vf_clip_coef) & (step <= vf_clip_coef)
+        dvl = wu * dv + tl.where(inside_v, (1.0 - wu) * dc, 0.0)
+        vl = tl.maximum(vl, vl_clipped, propagate_nan=NAN)
+    tl.store(grad_values_ptr + rows, (vf_coef * dvl * scale).to(grad_values_ptr.dtype.element_ty), mask=rmask)
+    return vl
+
+
+@triton.jit
+def store_partials(partial_ptr, valid, pg, vl, entropy, k3, neg_logratio, clipped, kl):
+    """This program's partial sums over the valid samples -> partial[:, pid] (N_STATS rows);
+    invalid ones are dropped, NaN or not."""
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    tl.store(partial_ptr + 0 * n_prog + pid, tl.sum(tl.where(valid, pg, 0.0), axis=0))
+    tl.store(partial_ptr + 1 * n_prog + pid, tl.sum(tl.where(valid, vl, 0.0), axis=0))
+    tl.store(partial_ptr + 2 * n_prog + pid, tl.sum(tl.where(valid, entropy, 0.0), axis=0))
+    tl.store(partial_ptr + 3 * n_prog + pid, tl.sum(tl.where(valid, k3, 0.0), axis=0))
+    tl.store(partial_ptr + 4 * n_prog + pid, tl.sum(tl.where(valid, neg_logratio, 0.0), axis=0))
+    tl.store(partial_ptr + 5 * n_prog + pid, tl.sum(tl.where(valid, clipped, 0.0), axis=0))
+    tl.store(partial_ptr + 6 * n_prog + pid, tl.sum(tl.where(valid, kl, 0.0), axis=0))
+    tl.store(partial_ptr + 7 * n_prog + pid, tl.sum(tl.where(valid, 1.0, 0.0), axis=0))
+
+
+@triton.jit
 def _ppo_loss_kernel(
     logits_ptr, old_logits_ptr, actions_ptr, old_logp_ptr, adv_ptr,
     values_ptr, old_values_ptr, returns_ptr, mask_ptr, adv_stats_ptr,
@@ -116,21 +217,8 @@ def _ppo_loss_kernel(
     cols = tl.arange(0, BLOCK_A)
     rmask = rows < M
     cmask = cols < A
-
-    # Valid samples, and n = their count, which every mean divides by.
-    valid = rmask
-    if HAS_MASK:
-        valid = valid & (tl.load(mask_ptr + rows * stride_mask, mask=rmask, other=0) != 0)
-    if HAS_MASK or NORM_ADV:
-        g = tl.arange(0, BLOCK_G)
-        gm = g < n_adv_stats
-        n_valid, adv_mean, adv_m2 = reduce_stats(
-            tl.load(adv_stats_ptr + g * 3, mask=gm, other=0.0),
-            tl.load(adv_stats_ptr + g * 3 + 1, mask=gm, other=0.0),
-            tl.load(adv_stats_ptr + g * 3 + 2, mask=gm, other=0.0), 0)
-    else:
-        n_valid = M * 1.0
-    scale = tl.where(valid, 1.0 / tl.maximum(n_valid, 1.0), 0.0)  # d(masked mean)/d(sample)
+    valid, scale, n_valid, adv_mean, adv_m2 = sample_weights(
+        mask_ptr, adv_stats_ptr, rows, rmask, M, n_adv_stats, stride_mask, BLOCK_G, HAS_MASK, NORM_ADV)
 
     # Policy: log-softmax, taken action, entropy.
     logp, p = _log_softmax(logits_ptr, rows, cols, rmask, cmask, stride_lm, stride_la)
@@ -141,31 +229,9 @@ def _ppo_loss_kernel(
     newlogprob = tl.where((act >= 0) & (act < A), newlogprob, float("nan"))  # bad action -> NaN loss
     old_logp = tl.load(old_logp_ptr + rows * stride_olp, mask=rmask, other=0.0).to(tl.float32)
     logratio = newlogprob - old_logp
-    ratio = tl.exp(logratio)
-    k3 = (ratio - 1.0) - logratio
-
     adv_raw = tl.load(adv_ptr + rows * stride_adv, mask=rmask, other=0.0).to(tl.float32)
-    adv = adv_raw
-    if NORM_ADV:
-        std = tl.sqrt(adv_m2 / tl.maximum(n_valid - 1.0, 1.0))
-        adv = (adv - adv_mean) / (std + ADV_EPS)
-    adv = tl.where(valid, adv, 0.0)
-
-    if CLIP:
-        pg_loss1 = -adv * ratio
-        pg_loss2 = -adv * tl.clamp(ratio, 1.0 - clip_coef, 1.0 + clip_coef, propagate_nan=NAN)
-        pg = tl.maximum(pg_loss1, pg_loss2, propagate_nan=NAN)
-        w1 = tl.where(pg_loss1 > pg_loss2, 1.0, tl.where(pg_loss1 == pg_loss2, 0.5, 0.0))
-        inside = (ratio >= 1.0 - clip_coef) & (ratio <= 1.0 + clip_coef)  # clamp passes gradient
-        dpg_dratio = -adv * (w1 + tl.where(inside, 1.0 - w1, 0.0))
-        clipped = tl.where(tl.abs(ratio - 1.0) > clip_coef, 1.0, 0.0)
-    else:
-        pg = -adv * ratio
-        dpg_dratio = -adv
-        clipped = tl.zeros([BLOCK_M], dtype=tl.float32)
-    dlogratio = ratio * dpg_dratio
-    if USE_KL and not HAS_OLD_LOGITS:
-        dlogratio += kl_coef * (ratio - 1.0)  # d k3 / d logratio
+    pg, dlogratio, k3, clipped = surrogate(logratio, adv_raw, valid, n_valid, adv_mean, adv_m2, clip_coef,
+                                           kl_coef, NORM_ADV, CLIP, USE_KL and not HAS_OLD_LOGITS)
 
     grad = dlogratio[:, None] * (tl.where(onehot, 1.0, 0.0) - p) + ent_coef * p * (logp + entropy[:, None])
     if HAS_OLD_LOGITS:
@@ -179,36 +245,9 @@ def _ppo_loss_kernel(
     tl.store(grad_logits_ptr + rows[:, None] * A + cols[None, :],
              grad.to(grad_logits_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
-    # Value: (clipped) squared error; returns are constants.
-    v = tl.load(values_ptr + rows * stride_v, mask=rmask, other=0.0).to(tl.float32)
-    if RET_FROM_ADV:
-        ret = adv_raw + v
-    else:
-        ret = tl.load(returns_ptr + rows * stride_ret, mask=rmask, other=0.0).to(tl.float32)
-    dv = v - ret
-    vl = dv * dv
-    dvl = dv  # half of d vl / d v
-    if VF_CLIP:
-        old_v = tl.load(old_values_ptr + rows * stride_ov, mask=rmask, other=0.0).to(tl.float32)
-        step = v - old_v
-        dc = old_v + tl.clamp(step, -vf_clip_coef, vf_clip_coef, propagate_nan=NAN) - ret
-        vl_clipped = dc * dc
-        wu = tl.where(vl > vl_clipped, 1.0, tl.where(vl == vl_clipped, 0.5, 0.0))
-        inside_v = (step >= -vf_clip_coef) & (step <= vf_clip_coef)
-        dvl = wu * dv + tl.where(inside_v, (1.0 - wu) * dc, 0.0)
-        vl = tl.maximum(vl, vl_clipped, propagate_nan=NAN)
-    tl.store(grad_values_ptr + rows, (vf_coef * dvl * scale).to(grad_values_ptr.dtype.element_ty), mask=rmask)
-
-    # Per-program partial sums over the valid samples; invalid ones are dropped, NaN or not.
-    n_prog = tl.num_programs(0)
-    tl.store(partial_ptr + 0 * n_prog + pid, tl.sum(tl.where(valid, pg, 0.0), axis=0))
-    tl.store(partial_ptr + 1 * n_prog + pid, tl.sum(tl.where(valid, vl, 0.0), axis=0))
-    tl.store(partial_ptr + 2 * n_prog + pid, tl.sum(tl.where(valid, entropy, 0.0), axis=0))
-    tl.store(partial_ptr + 3 * n_prog + pid, tl.sum(tl.where(valid, k3, 0.0), axis=0))
-    tl.store(partial_ptr + 4 * n_prog + pid, tl.sum(tl.where(valid, -logratio, 0.0), axis=0))
-    tl.store(partial_ptr + 5 * n_prog + pid, tl.sum(tl.where(valid, clipped, 0.0), axis=0))
-    tl.store(partial_ptr + 6 * n_prog + pid, tl.sum(tl.where(valid, kl, 0.0), axis=0))
-    tl.store(partial_ptr + 7 * n_prog + pid, tl.sum(tl.where(valid, 1.0, 0.0), axis=0))
+    vl = value_loss(values_ptr, old_values_ptr, returns_ptr, grad_values_ptr, rows, rmask, adv_raw, scale,
+                    stride_v, stride_ov, stride_ret, vf_clip_coef, vf_coef, VF_CLIP, RET_FROM_ADV)
+    store_partials(partial_ptr, valid, pg, vl, entropy, k3, -logratio, clipped, kl)
 
 
 @triton.jit
@@ -264,13 +303,22 @@ def _finalize_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_float(name: str, x: torch.Tensor, shape: tuple[int, ...], device: torch.device) -> None:
+def check_float(name: str, x: torch.Tensor, shape: tuple[int, ...], device: torch.device,
+                ref: str = "logits") -> None:
+    """x must have this shape, a float16/bfloat16/float32 dtype, and be on device (ref's)."""
     if tuple(x.shape) != shape:
         raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"{name} must be float16/bfloat16/float32, got {x.dtype}")
     if x.device != device:
-        raise ValueError(f"{name} is on {x.device}, logits on {device}")
+        raise ValueError(f"{name} is on {x.device}, {ref} on {device}")
+
+
+def check_mask(mask: torch.Tensor | None, lead: tuple[int, ...], device: torch.device) -> None:
+    """mask must be None or a bool/integer tensor of shape lead on device."""
+    if mask is not None and (tuple(mask.shape) != lead or mask.device != device or mask.is_floating_point()):
+        raise ValueError(f"mask must be a bool/integer tensor of shape {lead} on {device}, got "
+                         f"{mask.dtype} {tuple(mask.shape)} on {mask.device}")
 
 
 def check_loss_inputs(
@@ -284,20 +332,53 @@ def check_loss_inputs(
     if A < 1 or min(lead) < 1:
         raise ValueError(f"logits must be non-empty, got shape {tuple(logits.shape)}")
     device = logits.device
-    _check_float("logits", logits, tuple(logits.shape), device)
+    check_float("logits", logits, tuple(logits.shape), device)
     if old_logits is not None:
-        _check_float("old_logits", old_logits, tuple(logits.shape), device)
+        check_float("old_logits", old_logits, tuple(logits.shape), device)
     if tuple(actions.shape) != lead or actions.dtype not in (torch.int32, torch.int64, torch.uint8, torch.int16):
         raise ValueError(f"actions must be an integer tensor of shape {lead}, got {actions.dtype} "
                          f"{tuple(actions.shape)}")
     if actions.device != device:
         raise ValueError(f"actions is on {actions.device}, logits on {device}")
     for name, x in floats.items():
-        _check_float(name, x, lead, device)
-    if mask is not None and (tuple(mask.shape) != lead or mask.device != device or mask.is_floating_point()):
-        raise ValueError(f"mask must be a bool/integer tensor of shape {lead} on {device}, got "
-                         f"{mask.dtype} {tuple(mask.shape)} on {mask.device}")
+        check_float(name, x, lead, device)
+    check_mask(mask, lead, device)
     return A
+
+
+def launch_adv_stats(advantages: torch.Tensor, mask_v: torch.Tensor, has_mask: bool) -> torch.Tensor:
+    """Pre-reduce the (M,) advantages to per-block (count, mean, M2) triples over the valid samples
+    (mask_v: the flag_view of the mask, any (M,) tensor when has_mask is False). Returns (G, 3) fp32."""
+    M = advantages.shape[0]
+    block_s = max(1024, triton.next_power_of_2(triton.cdiv(M, 64)))
+    block_s = min(block_s, triton.next_power_of_2(M))
+    adv_stats = empty_output((triton.cdiv(M, block_s), 3), torch.float32, advantages.device)
+    wrap(_adv_stats_kernel)[(adv_stats.shape[0],)](
+        advantages, mask_v, adv_stats, M, advantages.stride(0), mask_v.stride(0),
+        BLOCK=block_s, HAS_MASK=has_mask, num_warps=4)
+    return adv_stats
+
+
+def check_adv_stats_blocks(adv_stats: torch.Tensor | None) -> int:
+    """The number of (count, mean, M2) blocks the main kernel combines (1 when there are none)."""
+    n_stats = adv_stats.shape[0] if adv_stats is not None else 1
+    if n_stats > 4 * MAX_STATS_BLOCKS:
+        raise ValueError(f"advantage statistics come in {n_stats} blocks, more than {4 * MAX_STATS_BLOCKS}")
+    return n_stats
+
+
+def launch_finalize(partial: torch.Tensor, vf_coef: float, ent_coef: float, kl_coef: float,
+                    has_old: bool) -> torch.Tensor:
+    """Sum the main kernel's (N_STATS, programs) partial sums into out (8,) fp32: loss then STAT_KEYS.
+    has_old: the exact KL was computed (old policy parameters given)."""
+    G = partial.shape[1]
+    out = empty_output((8,), torch.float32, partial.device)
+    wrap(_finalize_kernel)[(1,)](
+        partial, out, G, vf_coef, ent_coef, kl_coef,
+        BLOCK_G=min(1024, triton.next_power_of_2(G)), HAS_OLD_LOGITS=has_old,
+        USE_KL=kl_coef != 0.0, num_warps=4,
+    )
+    return out
 
 
 def launch_ppo_loss(
@@ -329,15 +410,8 @@ def launch_ppo_loss(
     has_mask = mask is not None
     mask_v = flag_view(mask) if has_mask else actions  # dummy pointer if unused
     if adv_stats is None and (has_mask or norm_adv):
-        block_s = max(1024, triton.next_power_of_2(triton.cdiv(M, 64)))
-        block_s = min(block_s, triton.next_power_of_2(M))
-        adv_stats = empty_output((triton.cdiv(M, block_s), 3), torch.float32, device)
-        wrap(_adv_stats_kernel)[(adv_stats.shape[0],)](
-            advantages, mask_v, adv_stats, M, advantages.stride(0), mask_v.stride(0),
-            BLOCK=block_s, HAS_MASK=has_mask, num_warps=4)
-    n_stats = adv_stats.shape[0] if adv_stats is not None else 1
-    if n_stats > 4 * MAX_STATS_BLOCKS:
-        raise ValueError(f"advantage statistics come in {n_stats} blocks, more than {4 * MAX_STATS_BLOCKS}")
+        adv_stats = launch_adv_stats(advantages, mask_v, has_mask)
+    n_stats = check_adv_stats_blocks(adv_stats)
 
     block_a = triton.next_power_of_2(A)
     block_m = max(16, min(triton.next_power_of_2(M), 4096 // block_a))
@@ -361,12 +435,7 @@ def launch_ppo_loss(
         HAS_OLD_LOGITS=old_logits is not None, USE_KL=use_kl, RET_FROM_ADV=returns is None,
         num_warps=4,
     )
-    out = empty_output((8,), torch.float32, device)
-    wrap(_finalize_kernel)[(1,)](
-        partial, out, grid[0], vf_coef, ent_coef, kl_coef,
-        BLOCK_G=min(1024, triton.next_power_of_2(grid[0])), HAS_OLD_LOGITS=old_logits is not None,
-        USE_KL=use_kl, num_warps=4,
-    )
+    out = launch_finalize(partial, vf_coef, ent_coef, kl_coef, old_logits is not None)
     return out, grad_logits
 
 
@@ -415,18 +484,18 @@ _ppo_loss = register_op("ppo_loss", _ppo_loss_op, _ppo_loss_fake)
 
 
 def setup_context_saving_grads(ctx, inputs, output) -> None:
-    """Save the gradients the forward computed; they are outputs, but not differentiable ones."""
-    _, grad_logits, grad_values = output
-    ctx.mark_non_differentiable(grad_logits, grad_values)
-    ctx.save_for_backward(grad_logits, grad_values)
+    """Save the gradients the forward computed (every output after out); they are outputs, but not
+    differentiable ones."""
+    _, *grads = output
+    ctx.mark_non_differentiable(*grads)
+    ctx.save_for_backward(*grads)
 
 
-def scale_saved_grads(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def scale_saved_grads(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Backward of the loss: the saved gradients times d(outer)/d(loss); only out[0] is the loss
     (the stats it carries are handed out detached)."""
-    grad_logits, grad_values = ctx.saved_tensors
     g = grad_out[0]
-    return grad_logits * g.to(grad_logits.dtype), grad_values * g.to(grad_values.dtype)
+    return tuple(grad * g.to(grad.dtype) for grad in ctx.saved_tensors)
 
 
 def _ppo_loss_backward(ctx, grad_out, _grad_logits_out, _grad_values_out):

@@ -2,17 +2,22 @@
 
 These are at once the CPU path of the trainer, the oracle the Triton kernels are tested against,
 and the baseline the kernel benchmark measures. Every function here has a Triton twin with the same
-signature and semantics in this package.
+signature and semantics in this package (the small Gaussian helpers gaussian_log_prob,
+gaussian_entropy and gaussian_kl are the building blocks of the Gaussian losses and have none).
 
-Shapes: T = steps per rollout, N = envs, M = samples in a minibatch, A = number of actions.
+Shapes: T = steps per rollout, N = envs, M = samples in a minibatch, A = number of actions,
+D = dimensions of a continuous (diagonal-Gaussian) action.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 
 ADV_EPS = 1e-8  # CleanRL's epsilon in (A - mean) / (std + eps)
+LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
 def _as_float(flag: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -256,5 +261,247 @@ def gae_ppo_loss(
         norm_adv=norm_adv,
         kl_coef=kl_coef,
         old_logits=None if old_logits is None else old_logits.reshape(T * n, A),
+        mask=None if mask is None else mask.reshape(T * n),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Diagonal-Gaussian policies (continuous actions)
+# ----------------------------------------------------------------------------------------------
+
+
+def _gaussian_dtype(*xs: torch.Tensor | None) -> torch.dtype:
+    """float32, or float64 when any input is float64: half inputs are computed in float32."""
+    dtype = torch.float32
+    for x in xs:
+        if x is not None:
+            dtype = torch.promote_types(dtype, x.dtype)
+    return dtype
+
+
+def gaussian_log_prob(mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """log N(a; mu, diag(sigma^2)) = sum_d [ -(a - mu)^2 / (2 sigma^2) - log sigma - log sqrt(2 pi) ].
+
+    mean, log_std, actions: (..., D) (broadcastable; log_std may be an expanded view). Returns (...,),
+    in float32 or wider. Written with z = (a - mu) exp(-log sigma), so autograd gives
+    dlogp/dmu = z / sigma and dlogp/dlog sigma = z^2 - 1.
+    """
+    dtype = _gaussian_dtype(mean, log_std, actions)
+    mean, log_std, actions = mean.to(dtype), log_std.to(dtype), actions.to(dtype)
+    z = (actions - mean) * torch.exp(-log_std)
+    return (-0.5 * z * z - log_std - LOG_SQRT_2PI).sum(-1)
+
+
+def gaussian_entropy(log_std: torch.Tensor) -> torch.Tensor:
+    """Entropy of N(mu, diag(sigma^2)) = sum_d [ log sigma + (1 + log 2 pi) / 2 ]; (..., D) -> (...,)."""
+    log_std = log_std.to(_gaussian_dtype(log_std))
+    return (log_std + (0.5 + LOG_SQRT_2PI)).sum(-1)
+
+
+def gaussian_kl(old_mean: torch.Tensor, old_log_std: torch.Tensor, mean: torch.Tensor,
+                log_std: torch.Tensor) -> torch.Tensor:
+    """KL(old || new) of two diagonal Gaussians, (..., D) -> (...,):
+
+        sum_d [ log s_new - log s_old + (s_old^2 + (mu_old - mu_new)^2) / (2 s_new^2) - 1/2 ]
+
+    computed as log s_new - log s_old + (exp(2 (log s_old - log s_new)) + ((mu_old - mu_new) / s_new)^2) / 2
+    - 1/2, in float32 or wider.
+    """
+    dtype = _gaussian_dtype(old_mean, old_log_std, mean, log_std)
+    old_mean, old_log_std, mean, log_std = (x.to(dtype) for x in (old_mean, old_log_std, mean, log_std))
+    dm = (old_mean - mean) * torch.exp(-log_std)
+    var_ratio = torch.exp(2.0 * (old_log_std - log_std))
+    return (log_std - old_log_std + 0.5 * (var_ratio + dm * dm) - 0.5).sum(-1)
+
+
+def _pg_value_loss(
+    newlogprob: torch.Tensor,
+    entropy: torch.Tensor,
+    kl_exact: torch.Tensor | None,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    *,
+    clip_coef: float | None,
+    vf_coef: float,
+    ent_coef: float,
+    vf_clip_coef: float | None,
+    norm_adv: bool,
+    kl_coef: float,
+    mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """ppo_loss after the policy's per-sample log-prob, entropy and exact KL: the same formulas
+    (the distribution-free half of ppo_loss, which keeps its own copy)."""
+    dtype = newlogprob.dtype
+    logratio = newlogprob - old_logp.to(dtype)
+    ratio = logratio.exp()
+    k3 = (ratio - 1.0) - logratio
+
+    adv = advantages.to(dtype)
+    if norm_adv:
+        adv = normalize_advantages(adv, mask)
+
+    if clip_coef is None:
+        pg_loss = masked_mean(-adv * ratio, mask)
+        kl_term = kl_exact if kl_exact is not None else k3
+        pg_loss = pg_loss + kl_coef * masked_mean(kl_term, mask)
+        clipfrac = torch.zeros((), dtype=dtype, device=newlogprob.device)
+    else:
+        pg_loss1 = -adv * ratio
+        pg_loss2 = -adv * torch.clamp(ratio, 1.0 - clip_coef, 1.0 + clip_coef)
+        pg_loss = masked_mean(torch.max(pg_loss1, pg_loss2), mask)
+        if kl_coef:
+            kl_term = kl_exact if kl_exact is not None else k3
+            pg_loss = pg_loss + kl_coef * masked_mean(kl_term, mask)
+        with torch.no_grad():
+            clipfrac = masked_mean(((ratio - 1.0).abs() > clip_coef).to(dtype), mask)
+
+    values = values.to(dtype)
+    returns = returns.to(dtype)
+    v_loss_unclipped = (values - returns) ** 2
+    if vf_clip_coef is None:
+        v_loss = 0.5 * masked_mean(v_loss_unclipped, mask)
+    else:
+        old_values = old_values.to(dtype)
+        v_clipped = old_values + torch.clamp(values - old_values, -vf_clip_coef, vf_clip_coef)
+        v_loss_clipped = (v_clipped - returns) ** 2
+        v_loss = 0.5 * masked_mean(torch.max(v_loss_unclipped, v_loss_clipped), mask)
+
+    entropy_loss = masked_mean(entropy, mask)
+    loss = pg_loss - ent_coef * entropy_loss + vf_coef * v_loss
+
+    with torch.no_grad():
+        stats = {
+            "policy_loss": pg_loss.detach(),
+            "value_loss": v_loss.detach(),
+            "entropy": entropy_loss.detach(),
+            "approx_kl": masked_mean(k3, mask).detach(),
+            "old_approx_kl": masked_mean(-logratio, mask).detach(),
+            "clipfrac": clipfrac.detach(),
+        }
+        if kl_exact is not None:
+            stats["kl"] = masked_mean(kl_exact, mask).detach()
+    return loss, stats
+
+
+def gaussian_ppo_loss(
+    mean: torch.Tensor,
+    log_std: torch.Tensor,
+    actions: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    *,
+    clip_coef: float | None,
+    vf_coef: float,
+    ent_coef: float,
+    vf_clip_coef: float | None = None,
+    norm_adv: bool = True,
+    kl_coef: float = 0.0,
+    old_mean: torch.Tensor | None = None,
+    old_log_std: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO loss of one minibatch for a diagonal-Gaussian policy: ``ppo_loss`` with the Gaussian's
+    log-prob, entropy and exact KL in place of the categorical ones.
+
+    Args:
+        mean: (M, D) policy means mu (any float dtype; computed in float32 or wider).
+        log_std: (M, D) log sigma; a state-independent log-std arrives as an expanded (1, D) or (D,)
+            parameter (stride 0 on dim 0), which autograd sums back.
+        actions: (M, D) float actions taken by the behaviour policy (before any clipping to the
+            action space: the log-prob is of the sampled action).
+        old_logp: (M,) log pi_old(a|s), summed over the D dimensions.
+        advantages, values, old_values, returns: (M,) as in ppo_loss.
+        clip_coef, vf_coef, ent_coef, vf_clip_coef, norm_adv, kl_coef, mask: as in ppo_loss. The
+            penalty uses the exact KL when old_mean/old_log_std are given, else the k3 estimate.
+        old_mean, old_log_std: (M, D) behaviour-policy parameters, for the exact KL (both or neither).
+
+    Returns:
+        (loss, stats) with ppo_loss's keys and meaning; entropy = gaussian_entropy(log_std),
+        kl = gaussian_kl(old_mean, old_log_std, mean, log_std) (only when the old parameters are given).
+    """
+    if (old_mean is None) != (old_log_std is None):
+        raise ValueError("old_mean and old_log_std must be given together (both or neither)")
+    log_std = log_std.expand_as(mean)
+    newlogprob = gaussian_log_prob(mean, log_std, actions)  # (M,)
+    entropy = gaussian_entropy(log_std.to(newlogprob.dtype))  # (M,)
+    kl_exact = None
+    if old_mean is not None:
+        kl_exact = gaussian_kl(old_mean.to(newlogprob.dtype), old_log_std.to(newlogprob.dtype), mean, log_std)
+    return _pg_value_loss(
+        newlogprob, entropy, kl_exact, old_logp, advantages, values, old_values, returns,
+        clip_coef=clip_coef, vf_coef=vf_coef, ent_coef=ent_coef, vf_clip_coef=vf_clip_coef, norm_adv=norm_adv,
+        kl_coef=kl_coef, mask=mask,
+    )
+
+
+def gae_gaussian_ppo_loss(
+    mean: torch.Tensor,
+    log_std: torch.Tensor,
+    actions: torch.Tensor,
+    old_logp: torch.Tensor,
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    rewards: torch.Tensor,
+    terminated: torch.Tensor,
+    truncated: torch.Tensor,
+    *,
+    gamma: float,
+    gae_lambda: float,
+    clip_coef: float | None,
+    vf_coef: float,
+    ent_coef: float,
+    vf_clip_coef: float | None = None,
+    norm_adv: bool = True,
+    kl_coef: float = 0.0,
+    old_mean: torch.Tensor | None = None,
+    old_log_std: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GAE from the current value predictions, then ``gaussian_ppo_loss``, for a minibatch of whole
+    env columns: the Gaussian twin of ``gae_ppo_loss``.
+
+    Args:
+        mean, log_std, actions: (T, n, D) (log_std may be an expanded (D,) parameter).
+        old_logp, old_values, rewards, terminated, truncated: (T, n); values: (T + 1, n), row T the
+            bootstrap value; GAE runs on them detached (values[T] gets no gradient).
+        old_mean, old_log_std, mask: (T, n, D), (T, n, D), (T, n), optional.
+        gamma, gae_lambda and the rest: as in gae and gaussian_ppo_loss.
+
+    Returns:
+        (loss, stats) of gaussian_ppo_loss on the T * n samples.
+    """
+    if mean.dim() != 3 or values.dim() != 2:
+        raise ValueError(f"mean must be (T, n, D) and values (T + 1, n), got {tuple(mean.shape)} "
+                         f"and {tuple(values.shape)}")
+    T, n, D = mean.shape
+    with torch.no_grad():
+        advantages, returns = gae(rewards, values.detach(), terminated, truncated, gamma, gae_lambda)
+
+    def rows(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x.reshape(T * n, D)
+
+    return gaussian_ppo_loss(
+        mean.reshape(T * n, D),
+        log_std.expand(T, n, D).reshape(T * n, D),
+        actions.reshape(T * n, D),
+        old_logp.reshape(T * n),
+        advantages.reshape(T * n),
+        values[:T].reshape(T * n),
+        old_values.reshape(T * n),
+        returns.reshape(T * n),
+        clip_coef=clip_coef,
+        vf_coef=vf_coef,
+        ent_coef=ent_coef,
+        vf_clip_coef=vf_clip_coef,
+        norm_adv=norm_adv,
+        kl_coef=kl_coef,
+        old_mean=rows(old_mean),
+        old_log_std=rows(old_log_std),
         mask=None if mask is None else mask.reshape(T * n),
     )
