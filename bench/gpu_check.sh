@@ -1,18 +1,26 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: the GPU tests, the kernel benchmark and the `fastppo bench` sweep,
-# each under a time limit so the whole fits in about 8 minutes; a short table last; results in $OUT.
+# The GPU check, for any machine with CUDA and fastppo installed (pip install -e ".[dev]"):
 #
-# Here, once:   bash ../shared/gpu/prepare.sh        (builds .device-site/: envpool, tyro, ...)
-# Device run:   command "bash bench/gpu_check.sh", carry [".device-site"], timeout_s 600
-# Then commit $OUT's bench_*.json / bench_*.png under bench/results/ (they name the card).
+#   bash bench/gpu_check.sh [OUT_DIR]        # OUT_DIR defaults to bench/results/gpu_check
+#
+# Runs the GPU tests, the kernel benchmark, the host-overhead benchmark and the `fastppo bench`
+# sweep on Pong-v5, each under a time limit (about 8 minutes in all), and prints a short table
+# last. The log, JSON and PNG files land in OUT_DIR; the result files name the card they ran on:
+# commit them under bench/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH=$PWD/.device-site/site:$PWD PYTHONUNBUFFERED=1
-OUT=${OUT:-bench/results/gpu_check}
-mkdir -p "$OUT"
-LOG=$OUT/gpu_check.log
+export PYTHONUNBUFFERED=1
+OUT_DIR=${1:-bench/results/gpu_check}
+mkdir -p "$OUT_DIR"
+LOG=$OUT_DIR/gpu_check.log
 : > "$LOG"
 summary=()
+
+if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  echo "gpu_check.sh: no CUDA device is visible to torch; this check needs one" | tee -a "$LOG"
+  exit 2
+fi
+CARD=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-'))")
 
 run() {  # run NAME SECONDS CMD...: time-limited, output appended to the log, status kept for the table
   local name=$1 limit=$2 start rc
@@ -24,17 +32,18 @@ run() {  # run NAME SECONDS CMD...: time-limited, output appended to the log, st
   summary+=("$(printf '%-16s %-8s %4ss' "$name" "$([ "$rc" = 0 ] && echo ok || echo "FAIL($rc)")" $(( $(date +%s) - start )))")
 }
 
-{ nvidia-smi -L; nproc; python -c "import torch, envpool; print('torch', torch.__version__, 'envpool', envpool.__version__)"; } 2>&1 | tee -a "$LOG"
-run kernel_tests 100 python -m pytest -q -x tests/test_kernels.py
+python -c "import torch, envpool; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'envpool', envpool.__version__)" 2>&1 | tee -a "$LOG"
+nproc | tee -a "$LOG"
+run kernel_tests 100 python -m pytest -q -x tests/test_kernels.py tests/test_gaussian_kernels.py
 run perf_tests 100 python -m pytest -q -m "not slow" tests/test_async.py tests/test_overlap.py tests/test_bench.py
-run bench_kernels 90 python bench/bench_kernels.py --out "$OUT"
-run host_overhead 40 python bench/host_overhead.py --device cuda --out "$OUT"
+run bench_kernels 90 python bench/bench_kernels.py --out "$OUT_DIR"
+run host_overhead 40 python bench/host_overhead.py --device cuda --out "$OUT_DIR"
 run fastppo_bench 270 python -m fastppo bench --env-id Pong-v5 --num-envs 64 256 1024 4096 --seconds 6 --warmup 2 \
-  --out-dir "$OUT" --name "bench_Pong-v5_$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-')"
+  --out-dir "$OUT_DIR" --name "bench_Pong-v5_$CARD"
 
 echo "=== summary" | tee -a "$LOG"
 printf '%s\n' "${summary[@]}" | tee -a "$LOG"
-python - "$OUT" <<'PY' 2>&1 | tee -a "$LOG"
+python - "$OUT_DIR" <<'PY' 2>&1 | tee -a "$LOG"
 import glob, json, sys
 for path in sorted(glob.glob(f"{sys.argv[1]}/bench_Pong*.json")):
     r = json.load(open(path))

@@ -117,7 +117,7 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):  # not a pickle at all
+        if "Unsupported global" not in str(e):  # not a pickle of tensors and plain data at all
             raise CheckpointError(f"cannot read checkpoint {path!r}: not a torch checkpoint") from None
         # torch's message suggests loading with weights_only=False, i.e. running the file's code: never relay that
         raise CheckpointError(f"cannot read checkpoint {path!r}: it holds Python objects other than tensors "

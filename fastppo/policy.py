@@ -48,7 +48,7 @@ class NatureCNN(nn.Module):
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """obs (B, C, H, W) uint8 -> logits (B, A), value (B,)."""
-        hidden = self.network(obs.float() / 255.0)
+        hidden = self.network(obs.to(self.actor.weight.dtype) / 255.0)  # float32 (or the model's dtype)
         return self.actor(hidden), self.critic(hidden).squeeze(-1)
 
 
@@ -73,7 +73,7 @@ class MLP(nn.Module):
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """obs (B, *obs_shape) -> logits (B, A), value (B,)."""
-        obs = obs.float()
+        obs = obs.to(self.critic[1].weight.dtype)
         return self.actor(obs), self.critic(obs).squeeze(-1)
 
 

@@ -6,8 +6,8 @@ CleanRL's to float rounding (tests/test_cleanrl_parity.py; the README lists the 
 differences in the data). ``fast`` aims at wall-clock time to score on one GPU: many
 asynchronous envs, updates overlapped with collection, larger rollouts, fewer epochs. Its values
 are provisional: taken from rl_games' EnvPool Pong settings (24 envs x 256 steps, 3 epochs, clip
-0.2, lr 3e-4) and the EnvPool ceiling measured on the reference machine (64 envs with recv batches
-of 32 reach it), and not yet tuned on a GPU.
+0.2, lr 3e-4) and EnvPool's speed alone on a 16-core machine (64 Pong envs with recv batches
+of 32 already reached its ceiling), and not yet tuned on a GPU.
 """
 
 from __future__ import annotations

@@ -60,12 +60,14 @@ class Rollout:
     games: tuple[list[float], list[int]] = ((), ())
 
     @classmethod
-    def allocate(cls, info: EnvInfo, num_steps: int, num_envs: int, device: torch.device) -> Rollout:
+    def allocate(cls, info: EnvInfo, num_steps: int, num_envs: int, device: torch.device,
+                 dtype: torch.dtype = torch.float32) -> Rollout:
+        """Zeroed storage for T steps of N envs; `dtype` is the float fields' (float64 for tests)."""
         T, N = num_steps, num_envs
         obs_dtype = torch.from_numpy(np.zeros(0, dtype=info.obs_dtype)).dtype
 
         def f32(*shape: int) -> torch.Tensor:
-            return torch.zeros(shape, dtype=torch.float32, device=device)
+            return torch.zeros(shape, dtype=dtype, device=device)
 
         def flag() -> torch.Tensor:
             return torch.zeros((T, N), dtype=torch.bool, device=device)

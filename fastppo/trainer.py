@@ -555,7 +555,12 @@ def check_loadable(state: dict, info: EnvInfo) -> None:
     optimizer = torch.optim.Adam(policy.parameters(), eps=1e-5)
     try:
         optimizer.load_state_dict(state["optimizer"])
-    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
+        for p in policy.parameters():  # Adam's moments of every parameter, in its shape
+            slots = optimizer.state[p]
+            if {k: tuple(v.shape) for k, v in slots.items() if k != "step"} != {"exp_avg": p.shape,
+                                                                               "exp_avg_sq": p.shape}:
+                raise ValueError(f"Adam's state of a parameter of shape {tuple(p.shape)} is {sorted(slots)}")
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:
         raise CheckpointError(f"{state['path']!r} is damaged: its optimizer state does not load ({e})") from None
 
 

@@ -2,9 +2,43 @@
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
+import os
+import time
 
 from fastppo.logger import read_metrics  # noqa: F401  (the one reader of metrics.jsonl, re-exported for the tests)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def subprocess_env(**extra) -> dict:
+    """This checkout's fastppo first on the path (and the W&B folders of `wandb_home`, when set).
+
+    WANDB_SERVICE is left out: set by an earlier in-process W&B run, it would make the child share
+    this process's W&B service."""
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    return dict(env, PYTHONPATH=ROOT, **extra)
+
+
+def folder_digest(path) -> dict:
+    out = {}
+    for p in sorted(glob.glob(os.path.join(path, "**"), recursive=True)):
+        if os.path.isfile(p):
+            out[os.path.relpath(p, path)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return out
+
+
+def wait_for_lines(path, n: int, proc, timeout: float = 60.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        if os.path.exists(path) and sum(1 for _ in open(path)) >= n:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{path} did not reach {n} lines")
+
 
 TIMING_KEYS = ("charts/SPS", "time/elapsed")
 

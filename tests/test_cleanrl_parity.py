@@ -11,7 +11,11 @@ target_kl the epochs stop after the first whose last minibatch has approx_kl abo
 On a rollout CleanRL and fastppo see alike (every step valid: no EnvPool reset step, no time-limit
 truncation; those are the two places where fastppo deliberately differs, see the README), the
 advantages, the logged statistics and the parameters after the update must match to float
-rounding, minibatch permutations included.
+rounding, minibatch permutations included. Both run in float64: 16 Adam steps amplify the
+rounding differences between two float32 implementations (or two CPUs' float32 kernels) to ~1e-3
+in the policy loss, which no tolerance can tell from a real difference; in float64 they stay ~1e-12,
+so a tolerance of 1e-7 is robust and still fails a CleanRL transcription that normalises with the
+biased std (a 3% change; tested below).
 """
 
 from __future__ import annotations
@@ -34,8 +38,11 @@ from fastppo.trainer import update
 T, N = 16, 4  # 64 transitions, 4 minibatches of 16
 
 
-def cleanrl_iteration(agent: nn.Module, optimizer, data: dict, args: Config, seed: int) -> tuple[dict, dict]:
-    """CleanRL's GAE and update on one rollout; returns (advantages/returns, last-minibatch stats)."""
+def cleanrl_iteration(agent: nn.Module, optimizer, data: dict, args: Config, seed: int,
+                      unbiased_std: bool = True) -> tuple[dict, dict]:
+    """CleanRL's GAE and update on one rollout; returns (advantages/returns, last-minibatch stats).
+
+    unbiased_std=False is the mistake the test must catch (CleanRL's torch.std is Bessel-corrected)."""
     obs, actions, logprobs, rewards, values = (data[k] for k in ("obs", "actions", "logprobs", "rewards", "values"))
     dones, next_done, next_value = data["dones"], data["next_done"], data["next_value"]
     with torch.no_grad():
@@ -74,7 +81,8 @@ def cleanrl_iteration(agent: nn.Module, optimizer, data: dict, args: Config, see
 
             mb_advantages = b_advantages[mb_inds]
             if args.norm_adv:
-                mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+                std = mb_advantages.std(unbiased=unbiased_std)
+                mb_advantages = (mb_advantages - mb_advantages.mean()) / (std + 1e-8)
             pg_loss1 = -mb_advantages * ratio
             pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
             pg_loss = torch.max(pg_loss1, pg_loss2).mean()
@@ -104,7 +112,7 @@ def cleanrl_iteration(agent: nn.Module, optimizer, data: dict, args: Config, see
 
 def rollout(agent: nn.Module, info, gen: torch.Generator) -> tuple[Rollout, dict]:
     """A random Pong-shaped rollout acted by `agent`, in fastppo's layout and in CleanRL's."""
-    buf = Rollout.allocate(info, T, N, torch.device("cpu"))
+    buf = Rollout.allocate(info, T, N, torch.device("cpu"), dtype=torch.float64)
     buf.obs.copy_(torch.randint(0, 256, buf.obs.shape, generator=gen, dtype=torch.uint8))
     buf.next_obs.copy_(torch.randint(0, 256, buf.next_obs.shape, generator=gen, dtype=torch.uint8))
     with torch.no_grad():
@@ -117,22 +125,23 @@ def rollout(agent: nn.Module, info, gen: torch.Generator) -> tuple[Rollout, dict
     buf.logits.copy_(logits.view(T, N, -1))
     buf.values[:T] = values.view(T, N)
     buf.values[T] = next_value.view(N)
-    buf.rewards.copy_(torch.randint(-1, 2, (T, N), generator=gen).float())
+    buf.rewards.copy_(torch.randint(-1, 2, (T, N), generator=gen).double())
     buf.terminated.copy_(torch.rand((T, N), generator=gen) < 0.1)
     buf.terminated[3:5, 1] = True  # consecutive ends
     buf.terminated[T - 1, 2] = True  # an end on the last row: CleanRL's next_done
     buf.valid.fill_(True)
     # CleanRL stores, with each step's observation, the done flag the previous step returned.
-    dones = torch.zeros(T, N)
-    dones[1:] = buf.terminated[:-1].float()
+    dones = torch.zeros(T, N, dtype=torch.float64)
+    dones[1:] = buf.terminated[:-1].double()
     data = dict(obs=buf.obs.clone(), actions=buf.actions.clone(), logprobs=buf.logprobs.clone(),
                 rewards=buf.rewards.clone(), values=buf.values[:T].clone(), dones=dones,
-                next_done=buf.terminated[T - 1].float(), next_value=buf.values[T].clone())
+                next_done=buf.terminated[T - 1].double(), next_value=buf.values[T].clone())
     return buf, data
 
 
-@pytest.mark.parametrize("target_kl", [None, 1e-4])
-def test_cleanrl_preset_update_is_cleanrls(one_torch_thread, target_kl):
+def run_both(target_kl: float | None, unbiased_std: bool = True):
+    """One Pong-shaped rollout, updated by fastppo (--preset cleanrl) and by the CleanRL transcription,
+    from the same float64 weights and minibatch permutations; returns both sides' results."""
     info = env_info("Pong-v5")
     cfg = Config(env_id="Pong-v5", preset="cleanrl", num_envs=N, num_steps=T, device="cpu", kernels="torch",
                  target_kl=target_kl)
@@ -141,28 +150,43 @@ def test_cleanrl_preset_update_is_cleanrls(one_torch_thread, target_kl):
         0.1, 4, 4, "sample", "rollout")
 
     torch.manual_seed(0)
-    ours = make_policy(info)
+    ours = make_policy(info).double()
     theirs = copy.deepcopy(ours)
     opt_ours = torch.optim.Adam(ours.parameters(), lr=cfg.learning_rate, eps=1e-5)
     opt_theirs = torch.optim.Adam(theirs.parameters(), lr=cfg.learning_rate, eps=1e-5)
     buf, data = rollout(ours, info, torch.Generator().manual_seed(1))
 
-    expected, their_stats = cleanrl_iteration(theirs, opt_theirs, data, cfg, seed=7)
+    expected, their_stats = cleanrl_iteration(theirs, opt_theirs, data, cfg, seed=7, unbiased_std=unbiased_std)
     ops = kernels.select("torch", torch.device("cpu"))
     compute_advantages(buf, ops.gae, cfg.gamma, cfg.gae_lambda)
-    torch.testing.assert_close(buf.advantages, expected["advantages"], rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(buf.returns, expected["returns"], rtol=1e-6, atol=1e-6)
-
     torch.manual_seed(7)
     our_stats = update(ours, opt_ours, buf, cfg, ops, kl_coef=0.0)
+    return cfg, buf, expected, (ours, our_stats), (theirs, their_stats)
 
+
+def assert_same_update(ours, our_stats, theirs, their_stats) -> None:
     assert int(our_stats["epochs"]) == their_stats["epochs"]
+    for name in ("policy_loss", "value_loss", "entropy", "approx_kl", "old_approx_kl", "clipfrac"):
+        torch.testing.assert_close(our_stats[name].double(), their_stats[name].double(), rtol=1e-7, atol=1e-10,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("target_kl", [None, 1e-4])
+def test_cleanrl_preset_update_is_cleanrls(one_torch_thread, target_kl):
+    cfg, buf, expected, (ours, our_stats), (theirs, their_stats) = run_both(target_kl)
+    torch.testing.assert_close(buf.advantages, expected["advantages"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(buf.returns, expected["returns"], rtol=1e-12, atol=1e-12)
     if target_kl is None:
         assert float(their_stats["clipfrac"]) > 0  # the clipped branches were exercised
     else:
         assert their_stats["epochs"] < cfg.update_epochs  # the early stop was exercised
-    for name in ("policy_loss", "value_loss", "entropy", "approx_kl", "old_approx_kl", "clipfrac"):
-        torch.testing.assert_close(our_stats[name].float(), their_stats[name].float(), rtol=2e-5, atol=1e-6,
-                                   msg=lambda m, name=name: f"{name}: {m}")
-    for (name, a), b in zip(ours.named_parameters(), theirs.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+    assert_same_update(ours, our_stats, theirs, their_stats)
+
+
+def test_a_biased_std_fails_the_comparison(one_torch_thread):
+    """The tolerance is tight enough to tell CleanRL's unbiased advantage std from a biased one."""
+    _, _, _, (ours, our_stats), (theirs, their_stats) = run_both(None, unbiased_std=False)
+    with pytest.raises(AssertionError, match="policy_loss|value_loss|entropy|approx_kl|clipfrac"):
+        assert_same_update(ours, our_stats, theirs, their_stats)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -166,3 +168,16 @@ def test_target_return_stops_early_and_checkpoints(tmp_path, capsys):
     metrics = read_metrics(tmp_path / "s")
     assert len(metrics) == 1
     assert load_checkpoint(str(tmp_path / "s"))["iteration"] == 1
+
+
+def test_docs_and_scripts_speak_of_fastppo_only():
+    """The README, the scripts and the code name no tool or folder of the team's own machines: the GPU
+    check is a script for any machine with CUDA and fastppo installed."""
+    root = Path(__file__).resolve().parents[1]
+    files = [root / "README.md", *root.glob("bench/*.py"), *root.glob("bench/*.sh"), *root.glob("fastppo/*.py"),
+             *root.glob("kernels/*.py")]
+    for path in files:
+        text = path.read_text()
+        for word in ("device tool", "../shared", ".device-site", "device-machine", "the issue"):
+            assert word not in text, f"{path.name} mentions {word!r}"
+        assert not re.search(r"\$OUT\b", text), f"{path.name} uses the device machine's $OUT"

@@ -20,3 +20,18 @@ def test_cartpole_learns_to_450(tmp_path, capsys):
     metrics = read_metrics(run_dir)
     assert metrics[-1]["global_step"] < 500_000
     assert metrics[-1]["charts/episodic_return"] is not None
+
+
+def test_one_recent_return_for_the_target_the_display_and_the_plot(tmp_path, capsys):
+    """--target-return stops at the first line whose charts/recent_return (the mean of exactly the last
+    --target-return-games games) reaches it, prints that value, and fastppo plot draws that metric."""
+    run_dir = tmp_path / "r"
+    assert main(["train", "--env-id", "CartPole-v1", "--device", "cpu", "--run-dir", str(run_dir),
+                 "--target-return", "40", "--target-return-games", "7", "--total-timesteps", "200000"]) == 0
+    metrics = read_metrics(run_dir)
+    recent = [m["charts/recent_return"] for m in metrics]
+    assert all(r is None or r < 40 for r in recent[:-1]) and recent[-1] >= 40
+    assert f"mean of the last 7 games is {recent[-1]:.2f}" in capsys.readouterr().out
+    games = sum(m["charts/episodes"] for m in metrics)
+    first = next(i for i, m in enumerate(metrics) if sum(x["charts/episodes"] for x in metrics[: i + 1]) >= 7)
+    assert recent[:first] == [None] * first and recent[first] is not None and games >= 7

@@ -100,3 +100,24 @@ def test_learning_bench_resumes_a_run_and_reports_all_of_it(tmp_path):
     assert steps[: len(before["curve"])] == [p["global_step"] for p in before["curve"]]  # the whole run
     assert after["steps"] > before["steps"] and steps == sorted(set(steps))
     assert after["seconds"] > before["seconds"]
+
+
+def test_a_preset_fills_only_the_fields_its_caller_did_not_set(tmp_path):
+    """One rule for the command line and for Python: what the caller set wins over the preset, even a
+    value equal to the field's default (update_epochs=4); a later assignment counts as set too."""
+    from fastppo.config import Config, given_fields
+    from fastppo.presets import apply_preset
+    from fastppo.trainer import train
+
+    assert apply_preset(Config(preset="fast", update_epochs=4)).update_epochs == 4
+    assert apply_preset(Config(preset="fast")).update_epochs == PRESETS["fast"]["update_epochs"] == 3
+    cfg = Config(preset="fast")
+    cfg.update_epochs = 4
+    assert "update_epochs" in given_fields(cfg) and apply_preset(cfg).update_epochs == 4
+    train(Config(env_id="CartPole-v1", device="cpu", total_timesteps=1024, preset="fast", update_epochs=4,
+                 num_envs=8, num_steps=32, run_dir=str(tmp_path / "py")))
+    assert main([*CARTPOLE, "--run-dir", str(tmp_path / "cli"), "--preset", "fast", "--update-epochs", "4",
+                 "--num-envs", "8", "--num-steps", "32"]) == 0
+    for name in ("py", "cli"):
+        c = config(tmp_path / name)
+        assert c["update_epochs"] == 4 and c["learning_rate"] == PRESETS["fast"]["learning_rate"], name

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import copy
 import glob
-import hashlib
 import io
 import json
 import os
@@ -12,29 +12,26 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
-from helpers import read_finished_wandb_records, read_metrics, wandb_history, without_timings
+from helpers import (
+    folder_digest,
+    read_finished_wandb_records,
+    read_metrics,
+    subprocess_env,
+    wait_for_lines,
+    wandb_history,
+    without_timings,
+)
 
 import fastppo.trainer
 from fastppo.checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from fastppo.cli import main
 from fastppo.logger import RunLogger
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CARTPOLE = ["train", "--env-id", "CartPole-v1", "--device", "cpu"]
-
-
-def subprocess_env(**extra) -> dict:
-    """This checkout's fastppo first on the path (and the W&B folders of `wandb_home`, when set).
-
-    WANDB_SERVICE is left out: set by an earlier in-process W&B run, it would make the child share
-    this process's W&B service."""
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
-    return dict(env, PYTHONPATH=ROOT, **extra)
 
 
 @pytest.fixture
@@ -53,14 +50,6 @@ def short_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "short"
     assert main([*CARTPOLE, "--run-dir", str(run_dir), "--total-timesteps", "1024", "--save-every", "1"]) == 0
     return run_dir
-
-
-def folder_digest(path) -> dict:
-    out = {}
-    for p in sorted(glob.glob(os.path.join(path, "**"), recursive=True)):
-        if os.path.isfile(p):
-            out[os.path.relpath(p, path)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
-    return out
 
 
 # --- checkpoints ------------------------------------------------------------------------------
@@ -143,14 +132,44 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, monkeypatch, capsys)
     assert b["elapsed"] > 0
 
 
-def wait_for_lines(path, n: int, proc, timeout: float = 60.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        if os.path.exists(path) and sum(1 for _ in open(path)) >= n:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{path} did not reach {n} lines")
+def test_async_overlap_run_resumes_from_its_checkpoint(tmp_path, monkeypatch, capsys):
+    """--async-envs --overlap (whose env steps cannot be replayed) with PPO-penalty: SIGTERM during
+    iteration 3 of 6, then resume. The resumed loop starts from the checkpoint's weights, optimizer
+    state, counters, beta, RNG states, acting generator and recent-return window, the LR schedule
+    goes on where it was, and the envs restart on fresh seeds derived from (seed, iteration)."""
+    args = [*CARTPOLE, "--total-timesteps", "3072", "--async-envs", "--overlap", "--loss", "penalty",
+            "--target-return-games", "1000", "--run-dir", str(tmp_path / "r")]
+    interrupt_at_iteration(monkeypatch, 3)
+    assert main(args) == 128 + signal.SIGTERM
+    capsys.readouterr()
+    monkeypatch.undo()
+    state = load_checkpoint(str(tmp_path / "r"))
+    assert state["iteration"] == 3 and state["actions"] is None
+
+    built, seeds = [], []
+    real_build, real_make_envs = fastppo.trainer.build, fastppo.trainer.make_envs
+
+    def build(prepared, world):
+        session = real_build(prepared, world)
+        built.append((copy.deepcopy(session.policy.state_dict()), copy.deepcopy(session.optimizer.state_dict()),
+                      session.kl_ctl.beta, session.recent.state(), session.progress.global_step, torch.get_rng_state(),
+                      session.collection.actor.generator.get_state()))
+        return session
+
+    monkeypatch.setattr(fastppo.trainer, "build", build)
+    monkeypatch.setattr(fastppo.trainer, "make_envs", lambda *a, **k: seeds.append(a[2]) or real_make_envs(*a, **k))
+    assert main(["train", "--resume", str(tmp_path / "r")]) == 0
+    [(model, optimizer, beta, recent, step, rng, acting)] = built
+    assert all(torch.equal(model[k], state["model"][k]) for k in model)
+    for a, b in zip(optimizer["state"].values(), state["optimizer"]["state"].values(), strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert beta == state["kl_coef"] and recent == state["recent_returns"] and len(recent) > 10
+    assert step == 1536 and torch.equal(rng, state["rng"]["torch"])
+    assert torch.equal(acting, state["collection"][0]["acting_rng"])
+    assert seeds and seeds[0] != 1  # fresh env seeds, not the run's first ones
+    metrics = read_metrics(tmp_path / "r")
+    assert [m["global_step"] for m in metrics] == [512 * i for i in range(1, 7)]
+    assert [m["charts/learning_rate"] for m in metrics] == pytest.approx([2.5e-4 * (1 - i / 6) for i in range(6)])
 
 
 def test_sigterm_mid_run_leaves_a_loadable_checkpoint_and_resume_continues(tmp_path):
