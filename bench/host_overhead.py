@@ -84,10 +84,12 @@ class FreePool:
 
 
 class FreeActor(Actor):
-    """An Actor whose choice costs nothing: zero actions, log-probs, values and logits, preallocated."""
+    """An Actor whose choice costs nothing: zero actions, log-probs, values and logits (its dist), preallocated."""
 
     def __init__(self, num_actions: int, device: torch.device):
-        super().__init__(torch.nn.Identity())
+        identity = torch.nn.Identity()
+        identity.dist_kind = "categorical"
+        super().__init__(identity)
         self.num_actions, self.device, self.out = num_actions, device, {}
 
     def __call__(self, obs: torch.Tensor):

@@ -173,7 +173,7 @@ def load_resumable(run_dir: str) -> dict:
     _check_parts(state, state["path"], RESUME_PARTS)
     if not all(isinstance(r, (int, float)) for r in state["recent_returns"]):
         raise CheckpointError(f"{state['path']!r} is damaged: its 'recent_returns' are not numbers")
-    if state["actions"] is not None and state["actions"].dim() != 2:
+    if state["actions"] is not None and state["actions"].dim() not in (2, 3):
         raise CheckpointError(f"{state['path']!r} is damaged: its actions have shape {tuple(state['actions'].shape)}")
     try:
         check_rng_state(state.get("rank_rng", [state["rng"]]))

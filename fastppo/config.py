@@ -87,8 +87,12 @@ class Config:
 
     # --- environment ------------------------------------------------------------------------
     env_id: str = "Pong-v5"
-    """EnvPool env id with a discrete action space (Atari '*-v5', or classic control such as
-    'CartPole-v1')"""
+    """EnvPool env id: Atari '*-v5', classic control ('CartPole-v1', 'Pendulum-v1'), MuJoCo
+    ('HalfCheetah-v4'), DMC ('CheetahRun-v1'), Box2D, toy text ('Taxi-v3'), MiniGrid; Discrete or
+    1-D Box actions"""
+    env_kwargs: tuple[str, ...] = ()
+    """EnvPool options as key=value, passed to the envs as they are (checked against the env's
+    options and their types), e.g. use_combined_action=true for VizDoom"""
     num_envs: int | None = None
     """number of parallel environments, per rank under torchrun (None: 8 for Atari, 4 for vector observations)"""
     env_threads: int = 0
@@ -102,24 +106,31 @@ class Config:
     """Atari sticky actions (0 as in CleanRL; 0.25 for the Machado et al. protocol)"""
     max_episode_steps: int | None = None
     """time limit in agent steps (None: EnvPool's, 27000 for Atari = 108k frames)"""
+    norm_obs: bool | None = None
+    """normalise vector observations by their running mean and std, clipped to +-10 (None: on for
+    continuous actions, as CleanRL's ppo_continuous_action)"""
+    norm_reward: bool | None = None
+    """scale rewards by the running std of the discounted return, clipped to +-10 (None: on for
+    continuous actions)"""
 
     # --- algorithm --------------------------------------------------------------------------
     total_timesteps: int | None = None
     """total agent steps, all ranks together (None: 10M for Atari, 500k for vector observations)"""
-    learning_rate: float = 2.5e-4
-    """Adam learning rate (eps 1e-5)"""
+    learning_rate: float | None = None
+    """Adam learning rate, eps 1e-5 (None: 2.5e-4; 3e-4 for continuous actions)"""
     anneal_lr: bool = True
     """anneal the learning rate linearly to 0 over the run"""
-    num_steps: int = 128
-    """steps per env per rollout (T)"""
+    num_steps: int | None = None
+    """steps per env per rollout, T (None: 128; 2048 for continuous actions)"""
     gamma: float = 0.99
     """discount factor"""
     gae_lambda: float = 0.95
     """GAE lambda"""
-    num_minibatches: int = 4
-    """minibatches per epoch; num_envs * num_steps must divide by it"""
-    update_epochs: int = 4
-    """epochs over each rollout (K)"""
+    num_minibatches: int | None = None
+    """minibatches per epoch; num_envs * num_steps must divide by it (None: 4; 32 for continuous
+    actions)"""
+    update_epochs: int | None = None
+    """epochs over each rollout, K (None: 4; 10 for continuous actions)"""
     norm_adv: bool = True
     """normalise advantages per minibatch, over its valid transitions"""
     loss: Literal["clip", "penalty"] = "clip"
@@ -128,8 +139,8 @@ class Config:
     """surrogate clip epsilon, also the value clip range (None: 0.1 for Atari, 0.2 otherwise)"""
     clip_vloss: bool = True
     """clip the value update to +-clip_coef around the collection-time value (CleanRL)"""
-    ent_coef: float = 0.01
-    """entropy bonus coefficient"""
+    ent_coef: float | None = None
+    """entropy bonus coefficient (None: 0.01; 0 for continuous actions)"""
     vf_coef: float = 0.5
     """value loss coefficient"""
     max_grad_norm: float = 0.5
@@ -212,9 +223,23 @@ class Config:
         return d
 
 
-# CleanRL's per-kind defaults: ppo_atari_envpool.py for images, ppo.py for vector observations.
-ATARI_DEFAULTS = {"num_envs": 8, "total_timesteps": 10_000_000, "clip_coef": 0.1}
-VECTOR_DEFAULTS = {"num_envs": 4, "total_timesteps": 500_000, "clip_coef": 0.2}
+# CleanRL's settings per kind of env: ppo_atari_envpool.py for Atari frames, ppo.py for discrete
+# actions on other observations, ppo_continuous_action.py for Box actions. The fields that default to
+# None take them (resolve), and --preset cleanrl sets them all.
+KIND_DEFAULTS: dict[str, dict] = {
+    "atari": dict(num_envs=8, total_timesteps=10_000_000, num_steps=128, num_minibatches=4, update_epochs=4,
+                  learning_rate=2.5e-4, clip_coef=0.1, ent_coef=0.01, norm_obs=False, norm_reward=False),
+    "discrete": dict(num_envs=4, total_timesteps=500_000, num_steps=128, num_minibatches=4, update_epochs=4,
+                     learning_rate=2.5e-4, clip_coef=0.2, ent_coef=0.01, norm_obs=False, norm_reward=False),
+    "continuous": dict(num_envs=1, total_timesteps=1_000_000, num_steps=2048, num_minibatches=32,
+                       update_epochs=10, learning_rate=3e-4, clip_coef=0.2, ent_coef=0.0, norm_obs=True,
+                       norm_reward=True),
+}
+
+
+def env_kind(info: EnvInfo) -> str:
+    """atari (CNN on frames), continuous (Box actions) or discrete (any other observation)."""
+    return "continuous" if info.continuous else "atari" if info.is_image else "discrete"
 
 
 # --- which fields the caller set ------------------------------------------------------------------
@@ -284,9 +309,12 @@ def resolve(cfg: Config, info: EnvInfo, world_size: int = 1) -> Config:
     world_size: ranks training together (torchrun's WORLD_SIZE; 1 for a plain run).
     Raises ConfigError (one line, naming the value) on any bad input.
     """
-    defaults = ATARI_DEFAULTS if info.is_atari else VECTOR_DEFAULTS
+    defaults = KIND_DEFAULTS[env_kind(info)]
     cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
     cfg.world_size = world_size
+    if cfg.norm_obs and (info.is_image or info.obs_classes):
+        what = "frames" if info.is_image else "a state index"
+        raise ConfigError(f"--norm-obs needs vector observations; {info.env_id} observes {what}")
     if cfg.kl_max is None:
         cfg.kl_max = 1.5 * cfg.kl_target
     if cfg.kl_min is None:

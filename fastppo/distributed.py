@@ -156,6 +156,11 @@ def process_group(world: World, device: torch.device, timeout_s: float) -> Itera
         dist.destroy_process_group()
 
 
+def is_distributed() -> bool:
+    """True inside a torchrun process group (a one-rank group included)."""
+    return dist.is_initialized()
+
+
 def is_main() -> bool:
     """True on rank 0 and in a plain run: the one process that prints and writes the run folder."""
     return not dist.is_initialized() or dist.get_rank() == 0
@@ -206,6 +211,15 @@ def all_games(returns: list[float], lengths: list[int]) -> tuple[list[float], li
     out: list = [None] * dist.get_world_size()
     dist.all_gather_object(out, (returns, lengths))
     return [r for rank_returns, _ in out for r in rank_returns], [n for _, rank_lengths in out for n in rank_lengths]
+
+
+def all_gather_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """[t of rank 0, t of rank 1, ...] on every rank ([t] without a process group). A collective."""
+    if not dist.is_initialized():
+        return [t]
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return out
 
 
 def gather_on_main(obj: T) -> list[T] | None:

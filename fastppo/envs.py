@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import json
 import warnings
 from dataclasses import dataclass
 
@@ -26,18 +27,55 @@ class EnvError(ValueError):
     """A bad env id or unsupported env; a one-line message for the CLI."""
 
 
+# Keys of a dict observation that are not numeric features: MiniGrid's mission string, as bytes.
+TEXT_KEYS = ("mission",)
+
+
 @dataclass(frozen=True)
 class EnvInfo:
+    """What fastppo needs to know of an env, from EnvPool's spec (no env is created).
+
+    Observations, as the policy sees them (after :class:`EnvAdapter`): ``obs_shape`` / ``obs_dtype``
+    per env; ``obs_classes`` > 0 for a scalar discrete observation (Taxi, FrozenLake: the state index,
+    one-hot in the network); a dict observation arrives flattened to one float32 vector
+    (``dict_spec``). Actions: ``num_actions`` is the size of the policy's action head: the number of
+    actions of a Discrete space, or the dimensions of a Box space (``continuous``, with its bounds).
+    """
+
     env_id: str
     obs_shape: tuple[int, ...]
     obs_dtype: np.dtype
     num_actions: int
     is_atari: bool
+    continuous: bool = False
+    action_low: tuple[float, ...] = ()
+    action_high: tuple[float, ...] = ()
+    action_dtype: np.dtype = np.dtype(np.int64)
+    obs_classes: int = 0
+    dict_spec: tuple[tuple[str, int], ...] = ()  # (key, n): n > 0 one-hot of a Discrete key, 0 a Box key
+    family: str = ""  # EnvPool's family: atari, classic_control, mujoco, box2d, toy_text, minigrid, ...
+    env_kwargs: tuple[tuple[str, object], ...] = ()  # options passed to EnvPool as they are
 
     @property
     def obs_bytes(self) -> int:
         """Bytes of one env's observation."""
         return int(np.prod(self.obs_shape, dtype=np.int64)) * np.dtype(self.obs_dtype).itemsize
+
+    @property
+    def is_image(self) -> bool:
+        """(C, H, W) uint8 frames: the Nature CNN's input."""
+        return len(self.obs_shape) == 3 and self.obs_dtype == np.uint8
+
+    @property
+    def dist_size(self) -> int:
+        """Width of the behaviour distribution's parameters kept per step: logits (A), or mean and
+        log-std (2 D) of a diagonal Gaussian."""
+        return 2 * self.num_actions if self.continuous else self.num_actions
+
+    @property
+    def action_shape(self) -> tuple[int, ...]:
+        """One env's action: () for a discrete action, (D,) for a continuous one."""
+        return (self.num_actions,) if self.continuous else ()
 
 
 def _envpool():
@@ -54,10 +92,68 @@ def _quiet_spaces():
         yield
 
 
-def env_info(env_id: str) -> EnvInfo:
+# EnvPool options that fastppo sets itself (or that have their own flag): not allowed in --env-kwargs.
+OWN_OPTIONS = {
+    "num_envs": "--num-envs", "batch_size": "--env-batch-size", "num_threads": "--env-threads", "seed": "--seed",
+    "max_episode_steps": "--max-episode-steps", "repeat_action_probability": "--repeat-action-probability",
+    "env_type": None, "render_mode": None, "base_path": None, "env_seed": None, "max_num_players": None,
+    "thread_affinity_offset": None, "gym_reset_return_info": None, "episodic_life": None, "reward_clip": None,
+}
+
+
+def parse_env_kwargs(env_id: str, items: tuple[str, ...], fields: dict[str, object]) -> tuple[tuple[str, object], ...]:
+    """--env-kwargs key=value ... -> ((key, value), ...), each value of the option's own type.
+
+    fields: the env's EnvPool options and their defaults (make_spec(env_id).config). Raises EnvError
+    (one line) for a malformed item, an unknown or reserved key, or a value of the wrong type.
+    """
+    out = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        if not eq or not key:
+            raise EnvError(f"--env-kwargs {item!r}: expected key=value")
+        if key in OWN_OPTIONS:
+            own = OWN_OPTIONS[key]
+            raise EnvError(f"--env-kwargs {key}: set by fastppo" + (f"; use {own}" if own else ""))
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=3, cutoff=0.5)
+            hint = f"; close names: {', '.join(close)}" if close else f"; {env_id}'s options: {', '.join(fields)}"
+            raise EnvError(f"--env-kwargs {key}: {env_id} has no such option{hint}")
+        default = fields[key]
+        try:
+            if isinstance(default, bool):
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                value: object = text.lower() in ("true", "1")
+            elif isinstance(default, int):
+                value = int(text)
+            elif isinstance(default, float):
+                value = float(text)
+            elif isinstance(default, str):
+                value = text
+            else:
+                value = json.loads(text)
+        except ValueError:
+            raise EnvError(f"--env-kwargs {key}={text!r}: expected a {type(default).__name__} like "
+                           f"its default {default!r}") from None
+        out[key] = value
+    return tuple(sorted(out.items()))
+
+
+def env_family(env_id: str) -> str:
+    """EnvPool's family of the env: atari, classic_control, mujoco, box2d, toy_text, minigrid, ..."""
+    from envpool.registration import registry
+
+    module = registry.specs[env_id][0]  # e.g. "envpool.mujoco.gym"
+    return module.split(".")[1] if module.count(".") else module
+
+
+def env_info(env_id: str, env_kwargs: tuple[str, ...] = ()) -> EnvInfo:
     """Look the env up in EnvPool's registry without creating any environment.
 
-    Raises EnvError for an unknown id (listing close names) or a non-discrete action space.
+    env_kwargs: --env-kwargs items (key=value), EnvPool options passed through (they may change the
+    spaces, e.g. VizDoom's use_combined_action). Raises EnvError (one line) for an unknown id (with
+    close names), a bad option, or a space fastppo does not train on.
     """
     import gymnasium
 
@@ -67,20 +163,123 @@ def env_info(env_id: str) -> EnvInfo:
         close = difflib.get_close_matches(env_id, known, n=4, cutoff=0.6)
         hint = f"; close names: {', '.join(close)}" if close else "; see envpool.list_all_envs()"
         raise EnvError(f"unknown --env-id {env_id!r}{hint}")
-    with _quiet_spaces():  # the spaces are built lazily, on first access
-        spec = envpool.make_spec(env_id)
-        space, obs_space = spec.action_space, spec.observation_space
-    if not isinstance(space, gymnasium.spaces.Discrete):
-        raise EnvError(
-            f"--env-id {env_id!r} has a {type(space).__name__} action space; fastppo needs a discrete one"
-        )
-    return EnvInfo(
-        env_id=env_id,
-        obs_shape=tuple(obs_space.shape),
-        obs_dtype=np.dtype(obs_space.dtype),
-        num_actions=int(space.n),
-        is_atari="episodic_life" in spec.config._fields,
-    )
+    try:
+        with _quiet_spaces():  # the spaces are built lazily, on first access
+            fields = envpool.make_spec(env_id).config._asdict()
+            kwargs = parse_env_kwargs(env_id, env_kwargs, fields)
+            spec = envpool.make_spec(env_id, **dict(kwargs))
+            space, obs_space = spec.action_space, spec.observation_space
+    except EnvError:
+        raise
+    except Exception as e:  # EnvPool's own checks (a missing scenario file, an option out of range, ...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EnvError(f"EnvPool cannot make {env_id} with these options: {first[:300]}") from None
+    info = dict(env_id=env_id, is_atari="episodic_life" in spec.config._fields, family=env_family(env_id),
+                env_kwargs=kwargs)
+    if isinstance(space, gymnasium.spaces.Discrete):
+        info.update(num_actions=int(space.n))
+    elif isinstance(space, gymnasium.spaces.Box) and len(space.shape) == 1:
+        low, high = np.broadcast_to(space.low, space.shape), np.broadcast_to(space.high, space.shape)
+        if not (np.isfinite(low).all() and np.isfinite(high).all()):
+            raise EnvError(f"--env-id {env_id!r} has an unbounded Box action space; fastppo clips actions to "
+                           f"finite bounds")
+        info.update(num_actions=int(space.shape[0]), continuous=True, action_low=tuple(map(float, low)),
+                    action_high=tuple(map(float, high)), action_dtype=np.dtype(space.dtype))
+    else:
+        raise EnvError(f"--env-id {env_id!r} has a {space} action space; fastppo trains on Discrete and "
+                       f"1-D Box actions")
+    if isinstance(obs_space, gymnasium.spaces.Discrete):
+        info.update(obs_shape=(), obs_dtype=np.dtype(np.int64), obs_classes=int(obs_space.n))
+    elif isinstance(obs_space, gymnasium.spaces.Dict):
+        dict_spec, size = [], 0
+        for key, sub in obs_space.spaces.items():
+            if key in TEXT_KEYS:
+                continue
+            if isinstance(sub, gymnasium.spaces.Discrete):
+                dict_spec.append((key, int(sub.n)))
+                size += int(sub.n)
+            elif isinstance(sub, gymnasium.spaces.Box):
+                dict_spec.append((key, 0))
+                size += int(np.prod(sub.shape))
+            else:
+                raise EnvError(f"--env-id {env_id!r}: its observation key {key!r} is a {sub}; fastppo flattens "
+                               f"Box and Discrete keys only")
+        info.update(obs_shape=(size,), obs_dtype=np.dtype(np.float32), dict_spec=tuple(dict_spec))
+    elif isinstance(obs_space, gymnasium.spaces.Box):
+        shape, dtype = tuple(obs_space.shape), np.dtype(obs_space.dtype)
+        if len(shape) == 3 and dtype == np.uint8:
+            if shape[-1] <= 4 < shape[0]:
+                raise EnvError(f"--env-id {env_id!r} observes (H, W, C) = {shape} frames; fastppo's Nature CNN "
+                               f"takes (C, H, W) frames")
+            if min(shape[1:]) < 36:
+                raise EnvError(f"--env-id {env_id!r}: its {shape} frames are smaller than the Nature CNN's "
+                               f"36 x 36 input")
+        else:
+            dtype = np.dtype(np.float32)  # vector observations reach the network as float32
+        info.update(obs_shape=shape, obs_dtype=dtype)
+    else:
+        raise EnvError(f"--env-id {env_id!r} has a {obs_space} observation space; fastppo trains on Box, "
+                       f"Discrete and Dict observations")
+    return EnvInfo(**info)
+
+
+def adapt_obs(info: EnvInfo, obs):
+    """A batch of the env's observations in the layout the policy takes (see EnvAdapter): numpy.
+    Observations already in that layout pass through unchanged."""
+    if info.dict_spec and isinstance(obs, dict):
+        parts = []
+        for key, n in info.dict_spec:
+            x = np.asarray(obs[key])
+            parts.append(np.eye(n, dtype=np.float32)[x] if n else x.reshape(len(x), -1).astype(np.float32))
+        return np.concatenate(parts, axis=1)
+    obs = np.asarray(obs)
+    if info.obs_classes:
+        return obs.astype(np.int64)
+    return obs if obs.dtype == info.obs_dtype else obs.astype(info.obs_dtype)
+
+
+class EnvAdapter:
+    """An EnvPool pool as the policy sees it: observations in ``info``'s layout, actions to the env's.
+
+    Observations: a dict is flattened to one float32 vector (Box keys as they are, Discrete keys
+    one-hot, the text keys dropped), float64 becomes float32, a scalar discrete observation stays
+    its int index. Actions: continuous ones are clipped to the space's bounds (the rollout keeps the
+    unclipped sample, whose log-prob the loss uses) and cast to the space's dtype. Everything else is
+    EnvPool's own (``send``/``recv``, ``render``, ``close``, ...).
+    """
+
+    def __init__(self, envs, info: EnvInfo):
+        self.envs = envs
+        self.info = info
+        self.low = np.array(info.action_low, dtype=info.action_dtype)
+        self.high = np.array(info.action_high, dtype=info.action_dtype)
+
+    def __getattr__(self, name: str):
+        return getattr(self.envs, name)
+
+    def obs(self, obs):
+        return adapt_obs(self.info, obs)
+
+    def action(self, action: np.ndarray) -> np.ndarray:
+        if not self.info.continuous:
+            return action
+        return np.clip(np.asarray(action).astype(self.info.action_dtype), self.low, self.high)
+
+    def reset(self, *args, **kwargs):
+        obs, info = self.envs.reset(*args, **kwargs)
+        return self.obs(obs), info
+
+    def step(self, action, env_id=None):
+        args = (self.action(action),) if env_id is None else (self.action(action), env_id)
+        obs, reward, terminated, truncated, info = self.envs.step(*args)
+        return self.obs(obs), reward, terminated, truncated, info
+
+    def send(self, action, env_id=None):
+        return self.envs.send(self.action(action), env_id)
+
+    def recv(self, *args, **kwargs):
+        obs, reward, terminated, truncated, info = self.envs.recv(*args, **kwargs)
+        return self.obs(obs), reward, terminated, truncated, info
 
 
 def make_envs(
@@ -96,7 +295,8 @@ def make_envs(
     reward_clip: bool = True,
     render_mode: str | None = None,
 ):
-    """An EnvPool pool with the gymnasium API; Atari gets CleanRL's settings. Env i gets seed + i
+    """An EnvPool pool with the gymnasium API, seen through :class:`EnvAdapter`; Atari gets CleanRL's
+    settings, and ``info.env_kwargs`` (--env-kwargs) go to EnvPool as they are. Env i gets seed + i
     (seed taken modulo 2^31, EnvPool's range).
 
     Atari: episodic_life, reward_clip, 84x84 gray, 4-frame stack, frame skip 4, up to 30 no-op
@@ -126,10 +326,11 @@ def make_envs(
             frame_skip=4,
             noop_max=30,
         )
+    kwargs.update(info.env_kwargs)  # last: --env-kwargs may change CleanRL's Atari settings too
     with _quiet_spaces():
         envs = envpool.make(info.env_id, **kwargs)
         _ = envs.observation_space, envs.action_space  # built lazily on first access: build them quietly now
-    return envs
+    return EnvAdapter(envs, info)
 
 
 class EpisodeStats:

@@ -22,9 +22,9 @@ import torch
 import tyro
 from torch import nn
 
+from fastppo.agent import Agent, load, make_env
 from fastppo.config import ConfigError
-from fastppo.envs import EnvInfo, make_envs
-from fastppo.policy import act
+from fastppo.envs import EnvInfo
 
 EVAL_SEED_OFFSET = 1_000_000  # eval pools never share a seed with the training envs (seed .. seed + N - 1)
 
@@ -58,18 +58,14 @@ class Games:
     frames: list[np.ndarray]  # (H, W, 3) uint8 of env 0's first game; empty without video
 
 
-def play(
-    policy: nn.Module, info: EnvInfo, episodes: int, seed: int, device: torch.device, *,
-    num_envs: int | None = None, greedy: bool = False, video: bool = False,
-    max_episode_steps: int | None = None, repeat_action_probability: float = 0.0,
-) -> Games:
-    """Play `episodes` full games; env i of min(num_envs, episodes) plays a fixed quota of them."""
+def play(agent: Agent, episodes: int, seed: int, *, num_envs: int | None = None, greedy: bool = False,
+         video: bool = False) -> Games:
+    """Play `episodes` full games with agent on ``agent.make_env``'s envs seeded from `seed`; env i of
+    min(num_envs, episodes) plays a fixed quota of them. Actions: sampled from the agent's generator,
+    or the most likely with greedy. video: keep env 0's screens of its first game."""
     n = min(num_envs or 8, episodes)
     quota = np.array([episodes // n + (i < episodes % n) for i in range(n)])
-    envs = make_envs(info, n, seed, max_episode_steps=max_episode_steps,
-                     repeat_action_probability=repeat_action_probability, episodic_life=False, reward_clip=False,
-                     render_mode="rgb_array" if video else None)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    envs = make_env(agent, n, seed, video=video)
     returns: list[list[float]] = [[] for _ in range(n)]
     lengths: list[list[int]] = [[] for _ in range(n)]
     running = np.zeros(n)
@@ -80,14 +76,8 @@ def play(
         if filming:
             frames.append(envs.render(env_ids=[0])[0])
         while any(len(r) < q for r, q in zip(returns, quota, strict=True)):
-            obs_t = torch.from_numpy(obs).to(device)
-            if greedy:
-                with torch.no_grad():
-                    action = policy(obs_t)[0].argmax(-1)
-            else:
-                action = act(policy, obs_t, generator)[0]
-            obs, reward, terminated, truncated, step_info = envs.step(action.cpu().numpy())
-            running += step_info["reward"] if info.is_atari else reward
+            obs, reward, terminated, truncated, step_info = envs.step(agent.act(obs, deterministic=greedy))
+            running += reward  # raw: the envs play without reward clipping
             if filming:
                 frames.append(envs.render(env_ids=[0])[0])
             for i in np.flatnonzero(terminated | truncated):
@@ -101,14 +91,42 @@ def play(
     return Games(np.array(sum(returns, [])), np.array(sum(lengths, [])), frames)
 
 
-def eval_metrics(policy: nn.Module, info: EnvInfo, cfg, iteration: int, device: torch.device) -> dict:
-    """--eval-every during training: eval/* metrics of cfg.eval_episodes sampled full games."""
-    games = play(policy, info, cfg.eval_episodes, cfg.seed + EVAL_SEED_OFFSET + iteration, device,
-                 num_envs=4, max_episode_steps=cfg.max_episode_steps,
-                 repeat_action_probability=cfg.repeat_action_probability)
+def eval_metrics(policy: nn.Module, info: EnvInfo, cfg, iteration: int, obs_norm=None) -> dict:
+    """--eval-every during training: eval/* metrics of cfg.eval_episodes sampled full games, played on a
+    fresh pool and with a generator both seeded from (seed, iteration), the observation statistics as
+    they are now."""
+    seed = cfg.seed + EVAL_SEED_OFFSET + iteration
+    games = play(Agent(policy, info, cfg.to_dict(), obs_norm, seed=seed), cfg.eval_episodes, seed, num_envs=4)
     return {"eval/episodic_return": float(games.returns.mean()),
             "eval/episodic_return_std": float(games.returns.std()),
             "eval/episodic_length": float(games.lengths.mean())}
+
+
+# Frames per second of the videos: one frame per agent step, at the env's own pace where it has one.
+VIDEO_FPS = {"atari": 15, "classic_control": 50, "box2d": 50, "mujoco": 30, "minigrid": 5}
+
+
+def render_problem(info: EnvInfo) -> str | None:
+    """Why EnvPool cannot film this env here, or None when it can.
+
+    Toy-text envs have no renderer. MuJoCo's needs an OpenGL context, and without one EnvPool aborts
+    the process, so it is tried once in a child process first.
+    """
+    if info.family == "toy_text":
+        return f"EnvPool does not render {info.env_id}"
+    if info.family == "mujoco":
+        import subprocess
+        import sys
+
+        probe = ("import envpool, warnings; warnings.filterwarnings('ignore'); "
+                 f"e = envpool.make({info.env_id!r}, env_type='gymnasium', num_envs=1, render_mode='rgb_array'); "
+                 "e.reset(); e.render(env_ids=[0])")
+        proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            why = next((line for line in proc.stderr.splitlines() if "OpenGL" in line or "ERROR" in line), "")
+            return (f"EnvPool cannot render {info.env_id} on this machine: MuJoCo needs an OpenGL context "
+                    f"({why.strip()[:160] or 'the renderer failed'})")
+    return None
 
 
 def write_video(frames: list[np.ndarray], path: str, fps: int) -> None:
@@ -131,9 +149,7 @@ def run_eval(ecfg: EvalConfig, stream=None) -> Games:
     """``fastppo eval``: print the scores; write (and log) the video. Raises ConfigError / CheckpointError."""
     import sys
 
-    from fastppo.checkpoint import CheckpointError, load_checkpoint, non_finite
-    from fastppo.envs import env_info
-    from fastppo.policy import make_policy
+    from fastppo.checkpoint import load_checkpoint
     from fastppo.tracking import Tracker, tracked_run, wandb_installed
 
     stream = stream if stream is not None else sys.stdout
@@ -149,29 +165,16 @@ def run_eval(ecfg: EvalConfig, stream=None) -> Games:
             import imageio_ffmpeg  # noqa: F401
         except ImportError:
             raise ConfigError("--video needs imageio and imageio-ffmpeg: pip install 'fastppo[video]'") from None
-    state = load_checkpoint(ecfg.checkpoint if ecfg.checkpoint is not None else ecfg.run)
-    bad = non_finite({"model": state["model"]})
-    if bad is not None:
-        raise CheckpointError(f"{state['path']!r} holds a non-finite {bad} (the run diverged); evaluate an earlier "
-                              f"checkpoint")
+    agent = load(ecfg.checkpoint if ecfg.checkpoint is not None else ecfg.run, ecfg.device, seed=ecfg.seed)
     run_dir = run_folder(ecfg.run)
     known = tracked_run(run_dir) if ecfg.track else None  # a damaged record is an error before any game
-    cfg = state["config"]
-    info = env_info(cfg["env_id"])
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(auto if ecfg.device == "auto" else ecfg.device)
-    policy = make_policy(info).to(device)
-    try:
-        policy.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise ConfigError(f"{state['path']!r} does not fit a {cfg['env_id']} policy: "
-                          f"{str(e).strip().splitlines()[0]}") from None
-    games = play(policy, info, ecfg.episodes, ecfg.seed, device, num_envs=ecfg.num_envs, greedy=ecfg.greedy,
-                 video=ecfg.video, max_episode_steps=cfg.get("max_episode_steps"),
-                 repeat_action_probability=cfg.get("repeat_action_probability", 0.0))
+    if ecfg.video and (problem := render_problem(agent.info)) is not None:
+        raise ConfigError(f"--video: {problem}")
+    games = play(agent, ecfg.episodes, ecfg.seed, num_envs=ecfg.num_envs, greedy=ecfg.greedy, video=ecfg.video)
     r = games.returns
     how = "greedy" if ecfg.greedy else "sampled"
-    print(f"{cfg['env_id']}  {os.path.basename(state['path'])} (global step {state['global_step']:,})  "
+    state = load_checkpoint(agent.checkpoint)
+    print(f"{agent.info.env_id}  {os.path.basename(agent.checkpoint)} (global step {state['global_step']:,})  "
           f"{len(r)} full games, {how} actions", file=stream)
     print(f"score  mean {r.mean():.2f}  std {r.std():.2f}  min {r.min():.2f}  max {r.max():.2f}  "
           f"(length mean {games.lengths.mean():.1f})", file=stream, flush=True)
@@ -180,9 +183,9 @@ def run_eval(ecfg: EvalConfig, stream=None) -> Games:
               "global_step": state["global_step"]}
     video_path = None
     if ecfg.video:
-        name = os.path.splitext(os.path.basename(state["path"]))[0]
+        name = os.path.splitext(os.path.basename(agent.checkpoint))[0]
         video_path = os.path.join(run_dir, "videos", f"{name}_{how}.mp4")
-        write_video(games.frames, video_path, fps=15 if info.is_atari else 50)  # Atari: 60 Hz / frame skip 4
+        write_video(games.frames, video_path, fps=VIDEO_FPS.get(agent.info.family, 30))
         print(f"video: {video_path} ({len(games.frames)} frames of game 1, score {r[0]:.2f})", file=stream)
     if known is not None and wandb_installed():
         tracker = Tracker.start(run_dir, project=known["project"], entity=known["entity"], job_type="eval")

@@ -4,9 +4,10 @@ PPO-clip:    L = E[max(-A r, -A clip(r, 1 - eps, 1 + eps))]
 PPO-penalty: L = E[-A r] + beta * E_s[KL(pi_old(.|s) || pi(.|s))]
 with r = pi(a|s) / pi_old(a|s), the importance weight that lets data collected by the behaviour
 policy pi_old train pi for several epochs. The KL is a distance between the two policies' action
-distributions averaged over the batch's states, computed exactly from the stored behaviour logits;
-it is not a distance between parameters. Both add vf_coef * value loss - ent_coef * entropy.
-The elementwise work is ``ppo_loss`` from ``fastppo.kernels``.
+distributions averaged over the batch's states, computed exactly from the stored behaviour
+distribution (logits, or a diagonal Gaussian's mean and log-std); it is not a distance between
+parameters. Both add vf_coef * value loss - ent_coef * entropy. The elementwise work is one op of
+``fastppo.kernels``: ``ppo_loss`` (categorical) or ``gaussian_ppo_loss``, or their fused-GAE twins.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastppo.config import Config
+from fastppo.policy import kl as exact_kl
+from fastppo.policy import split_gaussian
 
 
 def loss_kwargs(cfg: Config, kl_coef: float) -> dict:
@@ -34,26 +36,45 @@ def loss_kwargs(cfg: Config, kl_coef: float) -> dict:
 
 
 def minibatch_loss(
-    ppo_loss,
+    ops,
     cfg: Config,
     kl_coef: float,
-    logits: torch.Tensor,
+    dist: torch.Tensor,
     values: torch.Tensor,
     mb: dict[str, torch.Tensor],
+    kind: str = "categorical",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss of one minibatch; mb holds the flattened rollout fields at the minibatch's indices."""
-    return ppo_loss(
-        logits,
-        mb["actions"],
-        mb["logprobs"],
-        mb["advantages"],
-        values,
-        mb["values"],
-        mb["returns"],
-        old_logits=mb["logits"],
-        mask=mb["valid"],
-        **loss_kwargs(cfg, kl_coef),
-    )
+    """Loss of one minibatch: ``ops.ppo_loss`` on logits, or ``ops.gaussian_ppo_loss`` on a diagonal
+    Gaussian's [mean, log-std]. dist (M, P) and values (M,) are the current policy's; mb holds the
+    flattened rollout fields at the minibatch's indices (its "dist" is the behaviour policy's)."""
+    common = dict(mask=mb["valid"], **loss_kwargs(cfg, kl_coef))
+    data = (mb["actions"], mb["logprobs"], mb["advantages"], values, mb["values"], mb["returns"])
+    if kind == "gaussian":
+        old_mean, old_log_std = split_gaussian(mb["dist"])
+        return ops.gaussian_ppo_loss(*split_gaussian(dist), *data, old_mean=old_mean, old_log_std=old_log_std,
+                                     **common)
+    return ops.ppo_loss(dist, *data, old_logits=mb["dist"], **common)
+
+
+def gae_minibatch_loss(
+    ops,
+    cfg: Config,
+    kl_coef: float,
+    dist: torch.Tensor,
+    values: torch.Tensor,
+    cols: dict[str, torch.Tensor],
+    kind: str = "categorical",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GAE from the current values fused with the loss, for whole env columns: dist (T, n, P), values
+    (T + 1, n) the current policy's; cols holds the rollout's (T, n[, ...]) fields of those columns."""
+    common = dict(gamma=cfg.gamma, gae_lambda=cfg.gae_lambda, mask=cols["valid"], **loss_kwargs(cfg, kl_coef))
+    data = (cols["actions"], cols["logprobs"], values, cols["values"], cols["rewards"], cols["terminated"],
+            cols["truncated"])
+    if kind == "gaussian":
+        old_mean, old_log_std = split_gaussian(cols["dist"])
+        return ops.gae_gaussian_ppo_loss(*split_gaussian(dist), *data, old_mean=old_mean, old_log_std=old_log_std,
+                                         **common)
+    return ops.gae_ppo_loss(dist, *data, old_logits=cols["dist"], **common)
 
 
 @dataclass
@@ -73,19 +94,18 @@ class AdaptiveKLCoef:
 
 
 def policy_kl(
-    policy: nn.Module, obs: torch.Tensor, old_logits: torch.Tensor, valid: torch.Tensor, chunk: int
+    policy: nn.Module, obs: torch.Tensor, old_dist: torch.Tensor, valid: torch.Tensor, chunk: int,
+    kind: str = "categorical",
 ) -> torch.Tensor:
     """Mean over the valid states of KL(pi_old(.|s) || pi(.|s)), exact, under the current policy.
 
-    obs (B, ...), old_logits (B, A), valid (B,); evaluated in chunks of `chunk` states without
-    gradients. Returns a 0-dim tensor (no host sync here).
+    obs (B, ...), old_dist (B, P) the behaviour distributions, valid (B,); evaluated in chunks of
+    `chunk` states without gradients. Returns a 0-dim tensor (no host sync here).
     """
-    total = torch.zeros((), device=old_logits.device)
+    total = torch.zeros((), device=old_dist.device)
     with torch.no_grad():
         for start in range(0, obs.shape[0], chunk):
             sl = slice(start, start + chunk)
-            logp = F.log_softmax(policy(obs[sl])[0].float(), -1)
-            old_logp = F.log_softmax(old_logits[sl].float(), -1)
-            kl = (old_logp.exp() * (old_logp - logp)).sum(-1)
+            kl = exact_kl(kind, old_dist[sl].float(), policy(obs[sl])[0].float())
             total += (kl * valid[sl]).sum()
     return total / valid.sum().clamp_min(1)

@@ -1,10 +1,19 @@
-"""Actor-critic networks: Nature CNN for image observations, MLP for vector observations.
+"""Actor-critic networks, their action distributions, and the acting path.
 
-Both follow CleanRL (orthogonal init, gain sqrt(2) on hidden layers, 0.01 on the policy head,
-1.0 on the value head, zero biases). ``forward(obs) -> (logits, value)``; sampling lives in
-:func:`act` so the update path and the acting path share one network call. :class:`Actor` is the
-acting path of the collectors: Gumbel-max sampling on the learner, or on a frozen copy of its
-weights with ``--overlap``, optionally captured in a CUDA graph per batch size (``--cudagraphs``).
+Networks (CleanRL's; orthogonal init, gain sqrt(2) on hidden layers, 0.01 on the policy head, 1.0 on
+the value head, zero biases). ``forward(obs) -> (dist, value)``, where ``dist`` holds the action
+distribution's parameters, one row per observation:
+
+* :class:`NatureCNN` (Atari frames, ``ppo_atari_envpool.py``) and :class:`MLP` (vector, one-hot or
+  flattened-dict observations, ``ppo.py``): a categorical distribution, ``dist`` = logits (B, A).
+* :class:`GaussianMLP` (Box actions, ``ppo_continuous_action.py``): a diagonal Gaussian with a
+  state-independent log-std, ``dist`` = [mean, log-std] (B, 2 D).
+
+The module-level functions :func:`log_prob`, :func:`entropy`, :func:`kl`, :func:`sample` and
+:func:`greedy` work on such ``dist`` rows for either kind (``policy.dist_kind``). :func:`act` samples
+a batch of actions with no host sync; :class:`Actor` is the collectors' acting path: the learner, or
+a frozen copy of its weights with ``--overlap``, optionally captured in a CUDA graph per batch size
+(``--cudagraphs``).
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastppo.envs import EnvInfo
+from fastppo.kernels.reference import gaussian_entropy, gaussian_kl, gaussian_log_prob
 
 
 def layer_init(layer: nn.Module, std: float = math.sqrt(2), bias_const: float = 0.0) -> nn.Module:
@@ -26,6 +36,8 @@ def layer_init(layer: nn.Module, std: float = math.sqrt(2), bias_const: float = 
 
 class NatureCNN(nn.Module):
     """Mnih et al. 2015 torso shared by actor and critic; uint8 frames are scaled here."""
+
+    dist_kind = "categorical"
 
     def __init__(self, obs_shape: tuple[int, ...], num_actions: int):
         super().__init__()
@@ -51,63 +63,188 @@ class NatureCNN(nn.Module):
         hidden = self.network(obs.to(self.actor.weight.dtype) / 255.0)  # float32 (or the model's dtype)
         return self.actor(hidden), self.critic(hidden).squeeze(-1)
 
+    def policy_parameters(self) -> list[nn.Parameter]:
+        """What the policy's distribution depends on: the shared torso and the policy head."""
+        return [*self.network.parameters(), *self.actor.parameters()]
+
+    def value_parameters(self) -> list[nn.Parameter]:
+        """What only the value depends on (the torso is the policy's: see policy_parameters)."""
+        return list(self.critic.parameters())
+
+
+class OneHot(nn.Module):
+    """A scalar discrete observation (a state index) -> its one-hot vector, in the model's float dtype."""
+
+    def __init__(self, classes: int):
+        super().__init__()
+        self.classes = classes
+        self.register_buffer("like", torch.zeros(0), persistent=False)  # follows .to() / .double()
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return F.one_hot(obs.long(), self.classes).to(self.like.dtype)
+
+
+def _mlp(info: EnvInfo, hidden: int, out: int, std: float) -> nn.Sequential:
+    """input -> 64 tanh -> 64 tanh -> out; the input layer one-hots a state index, else flattens."""
+    first, n_in = (OneHot(info.obs_classes), info.obs_classes) if info.obs_classes else (
+        nn.Flatten(), math.prod(info.obs_shape))
+    return nn.Sequential(first, layer_init(nn.Linear(n_in, hidden)), nn.Tanh(), layer_init(nn.Linear(hidden, hidden)),
+                         nn.Tanh(), layer_init(nn.Linear(hidden, out), std=std))
+
+
+def _input(obs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Float observations in the model's dtype (float32, or float64 in tests); state indices as they are."""
+    return obs.to(dtype) if obs.is_floating_point() else obs
+
 
 class MLP(nn.Module):
-    """CleanRL ppo.py: separate 64-64 tanh actor and critic."""
+    """CleanRL ppo.py: separate 64-64 tanh actor and critic, categorical actions."""
 
-    def __init__(self, obs_shape: tuple[int, ...], num_actions: int, hidden: int = 64):
+    dist_kind = "categorical"
+
+    def __init__(self, info: EnvInfo, hidden: int = 64):
         super().__init__()
-        n_in = math.prod(obs_shape)
-
-        def torso() -> list[nn.Module]:
-            return [
-                nn.Flatten(),
-                layer_init(nn.Linear(n_in, hidden)),
-                nn.Tanh(),
-                layer_init(nn.Linear(hidden, hidden)),
-                nn.Tanh(),
-            ]
-
-        self.critic = nn.Sequential(*torso(), layer_init(nn.Linear(hidden, 1), std=1.0))
-        self.actor = nn.Sequential(*torso(), layer_init(nn.Linear(hidden, num_actions), std=0.01))
+        self.critic = _mlp(info, hidden, 1, std=1.0)
+        self.actor = _mlp(info, hidden, info.num_actions, std=0.01)
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """obs (B, *obs_shape) -> logits (B, A), value (B,)."""
-        obs = obs.to(self.critic[1].weight.dtype)
+        obs = _input(obs, self.critic[1].weight.dtype)
         return self.actor(obs), self.critic(obs).squeeze(-1)
+
+    def policy_parameters(self) -> list[nn.Parameter]:
+        return list(self.actor.parameters())
+
+    def value_parameters(self) -> list[nn.Parameter]:
+        return list(self.critic.parameters())
+
+
+class GaussianMLP(nn.Module):
+    """CleanRL ppo_continuous_action.py: 64-64 tanh critic and actor mean, a state-independent log-std
+    (initialised to 0); dist = [mean, log-std] (B, 2 D)."""
+
+    dist_kind = "gaussian"
+
+    def __init__(self, info: EnvInfo, hidden: int = 64):
+        super().__init__()
+        self.critic = _mlp(info, hidden, 1, std=1.0)
+        self.actor_mean = _mlp(info, hidden, info.num_actions, std=0.01)
+        self.actor_logstd = nn.Parameter(torch.zeros(1, info.num_actions))
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """obs (B, *obs_shape) -> [mean, log-std] (B, 2 D), value (B,)."""
+        obs = _input(obs, self.critic[1].weight.dtype)
+        mean = self.actor_mean(obs)
+        dist = torch.cat([mean, self.actor_logstd.expand_as(mean).to(mean.dtype)], dim=-1)
+        return dist, self.critic(obs).squeeze(-1)
+
+    def policy_parameters(self) -> list[nn.Parameter]:
+        return [*self.actor_mean.parameters(), self.actor_logstd]
+
+    def value_parameters(self) -> list[nn.Parameter]:
+        return list(self.critic.parameters())
 
 
 def make_policy(info: EnvInfo) -> nn.Module:
-    """Nature CNN for (C, H, W) image observations, MLP otherwise."""
-    if len(info.obs_shape) == 3:
+    """Nature CNN for (C, H, W) frames; a Gaussian MLP for Box actions; the categorical MLP otherwise."""
+    if info.is_image:
+        if info.continuous:
+            from fastppo.envs import EnvError
+
+            raise EnvError(f"--env-id {info.env_id!r}: image observations with continuous actions are not supported")
         return NatureCNN(info.obs_shape, info.num_actions)
-    return MLP(info.obs_shape, info.num_actions)
+    if info.continuous:
+        return GaussianMLP(info)
+    return MLP(info)
+
+
+# --- action distributions, on rows of `dist` ------------------------------------------------------
+
+
+def split_gaussian(dist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[mean, log-std] (..., 2 D) -> mean (..., D), log-std (..., D), as views."""
+    return dist.chunk(2, dim=-1)
+
+
+def log_prob(kind: str, dist: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """log pi(a|s) (B,) of actions (B,) int or (B, D) float."""
+    if kind == "gaussian":
+        return gaussian_log_prob(*split_gaussian(dist), actions)
+    return F.log_softmax(dist, -1).gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
+
+
+def entropy(kind: str, dist: torch.Tensor) -> torch.Tensor:
+    """H(pi(.|s)) (B,)."""
+    if kind == "gaussian":
+        return gaussian_entropy(split_gaussian(dist)[1])
+    logp = F.log_softmax(dist, -1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def kl(kind: str, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """Exact KL(pi_old(.|s) || pi_new(.|s)) (B,): a distance between the two action distributions."""
+    if kind == "gaussian":
+        return gaussian_kl(*split_gaussian(old), *split_gaussian(new))
+    old_logp, new_logp = F.log_softmax(old, -1), F.log_softmax(new, -1)
+    return (old_logp.exp() * (old_logp - new_logp)).sum(-1)
+
+
+def noise_shape(kind: str, batch: int, dist_size: int) -> tuple[int, int]:
+    """Shape of the noise one sampling step draws: Gumbel uniforms (B, A) or Gaussian normals (B, D)."""
+    return (batch, dist_size // 2) if kind == "gaussian" else (batch, dist_size)
+
+
+def draw_noise(kind: str, shape: tuple[int, int], device: torch.device, generator: torch.Generator | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """The noise of one sampling step: uniforms in [0, 1) (categorical) or standard normals (Gaussian)."""
+    draw = torch.randn if kind == "gaussian" else torch.rand
+    return draw(shape, device=device, generator=generator, out=out)
+
+
+def sample(kind: str, dist: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(action, log-prob) sampled with the given noise, no host sync.
+
+    Categorical: Gumbel-max, argmax(logits + Gumbel(u)) is an exact sample of softmax(logits) in two
+    elementwise kernels and one reduction. Gaussian: mean + exp(log-std) * z; the action is the
+    unclipped sample (the env adapter clips it to the action space's bounds).
+    """
+    if kind == "gaussian":
+        mean, log_std = split_gaussian(dist)
+        action = mean + log_std.exp() * noise
+        return action, gaussian_log_prob(mean, log_std, action)
+    gumbel = -torch.log(-torch.log(noise.clamp_min(1e-20)))
+    action = (dist + gumbel).argmax(-1)
+    return action, F.log_softmax(dist, -1).gather(-1, action.unsqueeze(-1)).squeeze(-1)
+
+
+def greedy(kind: str, dist: torch.Tensor) -> torch.Tensor:
+    """The most likely action: the argmax of the logits, or the Gaussian's mean."""
+    return split_gaussian(dist)[0] if kind == "gaussian" else dist.argmax(-1)
 
 
 def act(
     policy: nn.Module, obs: torch.Tensor, generator: torch.Generator | None = None,
-    uniform: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None, *, kind: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sample actions for a batch of observations, without gradients.
+    """Sample actions for a batch of observations, without gradients and without a host sync.
 
-    Gumbel-max sampling: argmax(logits + Gumbel noise) is an exact sample of softmax(logits) in two
-    elementwise kernels and one reduction, with no host sync. The noise comes from `uniform` (B, A)
-    in [0, 1) when given (a CUDA graph's static input), else from torch.rand with `generator`.
+    policy: the module (or a wrapper of it, then pass its `kind`). The noise comes from `noise` when
+    given (a CUDA graph's static input), else it is drawn with `generator`.
 
-    Returns action (B,) int64, log-prob (B,), value (B,), logits (B, A).
+    Returns action (B,) int64 or (B, D) float32, log-prob (B,), value (B,), dist (B, P) float32.
     """
+    kind = kind or policy.dist_kind
     with torch.no_grad():
-        logits, value = policy(obs)
-        logits = logits.float()
-        u = torch.rand(logits.shape, device=logits.device, generator=generator) if uniform is None else uniform
-        gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))
-        action = (logits + gumbel).argmax(-1)
-        logprob = F.log_softmax(logits, -1).gather(-1, action.unsqueeze(-1)).squeeze(-1)
-    return action, logprob, value.float(), logits
+        dist, value = policy(obs)
+        dist = dist.float()
+        if noise is None:
+            noise = draw_noise(kind, noise_shape(kind, dist.shape[0], dist.shape[1]), dist.device, generator)
+        action, logprob = sample(kind, dist, noise)
+    return action, logprob, value.float(), dist
 
 
 class Actor:
-    """Chooses actions for a batch of observations: (action, log-prob, value, logits), no gradients.
+    """Chooses actions for a batch of observations: (action, log-prob, value, dist), no gradients.
 
     ``policy`` is the module that acts: the learner itself (on-policy) or a frozen copy of its
     weights (``--overlap``). ``forward`` (default: policy) is the callable that evaluates it, e.g.
@@ -115,11 +252,10 @@ class Actor:
     step for each batch size in ``graph_batch_sizes`` is captured once in a CUDA graph and replayed
     afterwards: one launch instead of ~20. The graph reads the weights at fixed addresses, so they
     must be updated in place (``copy_weights`` or the optimizer, never by reassigning parameters).
-    The graph's uniforms are a static input that each call fills before the replay, outside the
-    graph, with the same ``torch.rand`` call and ``generator`` as the eager path: a graphed step
-    draws exactly what the eager one would, and capturing draws nothing, so the random streams
-    (and an exact resume, and the overlap thread's own generator) are the same with or without
-    ``cudagraphs``.
+    The graph's noise is a static input that each call fills before the replay, outside the graph,
+    with the same draw and ``generator`` as the eager path: a graphed step draws exactly what the
+    eager one would, and capturing draws nothing, so the random streams (and an exact resume, and
+    the overlap thread's own generator) are the same with or without ``cudagraphs``.
     """
 
     def __init__(
@@ -131,6 +267,7 @@ class Actor:
         graph_batch_sizes: tuple[int, ...] = (),
     ):
         self.policy = policy
+        self.kind = policy.dist_kind
         self.forward = forward if forward is not None else policy
         self.generator = generator
         self.cudagraphs = cudagraphs
@@ -138,18 +275,18 @@ class Actor:
         self.graphs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}
 
     def __call__(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """obs (B, ...) -> action (B,) int64, log-prob (B,), value (B,), logits (B, A).
+        """obs (B, ...) -> action, log-prob (B,), value (B,), dist (B, P) (see :func:`act`).
 
         Graphed outputs are static buffers, overwritten by the next call of the same batch size:
         copy them (into the rollout) before calling again, as the collectors do.
         """
         if self.cudagraphs and obs.is_cuda and obs.shape[0] in self.graph_batch_sizes:
-            static_obs, static_u, graph, outputs = self.graphs.get(obs.shape[0]) or self._capture(obs)
+            static_obs, static_noise, graph, outputs = self.graphs.get(obs.shape[0]) or self._capture(obs)
             static_obs.copy_(obs)
-            torch.rand(static_u.shape, device=static_u.device, generator=self.generator, out=static_u)
+            draw_noise(self.kind, static_noise.shape, static_noise.device, self.generator, out=static_noise)
             graph.replay()
             return outputs
-        return act(self.forward, obs, self.generator)
+        return act(self.forward, obs, self.generator, kind=self.kind)
 
     def value(self, obs: torch.Tensor) -> torch.Tensor:
         """V(obs) (B,) float32, no gradients."""
@@ -162,14 +299,14 @@ class Actor:
         side.wait_stream(torch.cuda.current_stream(obs.device))
         with torch.cuda.stream(side):  # warm-up outside the capture (cuBLAS/cuDNN workspaces, compile)
             # the first draws from a throwaway generator, so that capturing leaves the real ones alone
-            logits = act(self.forward, static_obs, torch.Generator(obs.device))[3]
-            static_u = torch.full_like(logits, 0.5)
+            dist = act(self.forward, static_obs, torch.Generator(obs.device), kind=self.kind)[3]
+            static_noise = draw_noise(self.kind, noise_shape(self.kind, *dist.shape), obs.device,
+                                      torch.Generator(obs.device))
             for _ in range(2):
-                act(self.forward, static_obs, uniform=static_u)
+                act(self.forward, static_obs, noise=static_noise, kind=self.kind)
         torch.cuda.current_stream(obs.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            outputs = act(self.forward, static_obs, uniform=static_u)
-        self.graphs[obs.shape[0]] = (static_obs, static_u, graph, outputs)
+            outputs = act(self.forward, static_obs, noise=static_noise, kind=self.kind)
+        self.graphs[obs.shape[0]] = (static_obs, static_noise, graph, outputs)
         return self.graphs[obs.shape[0]]
-

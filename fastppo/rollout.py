@@ -3,9 +3,10 @@
 Storage is allocated once, time-major ``[T, N, ...]``; observations keep the env's dtype (uint8
 for Atari, so 4096 envs x 128 steps of 4x84x84 frames is 14.8 GB rather than 59 GB in float32).
 
-Row t of every buffer describes one transition of each env: the observation seen, the action
-chosen for it (with its log-prob, value and logits under the behaviour policy, recorded when the
-action was chosen), and what the env returned. ``values`` has a row T for the bootstrap value.
+Row t of every buffer describes one transition of each env: the observation seen (normalised with
+``--norm-obs``), the action chosen for it (with its log-prob, value and action-distribution
+parameters under the behaviour policy, recorded when the action was chosen), and what the env
+returned (the reward scaled with ``--norm-reward``). ``values`` has a row T for the bootstrap value.
 
 Two collectors fill a buffer:
 
@@ -38,16 +39,31 @@ import torch
 from torch import nn
 
 from fastppo.envs import EnvInfo, EpisodeStats
+from fastppo.normalize import Normalizers
 from fastppo.perf import PhaseTimer, copy_weights, learner_forward
 from fastppo.policy import Actor
 
 
+def observe(norms: Normalizers, obs: torch.Tensor, update: bool = True) -> torch.Tensor:
+    """The observation the policy sees: with --norm-obs normalised, after updating the statistics."""
+    if norms.obs is None:
+        return obs
+    return norms.obs(obs) if update else norms.obs.normalize(obs)
+
+
+def action_log_dtype(info: EnvInfo) -> np.dtype:
+    """The action log's dtype: one byte per discrete action when it fits, float32 for continuous ones."""
+    if info.continuous:
+        return np.dtype(np.float32)
+    return np.dtype(np.uint8 if info.num_actions <= 256 else np.int32)
+
+
 @dataclass
 class Rollout:
-    obs: torch.Tensor  # (T, N, *obs_shape), env dtype
-    actions: torch.Tensor  # (T, N) int64
+    obs: torch.Tensor  # (T, N, *obs_shape), the env's dtype (uint8 frames, int64 state indices) or float32
+    actions: torch.Tensor  # (T, N) int64, or (T, N, D) float32 unclipped Gaussian samples
     logprobs: torch.Tensor  # (T, N) log pi_old(a|s)
-    logits: torch.Tensor  # (T, N, A) behaviour logits, for the exact KL
+    dist: torch.Tensor  # (T, N, P) behaviour distribution: logits (A) or [mean, log-std] (2 D), for the exact KL
     values: torch.Tensor  # (T + 1, N) V_old(s); row T bootstraps
     rewards: torch.Tensor  # (T, N) training reward (clipped for Atari)
     terminated: torch.Tensor  # (T, N) bool
@@ -74,9 +90,10 @@ class Rollout:
 
         return cls(
             obs=torch.zeros((T, N, *info.obs_shape), dtype=obs_dtype, device=device),
-            actions=torch.zeros((T, N), dtype=torch.int64, device=device),
+            actions=torch.zeros((T, N, *info.action_shape), dtype=dtype if info.continuous else torch.int64,
+                                device=device),
             logprobs=f32(T, N),
-            logits=f32(T, N, info.num_actions),
+            dist=f32(T, N, info.dist_size),
             values=f32(T + 1, N),
             rewards=f32(T, N),
             terminated=flag(),
@@ -128,7 +145,7 @@ class SpillRollout(Rollout):
 SPILL_ROWS = 16  # rows past T an async env may run ahead into while the slowest envs finish the rollout
 
 # The per-step fields an env's transition writes (advantages and returns are computed later).
-STEP_FIELDS = ("obs", "actions", "logprobs", "logits", "values", "rewards", "terminated", "truncated", "valid")
+STEP_FIELDS = ("obs", "actions", "logprobs", "dist", "values", "rewards", "terminated", "truncated", "valid")
 
 
 class Stager:
@@ -199,54 +216,64 @@ class Collector:
     Carries what must survive from one rollout to the next: the current observation (on the
     device) and whether each env's next step is EnvPool's reset step.
 
-    ``action_log`` holds every action sent to the envs since their reset, one host array (T, N) per
-    rollout (uint8 when the action space allows): EnvPool cannot save an env's state, so a resumed run
-    rebuilds it by re-creating the envs with the same seed and replaying these actions (:meth:`replay`).
+    ``action_log`` holds every action sent to the envs since their reset, one host array per rollout,
+    (T, N) (uint8 when the action space allows) or (T, N, D) float32 for continuous actions: EnvPool
+    cannot save an env's state, so a resumed run rebuilds it by re-creating the envs with the same
+    seed and replaying these actions (:meth:`replay`).
+
+    ``norms`` (optional) normalises the observations and scales the rewards on the device
+    (``fastppo.normalize``); the rollout keeps what the policy saw and what it is trained on.
     """
 
     def __init__(self, envs, info: EnvInfo, device: torch.device, generator: torch.Generator | None = None,
-                 timer: PhaseTimer | None = None):
+                 timer: PhaseTimer | None = None, norms: Normalizers | None = None):
         self.envs = envs
         self.info = info
         self.device = device
         self.generator = generator
         self.timer = timer or PhaseTimer(device)
         self.stage = Stager(device)
+        self.norms = norms or Normalizers(None, None)
         obs, _ = envs.reset()
         self.num_envs = len(obs)
         self.stats = EpisodeStats(self.num_envs, info.is_atari)
-        self.next_obs = torch.from_numpy(obs).to(device)
+        self.next_obs = observe(self.norms, torch.from_numpy(obs).to(device))
         self.next_is_reset = torch.zeros(self.num_envs, dtype=torch.bool, device=device)
-        self.action_dtype = np.uint8 if info.num_actions <= 256 else np.int32
+        self.action_dtype = action_log_dtype(info)
         self.action_log: list[np.ndarray] = []
 
     def replay(self, actions: np.ndarray) -> None:
-        """Step the freshly reset envs with actions (S, N), as collect() did, without a policy.
+        """Step the freshly reset envs with actions (S, N[, D]), as collect() did, without a policy.
 
         Leaves the envs, the next observation, the reset flags and the running full-game scores as
         they were after those S steps; games that ended during the replay were reported then, and are
-        dropped here.
+        dropped here. The normalisers are not updated: their checkpointed state is loaded as it was.
         """
         obs = done = None
         for row in actions:
-            obs, reward, terminated, truncated, info = self.envs.step(row.astype(np.int64))
+            obs, reward, terminated, truncated, info = self.envs.step(row if self.info.continuous
+                                                                      else row.astype(np.int64))
             self.stats.update(reward, terminated, truncated, info)
             done = terminated | truncated
         if obs is not None:
-            self.next_obs = torch.from_numpy(obs).to(self.device)
+            self.next_obs = observe(self.norms, torch.from_numpy(obs).to(self.device), update=False)
             self.next_is_reset = torch.from_numpy(done).to(self.device)
         self.stats.pop()
         self.action_log = [np.ascontiguousarray(actions, dtype=self.action_dtype)]
 
     def state(self) -> dict:
-        """This rank's part of a checkpoint: every action sent since the envs' reset, (S, N) on the host.
+        """This rank's part of a checkpoint: every action sent since the envs' reset, (S, N[, D]) on the
+        host, and each env's discounted return with --norm-reward.
 
         The log is kept as one array afterwards, so the next save is one copy.
         """
         if len(self.action_log) != 1:
             self.action_log = [np.concatenate(self.action_log) if self.action_log
-                               else np.zeros((0, self.num_envs), dtype=self.action_dtype)]
-        return {"actions": self.action_log[0]}
+                               else np.zeros((0, self.num_envs, *self.info.action_shape), dtype=self.action_dtype)]
+        out = {"actions": self.action_log[0]}
+        if self.norms.reward is not None:
+            out["reward_returns"] = self.norms.reward.returns.cpu()
+        return out
 
     def allocate(self, num_steps: int, num_buffers: int = 1) -> list[Rollout]:
         return [Rollout.allocate(self.info, num_steps, self.num_envs, self.device) for _ in range(num_buffers)]
@@ -255,17 +282,17 @@ class Collector:
         """Fill buf with num_steps steps of every env, acting with policy (a module or an Actor)."""
         actor = _as_actor(policy, self.generator)
         timer = self.timer
-        sent = np.empty((buf.num_steps, self.num_envs), dtype=self.action_dtype)
+        sent = np.empty((buf.num_steps, self.num_envs, *self.info.action_shape), dtype=self.action_dtype)
         self.action_log.append(sent)
         for t in range(buf.num_steps):
             buf.obs[t] = self.next_obs
             buf.valid[t] = ~self.next_is_reset
             with timer.phase("inference"):
-                action, logprob, value, logits = actor(self.next_obs)
+                action, logprob, value, dist = actor(self.next_obs)
                 buf.actions[t] = action
                 buf.logprobs[t] = logprob
                 buf.values[t] = value
-                buf.logits[t] = logits
+                buf.dist[t] = dist
                 # Host-device sync, deliberate: EnvPool needs the actions on the host.
                 host_action = action.cpu().numpy()
             sent[t] = host_action
@@ -273,13 +300,16 @@ class Collector:
                 obs, reward, terminated, truncated, info = self.envs.step(host_action)
             self.stats.update(reward, terminated, truncated, info)
             with timer.phase("h2d"):
-                buf.rewards[t] = self.stage("reward", reward)
+                reward = self.stage("reward", reward)
                 term = self.stage("terminated", terminated)
                 trunc = self.stage("truncated", truncated)
+                if self.norms.reward is not None:
+                    reward = self.norms.reward(reward, term, buf.valid[t])
+                buf.rewards[t] = reward
                 buf.terminated[t] = term
                 buf.truncated[t] = trunc
                 self.next_is_reset = term | trunc
-                self.next_obs = self.stage("obs", obs)
+                self.next_obs = observe(self.norms, self.stage("obs", obs))
         buf.next_obs.copy_(self.next_obs)
         with timer.phase("inference"):
             buf.values[buf.num_steps] = actor.value(self.next_obs)
@@ -296,7 +326,7 @@ class AsyncCollector:
     1. the result goes to row ``cursor - 1`` (the transition whose action was sent last);
     2. the observation goes to row ``cursor``, valid unless the result ended the episode (EnvPool's
        autoreset step ignores the action and is masked, as in the sync loop);
-    3. the actor chooses actions for them; action, log-prob, value and logits are stored at row
+    3. the actor chooses actions for them; action, log-prob, value and distribution are stored at row
        ``cursor`` as they are chosen, the cursor moves on, and the actions are sent.
 
     A rollout is complete when every env has rows 0..T (T transitions with their results, and the
@@ -317,7 +347,7 @@ class AsyncCollector:
 
     def __init__(self, envs, info: EnvInfo, device: torch.device, num_envs: int, batch_size: int,
                  generator: torch.Generator | None = None, timer: PhaseTimer | None = None,
-                 spill_rows: int = SPILL_ROWS):
+                 spill_rows: int = SPILL_ROWS, norms: Normalizers | None = None):
         self.envs = envs
         self.info = info
         self.device = device
@@ -327,6 +357,7 @@ class AsyncCollector:
         self.spill_rows = spill_rows
         self.timer = timer or PhaseTimer(device)
         self.stage = Stager(device)
+        self.norms = norms or Normalizers(None, None)
         self.stats = EpisodeStats(num_envs, info.is_atari)
         self.cursor = np.zeros(num_envs, dtype=np.int64)  # row of the env's next observation
         self.pending = np.zeros(num_envs, dtype=bool)  # an action was sent; its result is due at row cursor - 1
@@ -388,12 +419,16 @@ class AsyncCollector:
             if len(done):
                 sel = slice(None) if len(done) == len(ids) else done
                 prev = self.stage("prev_rows", (cursor[sel] - 1) * N + ids[sel])
-                flat["rewards"].index_copy_(0, prev, self.stage("reward", reward[sel]).float())
-                flat["terminated"].index_copy_(0, prev, self.stage("terminated", terminated[sel]))
+                rew = self.stage("reward", reward[sel]).float()
+                term = self.stage("terminated", terminated[sel])
+                if self.norms.reward is not None:
+                    rew = self.norms.reward(rew, term, flat["valid"][prev], env_ids=self.stage("prev_ids", ids[sel]))
+                flat["rewards"].index_copy_(0, prev, rew)
+                flat["terminated"].index_copy_(0, prev, term)
                 flat["truncated"].index_copy_(0, prev, self.stage("truncated", truncated[sel]))
             # 2. the new observation, masked when it follows an episode's end (EnvPool's reset step)
             rows = self.stage("rows", cursor * N + ids)
-            obs_d = self.stage("obs", obs)
+            obs_d = observe(self.norms, self.stage("obs", obs))
             as_words(flat["obs"]).index_copy_(0, rows, as_words(obs_d))
             flat["valid"].index_copy_(0, rows, self.stage("valid", ~(terminated | truncated)))
         self.pending[ids] = False
@@ -411,11 +446,11 @@ class AsyncCollector:
     def _act(self, actor: Actor, flat: dict[str, torch.Tensor], ids: np.ndarray, rows: torch.Tensor,
              obs: torch.Tensor) -> None:
         with self.timer.phase("inference"):
-            action, logprob, value, logits = actor(obs)
+            action, logprob, value, dist = actor(obs)
             flat["actions"].index_copy_(0, rows, action)
             flat["logprobs"].index_copy_(0, rows, logprob)
             flat["values"].index_copy_(0, rows, value)
-            flat["logits"].index_copy_(0, rows, logits)
+            flat["dist"].index_copy_(0, rows, dist)
             # Host-device sync, deliberate: EnvPool needs the actions on the host.
             action = action.cpu().numpy()
         self.cursor[ids] += 1
@@ -479,8 +514,9 @@ class BackgroundCollection:
 class InlineCollection:
     """Collects each rollout when asked, acting with the learner itself (sync or async envs).
 
-    The actor evaluates the learner's own module, so ``refresh`` has nothing to do: every rollout is
-    collected by the weights of the latest update (CleanRL's on-policy loop).
+    The actor evaluates the learner's own module, so every rollout is collected by the weights of the
+    latest update (CleanRL's on-policy loop); ``refresh`` only agrees on the normalisation statistics
+    across ranks.
     """
 
     def __init__(self, collector: Collector | AsyncCollector, actor: Actor, num_steps: int):
@@ -494,7 +530,7 @@ class InlineCollection:
         return self.buf
 
     def refresh(self, policy: nn.Module) -> None:
-        pass
+        self.collector.norms.sync()  # the ranks agree on the normalisation statistics
 
     def state(self) -> dict:
         return self.collector.state()
@@ -544,6 +580,7 @@ class OverlapCollection:
     def refresh(self, policy: nn.Module) -> None:
         self.background.wait()
         copy_weights(self.behaviour, policy)  # theta' <- theta, in place (a CUDA graph keeps its addresses)
+        self.collector.norms.sync()  # the ranks agree on the normalisation statistics (no collection runs now)
 
     def state(self) -> dict:
         return {**self.collector.state(), "acting_rng": self.actor.generator.get_state()}
@@ -558,17 +595,17 @@ Collection = InlineCollection | OverlapCollection
 
 
 def make_collection(cfg, envs, info: EnvInfo, device: torch.device, policy: nn.Module, forward: nn.Module,
-                    timer: PhaseTimer, rollouts: int, seed: int) -> Collection:
+                    timer: PhaseTimer, rollouts: int, seed: int, norms: Normalizers | None = None) -> Collection:
     """The collection cfg asks for: sync or async envs (--async-envs), inline or overlapped (--overlap).
 
     policy is the learner and forward its bf16/compiled wrapper; with --overlap the actor evaluates a
     frozen copy instead and draws its noise from its own generator seeded with `seed`. rollouts: how
-    many ``next()`` calls the run will make.
+    many ``next()`` calls the run will make. norms: the run's observation and reward normalisers.
     """
     if cfg.async_envs:
-        collector = AsyncCollector(envs, info, device, cfg.num_envs, cfg.recv_batch_size, timer=timer)
+        collector = AsyncCollector(envs, info, device, cfg.num_envs, cfg.recv_batch_size, timer=timer, norms=norms)
     else:
-        collector = Collector(envs, info, device, timer=timer)
+        collector = Collector(envs, info, device, timer=timer, norms=norms)
     graphs = dict(cudagraphs=cfg.cudagraphs, graph_batch_sizes=(cfg.recv_batch_size,))
     if not cfg.overlap:
         return InlineCollection(collector, Actor(policy, forward, **graphs), cfg.num_steps)

@@ -51,6 +51,7 @@ from fastppo.config import (
     Config,
     ConfigError,
     default_run_dir,
+    env_kind,
     resolve,
     resume_config,
     run_identity,
@@ -61,7 +62,8 @@ from fastppo.distributed import World
 from fastppo.envs import EnvInfo, env_info, make_envs
 from fastppo.evaluate import eval_metrics
 from fastppo.logger import RecentReturns, RunLogger, keep_metrics_until
-from fastppo.loss import AdaptiveKLCoef, loss_kwargs, minibatch_loss, policy_kl
+from fastppo.loss import AdaptiveKLCoef, gae_minibatch_loss, minibatch_loss, policy_kl
+from fastppo.normalize import Normalizers, ObsNormalizer, RewardScaler
 from fastppo.perf import PHASES, PhaseTimer, learner_forward
 from fastppo.policy import make_policy
 from fastppo.presets import apply_preset
@@ -92,14 +94,19 @@ def seed_everything(seed: int, torch_deterministic: bool) -> None:
 # --- the update ----------------------------------------------------------------------------------
 
 
+def dist_kind(buf: Rollout) -> str:
+    """The policy's distribution, read off the rollout: Gaussian samples are floats, categorical ones ints."""
+    return "gaussian" if buf.actions.is_floating_point() else "categorical"
+
+
 def flatten(buf: Rollout) -> dict[str, torch.Tensor]:
     """(T, N, ...) -> (T * N, ...) views of the fields the update reads."""
     T, N = buf.rewards.shape
     return {
         "obs": buf.obs.reshape(T * N, *buf.obs.shape[2:]),
-        "actions": buf.actions.reshape(-1),
+        "actions": buf.actions.reshape(T * N, *buf.actions.shape[2:]),
         "logprobs": buf.logprobs.reshape(-1),
-        "logits": buf.logits.reshape(T * N, -1),
+        "dist": buf.dist.reshape(T * N, -1),
         "values": buf.values[:T].reshape(-1),
         "advantages": buf.advantages.reshape(-1),
         "returns": buf.returns.reshape(-1),
@@ -131,8 +138,8 @@ def sample_minibatches(policy: nn.Module, buf: Rollout, cfg: Config, ops: kernel
     for start in range(0, cfg.batch_size, cfg.minibatch_size):
         idx = perm[start : start + cfg.minibatch_size]
         mb = {k: gather_rows(v, idx) for k, v in b.items()}
-        logits, newvalue = policy(mb["obs"])
-        yield minibatch_loss(ops.ppo_loss, cfg, kl_coef, logits, newvalue, mb)
+        dist, newvalue = policy(mb["obs"])
+        yield minibatch_loss(ops, cfg, kl_coef, dist, newvalue, mb, dist_kind(buf))
 
 
 def env_minibatches(policy: nn.Module, buf: Rollout, cfg: Config, ops: kernels.Ops, kl_coef: float):
@@ -143,24 +150,23 @@ def env_minibatches(policy: nn.Module, buf: Rollout, cfg: Config, ops: kernels.O
     """
     T, N = buf.rewards.shape
     n = N // cfg.num_minibatches
+    kind = dist_kind(buf)
     columns = {k: v.view(T, N, *v.shape[1:]) for k, v in flatten(buf).items()}  # (T, N, ...) views
     perm = torch.randperm(N, device=buf.actions.device)
     for start in range(0, N, n):
         cols = perm[start : start + n]
         if cfg.advantages == "epoch":
             obs = torch.cat([buf.obs[:, cols], buf.next_obs[cols].unsqueeze(0)])  # (T + 1, n, ...)
-            logits, values = policy(obs.flatten(0, 1))
-            logits = logits.view(T + 1, n, -1)[:T]  # (T, n, A); row T only feeds the bootstrap value
-            yield ops.gae_ppo_loss(
-                logits, buf.actions[:, cols], buf.logprobs[:, cols], values.view(T + 1, n),
-                buf.values[:T, cols], buf.rewards[:, cols], buf.terminated[:, cols], buf.truncated[:, cols],
-                gamma=cfg.gamma, gae_lambda=cfg.gae_lambda, old_logits=buf.logits[:, cols],
-                mask=buf.valid[:, cols], **loss_kwargs(cfg, kl_coef),
-            )
+            dist, values = policy(obs.flatten(0, 1))
+            dist = dist.view(T + 1, n, -1)[:T]  # (T, n, P); row T only feeds the bootstrap value
+            data = {k: getattr(buf, k)[:, cols] for k in ("actions", "logprobs", "dist", "rewards", "terminated",
+                                                          "truncated", "valid")}
+            data["values"] = buf.values[:T, cols]
+            yield gae_minibatch_loss(ops, cfg, kl_coef, dist, values.view(T + 1, n), data, kind)
         else:
             mb = {k: v[:, cols].flatten(0, 1) for k, v in columns.items()}
-            logits, newvalue = policy(mb["obs"])
-            yield minibatch_loss(ops.ppo_loss, cfg, kl_coef, logits, newvalue, mb)
+            dist, newvalue = policy(mb["obs"])
+            yield minibatch_loss(ops, cfg, kl_coef, dist, newvalue, mb, kind)
 
 
 def update(
@@ -205,7 +211,7 @@ def rollout_stats(buf: Rollout, forward: nn.Module, cfg: Config) -> dict[str, to
                                                     buf.valid.reshape(-1))}
     if cfg.loss == "penalty":
         b = flatten(buf)
-        out["kl"] = policy_kl(forward, b["obs"], b["logits"], b["valid"], cfg.minibatch_size)
+        out["kl"] = policy_kl(forward, b["obs"], b["dist"], b["valid"], cfg.minibatch_size, dist_kind(buf))
     return out
 
 
@@ -364,6 +370,7 @@ def checkpoint_state(cfg: Config, policy: nn.Module, optimizer: torch.optim.Opti
         "collection": list(collections),
         "elapsed": progress.elapsed(),  # wall-clock seconds of training so far (time/elapsed)
         "recent_returns": recent.state(),  # the recent-return window
+        "normalizer": collection.collector.norms.state_dict(),  # synced: the same on every rank
     }
     if cfg.world_size > 1:
         state["rank_rng"] = rngs
@@ -391,7 +398,8 @@ def restore(state: dict, policy: nn.Module, optimizer: torch.optim.Optimizer, kl
             collection: Collection, rank: int = 0) -> None:
     """Put the loop back where the checkpoint was taken.
 
-    Model, optimizer and beta are loaded. Sync collection: the envs, freshly made with the run's seed,
+    Model, optimizer, beta and the normalisers' statistics (and each env's discounted return) are
+    loaded. Sync collection: the envs, freshly made with the run's seed,
     replay every action of the run (EnvPool cannot save an env's state), which rebuilds their state,
     the next observation and the running game scores exactly. Async/overlap collection: the envs
     were made with fresh seeds (see :func:`prepare_resume`); the acting generator is restored. The
@@ -401,10 +409,15 @@ def restore(state: dict, policy: nn.Module, optimizer: torch.optim.Optimizer, kl
     policy.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     kl_ctl.beta = state["kl_coef"]
+    norms = collection.collector.norms
+    norms.load_state_dict(state.get("normalizer", {}))  # before the replay, which normalises with them
+    own = state.get("collection", [{}])[rank]
+    if norms.reward is not None and "reward_returns" in own:
+        norms.reward.returns.copy_(own["reward_returns"])
     if state["actions"] is not None:
         n = collection.collector.num_envs
         collection.collector.replay(state["actions"][:, rank * n : (rank + 1) * n].numpy())
-    acting = state.get("collection", [{}])[rank].get("acting_rng")
+    acting = own.get("acting_rng")
     if acting is not None and getattr(collection.actor, "generator", None) is not None:
         collection.actor.generator.set_state(acting)
     set_rng_state(state["rank_rng"][rank] if "rank_rng" in state else state["rng"])
@@ -468,8 +481,8 @@ def prepare(cfg: Config, world: World | None = None) -> Prepared:
     Raises EnvError / ConfigError (one line each).
     """
     world = world or World()
-    info = env_info(cfg.env_id)
-    cfg = resolve(cfg, info, world.size)
+    info = env_info(cfg.env_id, cfg.env_kwargs)
+    cfg = resolve(apply_preset(cfg, env_kind(info)), info, world.size)
     cfg.env_threads = distributed.env_threads(cfg.env_threads, cfg.num_envs, world)
     device = distributed.rank_device(training_device(cfg), world)
     check_memory(cfg, info, device)
@@ -503,7 +516,7 @@ def prepare_resume(cfg: Config, world: World | None = None) -> Prepared:
         cfg = resume_config(state["config"], cfg)
         if cfg.track:
             tracking.tracked_run(cfg.run_dir)  # a damaged W&B record is an error now, not after the envs exist
-        info = env_info(cfg.env_id)
+        info = env_info(cfg.env_id, cfg.env_kwargs)
         cfg = resolve(cfg, info, world.size)
         iteration = state["iteration"]
         if cfg.num_iterations <= iteration:
@@ -513,7 +526,7 @@ def prepare_resume(cfg: Config, world: World | None = None) -> Prepared:
             raise CheckpointError(f"{path!r} is damaged: global step {state['global_step']} after {iteration} "
                                   f"iterations of {cfg.global_batch_size}")
         replayable = not (cfg.async_envs or cfg.overlap)
-        expected = (iteration * cfg.num_steps, cfg.num_envs * cfg.world_size)
+        expected = (iteration * cfg.num_steps, cfg.num_envs * cfg.world_size, *info.action_shape)
         if replayable and (state["actions"] is None or tuple(state["actions"].shape) != expected):
             got = None if state["actions"] is None else tuple(state["actions"].shape)
             raise CheckpointError(f"{path!r} does not match its config (actions of shape {got}, expected {expected})")
@@ -582,7 +595,7 @@ def train(cfg: Config) -> dict:
     if cfg.resume is not None:  # the saved config holds its preset's values (--preset is refused with --resume)
         prepared = prepare_resume(cfg, world)
     else:
-        prepared = prepare(apply_preset(cfg), world)
+        prepared = prepare(cfg, world)
     threads = torch.get_num_threads()  # --torch-threads changes a process-wide setting: put it back after
     try:
         if prepared.cfg.track and not tracking.wandb_installed():
@@ -625,7 +638,7 @@ def build(prepared: Prepared, world: World) -> Session:
     restart = state["iteration"] if state is not None and state["actions"] is None else 0
     torch_seed, env_seed = distributed.rank_seeds(cfg.seed, cfg.num_envs, world.rank, restart)
     seed_everything(torch_seed, cfg.torch_deterministic)
-    if cfg.torch_threads or len(info.obs_shape) != 3:  # auto: 1 thread for the MLP (see --torch-threads)
+    if cfg.torch_threads or not info.is_image:  # auto: 1 thread for the MLP (see --torch-threads)
         torch.set_num_threads(cfg.torch_threads or 1)
     envs = make_envs(
         info, cfg.num_envs, env_seed,
@@ -636,15 +649,18 @@ def build(prepared: Prepared, world: World) -> Session:
     )
     try:
         policy = make_policy(info).to(device)
-        optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.learning_rate, eps=1e-5)
+        # foreach: one kernel per op over all parameters (the default on CUDA; on CPU it halves the step)
+        optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.learning_rate, eps=1e-5, foreach=True)
         # the update calls `forward` (bf16 autocast / compiled wrapper, same parameters); checkpoints hold
         # `policy`. Under torchrun the update calls DDP around it (gradients averaged across ranks in
         # backward); acting and the no-grad KL call `forward` itself.
         forward = learner_forward(policy, cfg.bf16, cfg.compile)
         collect_timer = PhaseTimer(device)
         first = 1 if state is None else state["iteration"] + 1
+        norms = Normalizers(ObsNormalizer(info.obs_shape, device) if cfg.norm_obs else None,
+                            RewardScaler(cfg.num_envs, cfg.gamma, device) if cfg.norm_reward else None)
         collection = make_collection(cfg, envs, info, device, policy, forward, collect_timer,
-                                     rollouts=cfg.num_iterations - first + 1, seed=torch_seed + 1)
+                                     rollouts=cfg.num_iterations - first + 1, seed=torch_seed + 1, norms=norms)
     except BaseException:
         envs.close()
         raise
@@ -765,7 +781,7 @@ def _loop(cfg: Config, prepared: Prepared, s: Session, logger, tracker, stop: St
                                                                or iteration == cfg.num_iterations):
                 logger.phase("eval")
                 t_eval = time.perf_counter()
-                metrics.update(eval_metrics(s.policy, prepared.info, cfg, iteration, device))
+                metrics.update(eval_metrics(s.policy, prepared.info, cfg, iteration, s.collection.collector.norms.obs))
                 metrics["perf/eval_time"] = time.perf_counter() - t_eval
                 progress.eval_time += metrics["perf/eval_time"]
             with s.timer.phase("logging", host=True), write_errors(run_dir):

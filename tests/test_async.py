@@ -139,7 +139,7 @@ def check_rollout(pool: FakeAsyncPool, policy: torch.nn.Module, buf: SpillRollou
     torch.testing.assert_close(buf.logprobs, logp)
     torch.testing.assert_close(buf.values[:T], values.view(T, N))
     torch.testing.assert_close(buf.values[T], boot)
-    torch.testing.assert_close(buf.logits, logits.view(T, N, -1))
+    torch.testing.assert_close(buf.dist, logits.view(T, N, -1))
 
 
 @pytest.mark.parametrize("num_envs,batch_size,num_steps,spill,pool_kw", [

@@ -122,7 +122,7 @@ def rollout(agent: nn.Module, info, gen: torch.Generator) -> tuple[Rollout, dict
     actions = dist.sample()
     buf.actions.copy_(actions.view(T, N))
     buf.logprobs.copy_(dist.log_prob(actions).view(T, N))
-    buf.logits.copy_(logits.view(T, N, -1))
+    buf.dist.copy_(logits.view(T, N, -1))
     buf.values[:T] = values.view(T, N)
     buf.values[T] = next_value.view(N)
     buf.rewards.copy_(torch.randint(-1, 2, (T, N), generator=gen).double())
@@ -145,7 +145,7 @@ def run_both(target_kl: float | None, unbiased_std: bool = True):
     info = env_info("Pong-v5")
     cfg = Config(env_id="Pong-v5", preset="cleanrl", num_envs=N, num_steps=T, device="cpu", kernels="torch",
                  target_kl=target_kl)
-    cfg = resolve(apply_preset(cfg), info)
+    cfg = resolve(apply_preset(cfg, "atari"), info)
     assert (cfg.clip_coef, cfg.update_epochs, cfg.num_minibatches, cfg.minibatch_by, cfg.advantages) == (
         0.1, 4, 4, "sample", "rollout")
 

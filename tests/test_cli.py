@@ -32,7 +32,8 @@ def no_envs(monkeypatch):
 
 BAD_INPUTS = [
     (["--env-id", "Pongg-v5"], "unknown --env-id 'Pongg-v5'; close names: Pong-v5"),
-    (["--env-id", "Pendulum-v1"], "'Pendulum-v1' has a Box action space"),
+    (["--env-id", "CarRacing-v2"], "observes (H, W, C) = (96, 96, 3) frames"),
+    (["--env-id", "Pendulum-v1", "--env-kwargs", "nope=1"], "--env-kwargs nope: Pendulum-v1 has no such option"),
     (["--env-id", "CartPole-v1", "--num-envs", "3", "--num-steps", "5", "--num-minibatches", "4"],
      "num_envs * num_steps = 3 * 5 = 15 does not divide by --num-minibatches 4"),
     (["--env-id", "CartPole-v1", "--num-envs", "0"], "--num-envs must be positive, got 0"),

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
 
-from fastppo.envs import EnvError, EpisodeStats, env_info, make_envs
+from fastppo.envs import EnvAdapter, EnvError, EpisodeStats, env_info, make_envs
 from fastppo.kernels import reference
 from fastppo.policy import make_policy
 from fastppo.rollout import Collector, Rollout
@@ -157,6 +159,86 @@ def test_unknown_env_id_names_close_matches():
         env_info("Pongg-v5")
 
 
-def test_continuous_action_space_is_rejected():
-    with pytest.raises(EnvError, match="Pendulum-v1.*Box action space"):
-        env_info("Pendulum-v1")
+SPACES = [
+    ("Hopper-v4", dict(continuous=True, num_actions=3, obs_shape=(11,), family="mujoco", action_low=(-1.0,) * 3)),
+    ("Pendulum-v1", dict(continuous=True, num_actions=1, obs_shape=(3,), action_low=(-2.0,), action_high=(2.0,))),
+    ("LunarLanderContinuous-v2", dict(continuous=True, num_actions=2, family="box2d")),
+    ("CheetahRun-v1", dict(continuous=True, num_actions=6, obs_shape=(17,), dict_spec=(("position", 0),
+                                                                                      ("velocity", 0)))),
+    ("Taxi-v3", dict(continuous=False, num_actions=6, obs_shape=(), obs_classes=500, family="toy_text")),
+    ("MiniGrid-Empty-5x5-v0", dict(num_actions=7, obs_shape=(151,), dict_spec=(("direction", 4), ("image", 0)))),
+    ("Pong-v5", dict(num_actions=6, obs_shape=(4, 84, 84), is_atari=True, family="atari")),
+]
+
+
+@pytest.mark.parametrize("env_id,expected", SPACES, ids=[e for e, _ in SPACES])
+def test_env_info_of_every_space_fastppo_trains_on(env_id, expected):
+    info = env_info(env_id)
+    for key, value in expected.items():
+        assert getattr(info, key) == value, (key, getattr(info, key))
+    assert info.dist_size == (2 if info.continuous else 1) * info.num_actions
+
+
+@pytest.mark.parametrize("env_id,message", [
+    ("CarRacing-v2", "observes (H, W, C) = (96, 96, 3) frames"),
+], ids=["channels-last-frames"])
+def test_unsupported_spaces_are_one_line(env_id, message):
+    with pytest.raises(EnvError, match=re.escape(message)):
+        env_info(env_id)
+
+
+def test_adapter_flattens_dict_observations_and_clips_continuous_actions():
+    minigrid = env_info("MiniGrid-Empty-5x5-v0")
+    envs = make_envs(minigrid, 3, 0)
+    raw, _ = envs.envs.reset()  # EnvPool's own observation: a dict
+    flat = envs.obs(raw)
+    assert flat.shape == (3, 151) and flat.dtype == np.float32
+    np.testing.assert_array_equal(flat[:, :4], np.eye(4)[raw["direction"]])  # direction one-hot
+    np.testing.assert_array_equal(flat[:, 4:], raw["image"].reshape(3, -1))  # image as numbers; mission dropped
+    envs.close()
+
+    class Recorder:
+        def step(self, action):
+            self.sent = action
+            return np.zeros((2, 3), np.float32), np.zeros(2), np.zeros(2, bool), np.zeros(2, bool), {}
+
+    pendulum = env_info("Pendulum-v1")
+    adapter = EnvAdapter(Recorder(), pendulum)
+    adapter.step(np.array([[-7.0], [0.5]], dtype=np.float32))
+    np.testing.assert_array_equal(adapter.envs.sent, [[-2.0], [0.5]])  # clipped to the Box's bounds
+    assert adapter.envs.sent.dtype == np.float32
+
+
+@pytest.mark.parametrize("items,message", [
+    (("agent_view_size=5",), None),
+    (("nope=1",), "--env-kwargs nope: MiniGrid-Empty-5x5-v0 has no such option"),
+    (("agent_view_siz=5",), "close names: agent_view_size"),
+    (("num_envs=3",), "--env-kwargs num_envs: set by fastppo; use --num-envs"),
+    (("agent_view_size=five",), "--env-kwargs agent_view_size='five': expected a int like its default 7"),
+    (("agent_view_size",), "expected key=value"),
+], ids=["passed-through", "unknown", "close-name", "reserved", "bad-type", "malformed"])
+def test_env_kwargs_are_checked_and_change_the_spaces(items, message):
+    if message is None:
+        info = env_info("MiniGrid-Empty-5x5-v0", items)
+        assert info.env_kwargs == (("agent_view_size", 5),) and info.obs_shape == (4 + 5 * 5 * 3,)
+        envs = make_envs(info, 2, 0)
+        assert envs.reset()[0].shape == (2, 79)
+        envs.close()
+    else:
+        with pytest.raises(EnvError, match=re.escape(message)):
+            env_info("MiniGrid-Empty-5x5-v0", items)
+
+
+def test_policies_for_each_space():
+    from fastppo.policy import GaussianMLP
+
+    hopper, taxi = env_info("Hopper-v4"), env_info("Taxi-v3")
+    gaussian = make_policy(hopper)
+    assert isinstance(gaussian, GaussianMLP) and gaussian.dist_kind == "gaussian"
+    dist, value = gaussian(torch.zeros(5, 11))
+    assert dist.shape == (5, 6) and value.shape == (5,)
+    assert torch.equal(dist[:, 3:], torch.zeros(5, 3))  # log-std starts at 0, the same for every state
+    one_hot = make_policy(taxi)
+    logits, value = one_hot(torch.tensor([0, 499, 3]))
+    assert logits.shape == (3, 6) and value.shape == (3,)
+    assert one_hot.double()(torch.tensor([1]))[0].dtype == torch.float64  # the one-hot follows the model's dtype

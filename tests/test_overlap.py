@@ -60,7 +60,7 @@ def test_overlap_records_behaviour_logprobs_and_the_ratio_uses_them(async_envs):
     with torch.no_grad():
         logits, values = theta_before(bufs[1].obs.flatten(0, 1))
     torch.testing.assert_close(bufs[1].values[:-1], values.view(32, 4))
-    torch.testing.assert_close(bufs[1].logits, logits.view(32, 4, -1))
+    torch.testing.assert_close(bufs[1].dist, logits.view(32, 4, -1))
     # ... not the learner's, which has moved on
     assert (bufs[1].logprobs - logprobs_under(policy, bufs[1])).abs().max() > 1e-3
 

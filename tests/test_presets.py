@@ -37,7 +37,7 @@ def test_fast_preset_values_and_explicit_flags_win(tmp_path):
     assert main([*CARTPOLE, "--run-dir", str(run_dir), "--preset", "fast", "--num-envs", "8", "--num-steps", "32",
                  "--update-epochs", "2"]) == 0
     c = config(run_dir)
-    for key, value in PRESETS["fast"].items():
+    for key, value in PRESETS["fast"]["discrete"].items():
         if key not in ("num_envs", "num_steps", "update_epochs"):
             assert c[key] == value, key
     assert (c["num_envs"], c["num_steps"], c["update_epochs"]) == (8, 32, 2)  # the flags given, not the preset's
@@ -109,15 +109,15 @@ def test_a_preset_fills_only_the_fields_its_caller_did_not_set(tmp_path):
     from fastppo.presets import apply_preset
     from fastppo.trainer import train
 
-    assert apply_preset(Config(preset="fast", update_epochs=4)).update_epochs == 4
-    assert apply_preset(Config(preset="fast")).update_epochs == PRESETS["fast"]["update_epochs"] == 3
+    assert apply_preset(Config(preset="fast", update_epochs=4), "discrete").update_epochs == 4
+    assert apply_preset(Config(preset="fast"), "discrete").update_epochs == PRESETS["fast"]["discrete"]["update_epochs"]
     cfg = Config(preset="fast")
     cfg.update_epochs = 4
-    assert "update_epochs" in given_fields(cfg) and apply_preset(cfg).update_epochs == 4
+    assert "update_epochs" in given_fields(cfg) and apply_preset(cfg, "discrete").update_epochs == 4
     train(Config(env_id="CartPole-v1", device="cpu", total_timesteps=1024, preset="fast", update_epochs=4,
                  num_envs=8, num_steps=32, run_dir=str(tmp_path / "py")))
     assert main([*CARTPOLE, "--run-dir", str(tmp_path / "cli"), "--preset", "fast", "--update-epochs", "4",
                  "--num-envs", "8", "--num-steps", "32"]) == 0
     for name in ("py", "cli"):
         c = config(tmp_path / name)
-        assert c["update_epochs"] == 4 and c["learning_rate"] == PRESETS["fast"]["learning_rate"], name
+        assert c["update_epochs"] == 4 and c["learning_rate"] == PRESETS["fast"]["discrete"]["learning_rate"], name

@@ -1,0 +1,156 @@
+"""Use a trained policy from Python: load a run, act on the env's observations, make the env it trained on.
+
+    import fastppo
+    agent = fastppo.load("runs/HalfCheetah-v4__fastppo__1__1764000000")   # or a checkpoint file
+    env = fastppo.make_env(agent)                                        # EnvPool, full games
+    obs, _ = env.reset()
+    action = agent.act(obs)                                               # numpy, ready for env.step
+
+:class:`Agent` applies everything the run did between the env and the network: a dict observation
+flattened, a state index one-hot (in the network), the run's observation normalisation with its
+statistics frozen as they were saved, and for continuous actions the clip to the action space's
+bounds. ``fastppo eval`` plays its games through the same object, so the API and ``fastppo eval``
+give the same scores for the same seed.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from fastppo.envs import EnvInfo, adapt_obs, make_envs
+from fastppo.normalize import ObsNormalizer
+from fastppo.policy import draw_noise, greedy, noise_shape, sample
+
+
+class Agent:
+    """A trained policy, ready to act on batches of the env's observations.
+
+    ``policy`` is the actor-critic network, ``info`` its env, ``obs_norm`` the run's observation
+    normaliser (None without --norm-obs) and ``config`` the run's resolved config (a dict, as in
+    config.json). Sampling draws from the agent's own generator, seeded with `seed`.
+    """
+
+    def __init__(self, policy: nn.Module, info: EnvInfo, config: dict, obs_norm: ObsNormalizer | None = None,
+                 seed: int = 0, checkpoint: str | None = None):
+        self.policy = policy
+        self.info = info
+        self.config = config
+        self.obs_norm = obs_norm
+        self.checkpoint = checkpoint
+        self.device = next(policy.parameters()).device
+        self.generator = torch.Generator(self.device).manual_seed(seed)
+        self._low = torch.tensor(info.action_low, device=self.device) if info.continuous else None
+        self._high = torch.tensor(info.action_high, device=self.device) if info.continuous else None
+
+    def observe(self, obs) -> torch.Tensor:
+        """The env's observations (numpy batch, a dict of them, or a tensor in the policy's layout) as the
+        network's input: adapted, on the device, normalised with the run's frozen statistics."""
+        if not isinstance(obs, torch.Tensor):
+            obs = torch.from_numpy(np.ascontiguousarray(adapt_obs(self.info, obs)))
+        obs = obs.to(self.device)
+        return self.obs_norm.normalize(obs) if self.obs_norm is not None else obs
+
+    @torch.no_grad()
+    def act_tensor(self, obs) -> torch.Tensor:
+        """Sampled actions on the device: (B,) int64 or (B, D) float32, unclipped (for the loop that
+        wants the network's own sample)."""
+        dist = self.policy(self.observe(obs))[0].float()
+        kind = self.policy.dist_kind
+        noise = draw_noise(kind, noise_shape(kind, *dist.shape), self.device, self.generator)
+        return sample(kind, dist, noise)[0]
+
+    @torch.no_grad()
+    def act(self, obs, deterministic: bool = False) -> np.ndarray:
+        """Actions for a batch of observations, as the env takes them: (B,) ints, or (B, D) floats clipped
+        to the action space's bounds. deterministic: the most likely action (the argmax, or the
+        Gaussian's mean) instead of a sample."""
+        if deterministic:
+            action = greedy(self.policy.dist_kind, self.policy(self.observe(obs))[0].float())
+        else:
+            action = self.act_tensor(obs)
+        if self.info.continuous:
+            action = torch.minimum(torch.maximum(action, self._low), self._high)
+            return action.cpu().numpy().astype(self.info.action_dtype)
+        return action.cpu().numpy()
+
+    @torch.no_grad()
+    def value(self, obs) -> np.ndarray:
+        """V(s) of a batch of observations, float32 (B,), in the units the critic learned (scaled rewards
+        with --norm-reward)."""
+        return self.policy(self.observe(obs))[1].float().cpu().numpy()
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load(path: str | os.PathLike, device: Literal["auto", "cpu", "cuda"] | str = "auto", seed: int = 0) -> Agent:
+    """An Agent from a run folder (its newest checkpoint) or a checkpoint file, on `device`.
+
+    Raises CheckpointError (a missing, damaged or non-finite checkpoint), ConfigError (CUDA asked for
+    but absent) or EnvError (the env cannot be made with the run's options), each one line.
+    """
+    from fastppo.checkpoint import CheckpointError, load_checkpoint, non_finite
+    from fastppo.config import ConfigError
+    from fastppo.envs import env_info
+    from fastppo.policy import make_policy
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda: CUDA is not available on this machine (use cpu or auto)")
+    state = load_checkpoint(os.fspath(path))
+    bad = non_finite({"model": state["model"]})
+    if bad is not None:
+        raise CheckpointError(f"{state['path']!r} holds a non-finite {bad} (the run diverged); use an earlier "
+                              f"checkpoint")
+    config = state["config"]
+    info = env_info(config["env_id"], tuple(config.get("env_kwargs") or ()))
+    torch_device = resolve_device(device)
+    policy = make_policy(info).to(torch_device)
+    try:
+        policy.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{state['path']!r} does not fit a {info.env_id} policy: "
+                              f"{str(e).strip().splitlines()[0]}") from None
+    obs_norm = None
+    saved = state.get("normalizer", {}).get("obs")
+    if saved is not None:
+        obs_norm = ObsNormalizer(info.obs_shape, torch_device)
+        try:
+            obs_norm.rms.load_state_dict(saved)
+        except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{state['path']!r} is damaged: its observation statistics do not load "
+                                  f"({e})") from None
+    return Agent(policy.eval(), info, config, obs_norm, seed=seed, checkpoint=state["path"])
+
+
+def make_env(run: Agent | str | os.PathLike, num_envs: int = 1, seed: int = 0, *, video: bool = False):
+    """The EnvPool env a run trained on, for playing full games: the run's env id, options, time limit
+    and sticky actions; Atari without episodic life and with raw (unclipped) rewards, so a game's
+    summed rewards are its score. Observations and actions pass through the same adapter as in
+    training (dict observations flattened, continuous actions clipped). video: frames from
+    ``env.render(env_ids=[i])`` (where EnvPool renders the env)."""
+    agent = run if isinstance(run, Agent) else None
+    config = agent.config if agent is not None else _run_config(os.fspath(run))
+    info = agent.info if agent is not None else _info(config)
+    return make_envs(info, num_envs, seed, max_episode_steps=config.get("max_episode_steps"),
+                     repeat_action_probability=config.get("repeat_action_probability", 0.0), episodic_life=False,
+                     reward_clip=False, render_mode="rgb_array" if video else None)
+
+
+def _run_config(path: str) -> dict:
+    from fastppo.checkpoint import load_checkpoint
+
+    return load_checkpoint(path)["config"]
+
+
+def _info(config: dict) -> EnvInfo:
+    from fastppo.envs import env_info
+
+    return env_info(config["env_id"], tuple(config.get("env_kwargs") or ()))

@@ -1,0 +1,178 @@
+"""Running normalisation of observations and rewards, on the training device (``--norm-obs``, ``--norm-reward``).
+
+CleanRL's ``ppo_continuous_action.py`` wraps its envs in gymnasium's NormalizeObservation,
+TransformObservation(clip 10), NormalizeReward(gamma) and TransformReward(clip 10); fastppo does the
+same on the device, vectorised over envs, in the collectors:
+
+* :class:`ObsNormalizer`: every observation the envs return first updates the running mean and
+  variance, then is normalised, (obs - mean) / sqrt(var + 1e-8), and clipped to [-10, 10]. The
+  rollout stores normalised observations (what the policy saw); evaluation and the Python API use
+  the saved statistics, frozen.
+* :class:`RewardScaler`: each env keeps its discounted return G <- gamma * G * (1 - terminated) + r;
+  G updates the running variance, and the stored reward is r / sqrt(var(G) + 1e-8), clipped to
+  [-10, 10]. EnvPool's reset step (masked out of training) moves neither G nor the statistics.
+  The scores fastppo reports stay the envs' raw rewards.
+
+Statistics (:class:`RunningMeanStd`) are (count, mean, M2) in float64, merged with Chan et al.'s
+parallel formula, and start as gymnasium's do (count 1e-4, mean 0, variance 1). Each rank also
+keeps ``delta``, what it saw since the ranks last agreed; :meth:`Normalizers.sync` (once per
+iteration, a collective under torchrun) merges every rank's delta into the agreed statistics, rank
+by rank, so all ranks normalise alike. In a plain run the statistics are simply CleanRL's running
+ones.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastppo import distributed
+
+CLIP = 10.0
+EPS = 1e-8
+
+
+class RunningMeanStd:
+    """Running mean and variance of vectors of `shape`, float64 on `device`; no host sync.
+
+    ``count``, ``mean`` and ``m2`` are the statistics in use; under torchrun ``delta`` is what this
+    rank added since the last :meth:`sync` (a plain run keeps none). Updates are in place, about
+    twenty small kernels each: they run once per env step.
+    """
+
+    def __init__(self, shape: tuple[int, ...], device: torch.device):
+        f64 = dict(dtype=torch.float64, device=device)
+        self.count = torch.tensor(1e-4, **f64)  # gymnasium's start: count 1e-4, mean 0, variance 1
+        self.mean = torch.zeros(shape, **f64)
+        self.m2 = torch.full(shape, 1e-4, **f64)
+        self.delta = ((torch.zeros((), **f64), torch.zeros(shape, **f64), torch.zeros(shape, **f64))
+                      if distributed.is_distributed() else None)
+        self._base = (self.count.clone(), self.mean.clone(), self.m2.clone())
+        self.var = torch.ones(shape, **f64)
+        self.inv_std = torch.ones(shape, **f64)  # 1 / sqrt(var + 1e-8)
+        self._set_var()
+
+    def _set_var(self) -> None:
+        torch.div(self.m2, self.count, out=self.var)
+        torch.rsqrt(self.var + EPS, out=self.inv_std)
+
+    def update(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        """Add the rows of x (B, *shape); weight (B,) of 0/1 leaves rows out."""
+        x = x.to(torch.float64)
+        if weight is None:
+            n = torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device)
+            mean = x.mean(0)
+            m2 = (x - mean).square_().sum(0)
+        else:
+            w = weight.to(torch.float64).view(-1, *([1] * (x.dim() - 1)))
+            n = w.sum()
+            mean = (w * x).sum(0) / n.clamp_min(1e-300)
+            m2 = (w * (x - mean).square_()).sum(0)
+        _merge_(self.count, self.mean, self.m2, n, mean, m2)
+        if self.delta is not None:
+            _merge_(*self.delta, n, mean, m2)
+        self._set_var()
+
+    def sync(self) -> None:
+        """Merge every rank's delta into the base (rank 0's first); a collective under torchrun.
+
+        A plain run's statistics are already all there is: nothing to do.
+        """
+        if self.delta is None:
+            return
+        deltas = distributed.all_gather_tensors(torch.cat([self.delta[0].view(1), self.delta[1].flatten(),
+                                                           self.delta[2].flatten()]))
+        size = self.mean.numel()
+        base = tuple(t.clone() for t in self._base)
+        for d in deltas:
+            _merge_(*base, d[0], d[1 : 1 + size].view_as(self.mean), d[1 + size :].view_as(self.mean))
+        for mine, agreed, zero in zip((self.count, self.mean, self.m2), base, self.delta, strict=True):
+            mine.copy_(agreed)
+            zero.zero_()
+        self._base = base
+        self._set_var()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """(count, mean, M2): exactly the statistics in use (variance = M2 / count)."""
+        return {"count": self.count.cpu(), "mean": self.mean.cpu(), "m2": self.m2.cpu()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        device = self.mean.device
+        count, mean, m2 = (state[k].to(device, torch.float64) for k in ("count", "mean", "m2"))
+        if mean.shape != self.mean.shape or m2.shape != self.mean.shape or count.dim() != 0:
+            raise ValueError(f"statistics of shape {tuple(mean.shape)}, expected {tuple(self.mean.shape)}")
+        for mine, saved in zip((self.count, self.mean, self.m2), (count, mean, m2), strict=True):
+            mine.copy_(saved)
+        if self.delta is not None:
+            for t in self.delta:
+                t.zero_()
+        self._base = (self.count.clone(), self.mean.clone(), self.m2.clone())
+        self._set_var()
+
+
+def _merge_(n_a: torch.Tensor, mean_a: torch.Tensor, m2_a: torch.Tensor, n_b: torch.Tensor, mean_b: torch.Tensor,
+            m2_b: torch.Tensor) -> None:
+    """Chan et al.'s merge of (n_b, mean_b, M2_b) into (n_a, mean_a, M2_a), in place (either count may be 0)."""
+    delta = mean_b - mean_a
+    w = n_b / (n_a + n_b).clamp_min(1e-300)
+    m2_a.add_(m2_b).add_(delta.square() * (n_a * w))
+    mean_a.add_(delta * w)
+    n_a.add_(n_b)
+
+
+class ObsNormalizer:
+    """(obs - mean) / sqrt(var + 1e-8) clipped to [-10, 10], with the running statistics of `rms`."""
+
+    def __init__(self, shape: tuple[int, ...], device: torch.device):
+        self.rms = RunningMeanStd(shape, device)
+
+    def __call__(self, obs: torch.Tensor) -> torch.Tensor:
+        """Update the statistics with obs (B, *shape), then normalise it (float32)."""
+        self.rms.update(obs)
+        return self.normalize(obs)
+
+    def normalize(self, obs: torch.Tensor) -> torch.Tensor:
+        """Normalise with the statistics as they are (evaluation, the Python API)."""
+        return ((obs - self.rms.mean) * self.rms.inv_std).clamp_(-CLIP, CLIP).to(torch.float32)
+
+
+class RewardScaler:
+    """r / sqrt(var(G) + 1e-8) clipped to [-10, 10]; G the per-env discounted return (see the module)."""
+
+    def __init__(self, num_envs: int, gamma: float, device: torch.device):
+        self.gamma = gamma
+        self.rms = RunningMeanStd((), device)
+        self.returns = torch.zeros(num_envs, dtype=torch.float64, device=device)  # G of each env
+
+    def __call__(self, reward: torch.Tensor, terminated: torch.Tensor, valid: torch.Tensor,
+                 env_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Scale the rewards (B,) of envs env_ids (all when None); valid (B,) False on EnvPool's reset step."""
+        idx = slice(None) if env_ids is None else env_ids
+        g = self.returns[idx]
+        g = torch.where(valid, g * self.gamma * (~terminated).to(g.dtype) + reward.to(g.dtype), g)
+        self.returns[idx] = g
+        self.rms.update(g, valid)
+        return (reward * self.rms.inv_std).clamp_(-CLIP, CLIP).to(torch.float32)
+
+
+class Normalizers:
+    """The run's normalisers (either may be None): statistics synced per iteration and checkpointed."""
+
+    def __init__(self, obs: ObsNormalizer | None, reward: RewardScaler | None):
+        self.obs = obs
+        self.reward = reward
+
+    def sync(self) -> None:
+        """Agree on the statistics across ranks (a collective under torchrun; local merge otherwise)."""
+        for norm in (self.obs, self.reward):
+            if norm is not None:
+                norm.rms.sync()
+
+    def state_dict(self) -> dict:
+        """The statistics, for the checkpoint (the same on every rank after sync)."""
+        return {name: norm.rms.state_dict() for name, norm in (("obs", self.obs), ("reward", self.reward))
+                if norm is not None}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, norm in (("obs", self.obs), ("reward", self.reward)):
+            if norm is not None:
+                norm.rms.load_state_dict(state[name])
