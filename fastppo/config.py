@@ -133,6 +133,10 @@ class Config:
     """epochs over each rollout, K (None: 4; 10 for continuous actions)"""
     norm_adv: bool = True
     """normalise advantages per minibatch, over its valid transitions"""
+    algo: Literal["ppo", "trpo"] = "ppo"
+    """policy update: ppo (--loss clip or penalty, K epochs of minibatches) or trpo (one natural-gradient
+    step to the edge of the KL trust region --max-kl, then a line search; the critic trained by Adam
+    with --learning-rate, --update-epochs and --num-minibatches)"""
     loss: Literal["clip", "penalty"] = "clip"
     """PPO variant: clipped surrogate, or surrogate minus adaptive beta * KL(old || new)"""
     clip_coef: float | None = None
@@ -155,6 +159,15 @@ class Config:
     """PPO-penalty: upper KL bound (None: 1.5 * kl_target)"""
     kl_min: float | None = None
     """PPO-penalty: lower KL bound (None: kl_target / 1.5)"""
+    max_kl: float = 0.01
+    """TRPO: the trust region delta, the largest mean KL(pi_old || pi) over the batch's states an update
+    may take"""
+    cg_iters: int = 10
+    """TRPO: conjugate-gradient iterations of the natural-gradient solve"""
+    cg_damping: float = 0.1
+    """TRPO: damping added to the Fisher matrix's diagonal (F + damping * I)"""
+    line_search_steps: int = 10
+    """TRPO: backtracking line-search points at most (the step halves each time)"""
     kernels: Literal["auto", "torch", "triton"] = "auto"
     """implementation of GAE and the loss: auto = Triton on CUDA, torch reference on CPU"""
     minibatch_by: Literal["sample", "env"] = "sample"
@@ -384,6 +397,20 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--repeat-action-probability must be in [0, 1), got {cfg.repeat_action_probability}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: CUDA is not available on this machine (use --device cpu or auto)")
+    for name in ("max_kl", "cg_iters", "line_search_steps"):
+        if not getattr(cfg, name) > 0:
+            raise ConfigError(f"--{_flag(name)} must be positive, got {getattr(cfg, name)}")
+    if not cfg.cg_damping >= 0:
+        raise ConfigError(f"--cg-damping must be >= 0, got {cfg.cg_damping}")
+    if cfg.algo == "trpo":
+        # PPO's options, and the forward wrappers that TRPO's double backward (Fisher-vector products) avoids
+        refused = [flag for flag, on in (("--loss penalty", cfg.loss == "penalty"),
+                                         ("--minibatch-by env", cfg.minibatch_by == "env"),
+                                         ("--advantages epoch", cfg.advantages == "epoch"),
+                                         ("--target-kl", cfg.target_kl is not None), ("--compile", cfg.compile),
+                                         ("--bf16", cfg.bf16)) if on]
+        if refused:
+            raise ConfigError(f"{refused[0]} is for --algo ppo; --algo trpo does not take it")
     if cfg.kl_min >= cfg.kl_max:
         raise ConfigError(f"--kl-min ({cfg.kl_min}) must be below --kl-max ({cfg.kl_max})")
     if cfg.batch_size % cfg.num_minibatches:

@@ -197,6 +197,19 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return all_reduce_sum(t) / dist.get_world_size()
 
 
+def all_reduce_grads(params: list[torch.Tensor]) -> None:
+    """Average the .grad of params over the ranks, in place (one flat all-reduce; nothing without a
+    process group): for updates that step some parameters outside DDP."""
+    if not dist.is_initialized():
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = all_reduce_mean(torch.cat([g.reshape(-1) for g in grads]))
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """Whether flag is True on any rank (flag itself without a process group). A collective."""
     if not dist.is_initialized():

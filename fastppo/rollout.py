@@ -142,6 +142,26 @@ class SpillRollout(Rollout):
         return [*self.full.values(), self.advantages, self.returns]
 
 
+def dist_kind(buf: Rollout) -> str:
+    """The policy's distribution, read off the rollout: Gaussian samples are floats, categorical ones ints."""
+    return "gaussian" if buf.actions.is_floating_point() else "categorical"
+
+
+def flatten(buf: Rollout) -> dict[str, torch.Tensor]:
+    """(T, N, ...) -> (T * N, ...) views of the fields the update reads."""
+    T, N = buf.rewards.shape
+    return {
+        "obs": buf.obs.reshape(T * N, *buf.obs.shape[2:]),
+        "actions": buf.actions.reshape(T * N, *buf.actions.shape[2:]),
+        "logprobs": buf.logprobs.reshape(-1),
+        "dist": buf.dist.reshape(T * N, -1),
+        "values": buf.values[:T].reshape(-1),
+        "advantages": buf.advantages.reshape(-1),
+        "returns": buf.returns.reshape(-1),
+        "valid": buf.valid.reshape(-1),
+    }
+
+
 SPILL_ROWS = 16  # rows past T an async env may run ahead into while the slowest envs finish the rollout
 
 # The per-step fields an env's transition writes (advantages and returns are computed later).

@@ -67,8 +67,9 @@ from fastppo.normalize import Normalizers, ObsNormalizer, RewardScaler
 from fastppo.perf import PHASES, PhaseTimer, learner_forward
 from fastppo.policy import make_policy
 from fastppo.presets import apply_preset
-from fastppo.rollout import Collection, Rollout, gather_rows, make_collection, storage_bytes
+from fastppo.rollout import Collection, Rollout, dist_kind, flatten, gather_rows, make_collection, storage_bytes
 from fastppo.runfolder import RunFolder
+from fastppo.trpo import trpo_update
 
 
 class TrainingDiverged(RuntimeError):
@@ -92,26 +93,6 @@ def seed_everything(seed: int, torch_deterministic: bool) -> None:
 
 
 # --- the update ----------------------------------------------------------------------------------
-
-
-def dist_kind(buf: Rollout) -> str:
-    """The policy's distribution, read off the rollout: Gaussian samples are floats, categorical ones ints."""
-    return "gaussian" if buf.actions.is_floating_point() else "categorical"
-
-
-def flatten(buf: Rollout) -> dict[str, torch.Tensor]:
-    """(T, N, ...) -> (T * N, ...) views of the fields the update reads."""
-    T, N = buf.rewards.shape
-    return {
-        "obs": buf.obs.reshape(T * N, *buf.obs.shape[2:]),
-        "actions": buf.actions.reshape(T * N, *buf.actions.shape[2:]),
-        "logprobs": buf.logprobs.reshape(-1),
-        "dist": buf.dist.reshape(T * N, -1),
-        "values": buf.values[:T].reshape(-1),
-        "advantages": buf.advantages.reshape(-1),
-        "returns": buf.returns.reshape(-1),
-        "valid": buf.valid.reshape(-1),
-    }
 
 
 def value_predictions(policy: nn.Module, buf: Rollout, chunk: int) -> torch.Tensor:
@@ -296,6 +277,7 @@ def iteration_metrics(cfg: Config, progress: Progress, lr: float, kl_coef: float
         "losses/kl_coef": kl_coef,
         "losses/epochs": int(values["epochs"]),
         "time/elapsed": progress.elapsed(),
+        **{k: values[k] for k in values if k.startswith("trpo/")},
     }
 
 
@@ -530,7 +512,7 @@ def prepare_resume(cfg: Config, world: World | None = None) -> Prepared:
         if replayable and (state["actions"] is None or tuple(state["actions"].shape) != expected):
             got = None if state["actions"] is None else tuple(state["actions"].shape)
             raise CheckpointError(f"{path!r} does not match its config (actions of shape {got}, expected {expected})")
-        check_loadable(state, info)
+        check_loadable(state, info, cfg)
         cfg.env_threads = distributed.env_threads(cfg.env_threads, cfg.num_envs, world)
         device = distributed.rank_device(training_device(cfg), world)
         check_memory(cfg, info, device)
@@ -556,7 +538,15 @@ def read_folder_config(run_dir: str) -> dict:
     return config
 
 
-def check_loadable(state: dict, info: EnvInfo) -> None:
+def make_optimizer(policy: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """Adam (eps 1e-5) over what the update steps with it: every parameter for PPO, the critic's for TRPO
+    (whose policy moves by its natural-gradient step). foreach: one kernel per op over all parameters
+    (the default on CUDA; on CPU it halves the step's time)."""
+    params = policy.value_parameters() if cfg.algo == "trpo" else policy.parameters()
+    return torch.optim.Adam(params, lr=cfg.learning_rate, eps=1e-5, foreach=True)
+
+
+def check_loadable(state: dict, info: EnvInfo, cfg: Config) -> None:
     """CheckpointError unless the checkpoint's model and optimizer state load into this env's networks."""
     policy = make_policy(info)
     expected = {k: tuple(v.shape) for k, v in policy.state_dict().items()}
@@ -565,10 +555,10 @@ def check_loadable(state: dict, info: EnvInfo) -> None:
         wrong = sorted(set(got) ^ set(expected)) or sorted(k for k in got if got[k] != expected[k])
         raise CheckpointError(f"{state['path']!r} does not fit a {info.env_id} policy (at {wrong[0]}: "
                               f"{got.get(wrong[0])} vs {expected.get(wrong[0])})")
-    optimizer = torch.optim.Adam(policy.parameters(), eps=1e-5)
+    optimizer = make_optimizer(policy, cfg)
     try:
         optimizer.load_state_dict(state["optimizer"])
-        for p in policy.parameters():  # Adam's moments of every parameter, in its shape
+        for p in (p for group in optimizer.param_groups for p in group["params"]):  # Adam's moments, in shape
             slots = optimizer.state[p]
             if {k: tuple(v.shape) for k, v in slots.items() if k != "step"} != {"exp_avg": p.shape,
                                                                                "exp_avg_sq": p.shape}:
@@ -649,8 +639,7 @@ def build(prepared: Prepared, world: World) -> Session:
     )
     try:
         policy = make_policy(info).to(device)
-        # foreach: one kernel per op over all parameters (the default on CUDA; on CPU it halves the step)
-        optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.learning_rate, eps=1e-5, foreach=True)
+        optimizer = make_optimizer(policy, cfg)
         # the update calls `forward` (bf16 autocast / compiled wrapper, same parameters); checkpoints hold
         # `policy`. Under torchrun the update calls DDP around it (gradients averaged across ranks in
         # backward); acting and the no-grad KL call `forward` itself.
@@ -762,7 +751,10 @@ def _loop(cfg: Config, prepared: Prepared, s: Session, logger, tracker, stop: St
             with s.timer.phase("gae"):
                 compute_advantages(buf, ops.gae, cfg.gamma, cfg.gae_lambda)
             with s.timer.phase("update"):
-                stats = update(s.train_forward, s.optimizer, buf, cfg, ops, kl_coef)
+                if cfg.algo == "trpo":
+                    stats = trpo_update(s.policy, s.forward, s.optimizer, buf, cfg)
+                else:
+                    stats = update(s.train_forward, s.optimizer, buf, cfg, ops, kl_coef)
                 stats.update(rollout_stats(buf, s.forward, cfg), params_finite=params_finite(s.policy))
             s.collection.refresh(s.policy)
             with s.timer.phase("logging", host=True):

@@ -74,8 +74,13 @@ def set_flat_params_(params: list[torch.Tensor], flat: torch.Tensor) -> None:
             offset += n
 
 
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 def fisher_vector_product(
-    kl: Callable[[], torch.Tensor], params: list[torch.Tensor], damping: float
+    kl: Callable[[], torch.Tensor], params: list[torch.Tensor], damping: float,
+    reduce: Callable[[torch.Tensor], torch.Tensor] = _identity,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """v -> (H + damping * I) v, H the Hessian of the mean KL w.r.t. params at their current values.
 
@@ -87,12 +92,13 @@ def fisher_vector_product(
     in-place change to a parameter the graph saved makes the next product raise (autograd's version
     check). trpo_step drops it before its line search moves them.
 
-    v and the result: (P,), P = total numel of params; the result carries no graph.
+    v and the result: (P,), P = total numel of params; the result carries no graph. reduce (e.g. a
+    mean over data-parallel ranks, each with its own states) is applied to H v before the damping.
     """
     grad_kl = flat_grad(kl(), params, create_graph=True)
 
     def fvp(v: torch.Tensor) -> torch.Tensor:
-        hv = flat_grad(grad_kl @ v.detach(), params, retain_graph=True)
+        hv = reduce(flat_grad(grad_kl @ v.detach(), params, retain_graph=True))
         return hv + damping * v.detach()
 
     return fvp
@@ -156,6 +162,7 @@ def line_search(
     *,
     max_kl: float,
     max_backtracks: int,
+    reduce: Callable[[torch.Tensor], torch.Tensor] = _identity,
 ) -> LineSearchResult:
     """Backtracking line search from theta_old (the params' values on entry) along full_step (P,).
 
@@ -165,18 +172,19 @@ def line_search(
     if none is accepted (or a closure raises), restored bit for bit to theta_old.
     surrogate() is the objective to maximise and kl() the mean KL(pi_old || pi_params), both scalars,
     called here under no_grad; grad (P,) is the surrogate's gradient at theta_old, for the expected
-    improvement.
+    improvement. reduce is applied to both measurements before they are compared (data-parallel
+    ranks then all take the same decision).
     """
     theta_old = flat_params(params)
     expected_full = float(grad @ full_step)
     result = LineSearchResult(0, False, 0.0, 0.0, 0.0, 0.0)
     try:
         with torch.no_grad():
-            surrogate_old = float(surrogate())
+            surrogate_old = float(reduce(surrogate()))
             for k in range(max_backtracks):
                 fraction = 0.5**k
                 set_flat_params_(params, theta_old + fraction * full_step)
-                kl_new, surrogate_new = float(kl()), float(surrogate())
+                kl_new, surrogate_new = float(reduce(kl())), float(reduce(surrogate()))
                 improvement = surrogate_new - surrogate_old
                 result = LineSearchResult(k + 1, False, fraction, kl_new, improvement, fraction * expected_full)
                 # NaN compares false on both tests, so a point with a non-finite KL or surrogate is never taken.
@@ -199,6 +207,7 @@ def trpo_step(
     damping: float,
     cg_iters: int,
     max_backtracks: int,
+    reduce: Callable[[torch.Tensor], torch.Tensor] = _identity,
 ) -> dict[str, float]:
     """One TRPO policy update of params, in place: natural-gradient step, then line search.
 
@@ -211,6 +220,9 @@ def trpo_step(
         max_kl: delta, the trust region's radius in mean KL.
         damping: added to the Fisher matrix's diagonal for CG (F + damping * I).
         cg_iters: conjugate-gradient iterations; max_backtracks: line-search points at most.
+        reduce: applied to the surrogate's gradient, to each Fisher-vector product and to the line
+            search's measurements: under torchrun a mean over the ranks (each holds its own states),
+            so every rank computes the same step and the parameters stay identical.
 
     Returns plain floats:
         kl: measured mean KL after the update (0 when no step was taken);
@@ -232,12 +244,12 @@ def trpo_step(
         )
     stats = dict(kl=0.0, step_fraction=0.0, expected_improvement=0.0, actual_improvement=0.0, line_search_steps=0.0,
                  accepted=0.0, cg_residual=0.0, grad_norm=0.0, curvature=0.0)
-    g = flat_grad(surrogate(), params)
+    g = reduce(flat_grad(surrogate(), params))
     stats["grad_norm"] = float(g.norm())
     if not (math.isfinite(stats["grad_norm"]) and stats["grad_norm"] > 0.0):
         return stats
 
-    fvp = fisher_vector_product(kl, params, damping)
+    fvp = fisher_vector_product(kl, params, damping, reduce)
     x, _ = conjugate_gradient(fvp, g, cg_iters)
     Fx = fvp(x)  # also gives the honest residual: one product, not a second one for the log
     del fvp  # frees the KL's double-backward graph before the line search moves params
@@ -247,9 +259,89 @@ def trpo_step(
         return stats
 
     full_step = math.sqrt(2.0 * max_kl / stats["curvature"]) * x
-    ls = line_search(params, surrogate, kl, full_step, g, max_kl=max_kl, max_backtracks=max_backtracks)
+    ls = line_search(params, surrogate, kl, full_step, g, max_kl=max_kl, max_backtracks=max_backtracks, reduce=reduce)
     stats["line_search_steps"] = float(ls.steps)
     if ls.accepted:
         stats.update(kl=ls.kl, step_fraction=ls.fraction, expected_improvement=ls.expected_improvement,
                      actual_improvement=ls.actual_improvement, accepted=1.0)
     return stats
+
+
+# --- the update of --algo trpo ------------------------------------------------------------------
+
+
+def trpo_update(policy: torch.nn.Module, forward: torch.nn.Module, value_optimizer: torch.optim.Optimizer, buf,
+                cfg) -> dict[str, torch.Tensor]:
+    """One iteration's update with --algo trpo: the policy by :func:`trpo_step`, then the critic by Adam.
+
+    Policy: over the rollout's valid transitions, the surrogate is mean(pi(a|s) / mu(a|s) * A), with mu
+    the behaviour policy whose log-probs the rollout stored (importance sampling, as in PPO) and A the
+    GAE advantages (normalised over the batch with --norm-adv); the trust region is the mean exact
+    KL(pi_k(.|s) || pi(.|s)) <= --max-kl, pi_k the policy before this update (the behaviour policy,
+    except with --overlap, where the behaviour is one update older). No entropy bonus. The step
+    moves ``policy.policy_parameters()``: with the Nature CNN's shared torso, the torso and the
+    policy head. Critic: --update-epochs epochs of --num-minibatches shuffled minibatches of Adam on
+    ``policy.value_parameters()`` (the value head only, for the CNN) minimising 0.5 (V(s) - R)^2, its
+    gradient clipped to --max-grad-norm; the learning rate is the optimizer's (annealed).
+
+    Under torchrun every reduction (surrogate gradient, Fisher-vector products, line-search
+    measurements, critic gradients) is a mean over the ranks, so the parameters stay identical.
+    Returns 0-dim tensors with the keys of the PPO update's stats, plus the trpo/* diagnostics.
+    """
+    from fastppo import distributed
+    from fastppo.kernels.reference import masked_mean, normalize_advantages
+    from fastppo.policy import entropy, kl, log_prob
+    from fastppo.rollout import dist_kind, flatten
+
+    b, kind = flatten(buf), dist_kind(buf)
+    obs, actions, valid = b["obs"], b["actions"], b["valid"]
+    adv = normalize_advantages(b["advantages"], valid) if cfg.norm_adv else b["advantages"]
+    with torch.no_grad():
+        old = forward(obs)[0].float()  # pi_k, fixed for this update
+
+    def logratio() -> tuple[torch.Tensor, torch.Tensor]:
+        dist = forward(obs)[0].float()
+        return log_prob(kind, dist, actions) - b["logprobs"], dist
+
+    def surrogate() -> torch.Tensor:
+        return masked_mean(logratio()[0].exp() * adv, valid)
+
+    def mean_kl() -> torch.Tensor:
+        return masked_mean(kl(kind, old, forward(obs)[0].float()), valid)
+
+    step = trpo_step(policy.policy_parameters(), surrogate, mean_kl, max_kl=cfg.max_kl, damping=cfg.cg_damping,
+                     cg_iters=cfg.cg_iters, max_backtracks=cfg.line_search_steps, reduce=distributed.all_reduce_mean)
+
+    value_params = policy.value_parameters()
+    n = b["returns"].shape[0]
+    for _epoch in range(cfg.update_epochs):
+        perm = torch.randperm(n, device=valid.device)
+        for start in range(0, n, cfg.minibatch_size):
+            idx = perm[start : start + cfg.minibatch_size]
+            value_loss = 0.5 * masked_mean((forward(obs[idx])[1].float() - b["returns"][idx]) ** 2, valid[idx])
+            value_optimizer.zero_grad(set_to_none=True)
+            value_loss.backward()
+            distributed.all_reduce_grads(value_params)
+            torch.nn.utils.clip_grad_norm_(value_params, cfg.max_grad_norm)
+            value_optimizer.step()
+    for p in policy.policy_parameters():
+        p.grad = None  # the CNN torso's gradients from the value loss: never used, not kept
+
+    with torch.no_grad():
+        lr, dist = logratio()
+        out = {
+            "policy_loss": -masked_mean(lr.exp() * adv, valid),
+            "value_loss": value_loss.detach(),
+            "entropy": masked_mean(entropy(kind, dist), valid),
+            "approx_kl": masked_mean((lr.exp() - 1) - lr, valid),  # k3 against the behaviour policy, as PPO's
+            "old_approx_kl": masked_mean(-lr, valid),
+            "clipfrac": torch.zeros((), device=valid.device),
+            "epochs": torch.tensor(cfg.update_epochs),
+        }
+    out["loss"] = out["policy_loss"] + out["value_loss"]
+    device = valid.device
+    out["kl"] = torch.tensor(step["kl"], device=device)
+    for key in ("line_search_steps", "accepted", "step_fraction", "cg_residual", "expected_improvement",
+                "actual_improvement"):
+        out[f"trpo/{key}"] = torch.tensor(step[key], device=device)
+    return out
