@@ -259,6 +259,12 @@ def time_unit(seconds: float) -> tuple[str, float]:
     return "h", 3600.0
 
 
+def drawn(xs: list, ys: list[float | None]) -> tuple[list, list]:
+    """The points of (xs, ys) whose y is not None (bench/learning.py's curves)."""
+    pts = [(x, y) for x, y in zip(xs, ys, strict=True) if y is not None]
+    return [x for x, _ in pts], [y for _, y in pts]
+
+
 def _steps(v: float, _pos=None) -> str:
     for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(v) >= scale:
