@@ -1,109 +1,196 @@
 """``fastppo bench``: training speed against the environment ceiling, in one process and run.
 
-For each num_envs of the sweep, each for a fixed number of seconds after a warm-up:
+Every measured run is a :class:`fastppo.config.Config`: the bench's own flags are the sweep's
+(--num-envs, --seconds, --warmup, --batch-fraction, --out-dir, --name) and every other one is fastppo
+train's (:class:`BenchTraining`, with the bench's defaults T = 32, --async-envs, --overlap). Each
+point's Config goes through ``trainer.prepare`` (``config.resolve``: the same validation and one-line
+errors as train) before anything is measured. For each num_envs of the sweep, each mode for a fixed
+number of seconds after a warm-up:
 
 1. EnvPool alone with random actions: synchronous (``step``) and asynchronous (``send``/``recv``
    with the same batch size as the trainer), the ceiling;
-2. envs + inference: the trainer's collector and actor filling the rollout, no update;
-3. full training: ``trainer.train`` with the same settings, timed from its own ``perf/iteration``.
+2. envs + inference: ``trainer.build``'s envs, networks and collection (``rollout.make_collection``,
+   the trainer's seeds and torch thread rule) asked for rollouts, no update;
+3. full training: ``trainer.train`` with the same Config, stopped by its --max-seconds, timed from
+   its own ``perf/iteration``.
 
 Prints a table (steps/s, training as % of the ceiling, where an iteration's time goes), and
 writes ``<name>.json`` (machine, versions, commit, date, settings, every number) and ``<name>.png``
-(steps/s vs num_envs, ceiling drawn) under --out-dir.
+(steps/s vs num_envs on log axes, ceiling drawn) under --out-dir.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import io
 import json
+import math
 import os
 import platform
 import subprocess
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
+import tyro
 
-from fastppo.config import Config, ConfigError, training_device
-from fastppo.envs import env_info, make_envs
+from fastppo.config import Config, ConfigError, _record_given, given_fields, mark_given, training_device
+from fastppo.envs import make_envs
 from fastppo.logger import read_metrics
-from fastppo.perf import PHASES, PhaseTimer, learner_forward
-from fastppo.policy import Actor, make_policy
-from fastppo.rollout import AsyncCollector, Collector
+from fastppo.perf import PHASES
+from fastppo.presets import apply_preset
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Config fields the bench sets for each point (the sweep's num_envs, --batch-fraction's env_batch_size,
+# a run long enough for --warmup + --seconds, a temporary folder), and those that have no effect on
+# a measurement (naming, logging, tracking, evaluation, stop rules, torchrun): not flags of fastppo bench.
+SET_PER_POINT = ("num_envs", "env_batch_size", "total_timesteps", "max_seconds", "run_dir", "resume")
+NOT_MEASURED = ("exp_name", "save_every", "target_return", "target_return_games", "log_every", "log_seconds",
+                "track", "wandb_project", "wandb_entity", "wandb_group", "wandb_tags", "eval_every",
+                "eval_episodes", "dist_timeout", "tensorboard")
+TRAINING_FIELDS = tuple(f.name for f in fields(Config) if f.name not in (*SET_PER_POINT, *NOT_MEASURED, "world_size"))
+
+
+@dataclass
+class BenchTraining(Config):
+    """The training options of every measured run: fastppo train's (a Config), with the bench's defaults
+    (T = 32, --async-envs, --overlap); --preset fills the ones not given, as in fastppo train."""
+
+    env_id: str | None = None  # type: ignore[assignment]
+    """EnvPool env id (None: Pong-v5 on CUDA, CartPole-v1 on CPU)"""
+    num_steps: int = 32
+    """steps per env per rollout (T)"""
+    async_envs: bool = True
+    """step EnvPool asynchronously (send/recv), with --batch-fraction * num_envs envs per recv; the async
+    EnvPool ceiling is then the reference"""
+    overlap: bool = True
+    """update on rollout k while the envs collect rollout k+1 (see fastppo train --help)"""
+
+    num_envs: tyro.conf.Suppress[int | None] = None
+    env_batch_size: tyro.conf.Suppress[int | None] = None
+    total_timesteps: tyro.conf.Suppress[int | None] = None
+    max_seconds: tyro.conf.Suppress[float | None] = None
+    run_dir: tyro.conf.Suppress[str | None] = None
+    resume: tyro.conf.Suppress[str | None] = None
+    exp_name: tyro.conf.Suppress[str] = "fastppo"
+    save_every: tyro.conf.Suppress[int] = 0
+    target_return: tyro.conf.Suppress[float | None] = None
+    target_return_games: tyro.conf.Suppress[int] = 10
+    log_every: tyro.conf.Suppress[int] = 1
+    log_seconds: tyro.conf.Suppress[float] = 1.0
+    track: tyro.conf.Suppress[bool] = False
+    wandb_project: tyro.conf.Suppress[str] = "fastppo"
+    wandb_entity: tyro.conf.Suppress[str | None] = None
+    wandb_group: tyro.conf.Suppress[str | None] = None
+    wandb_tags: tyro.conf.Suppress[tuple[str, ...]] = ()
+    eval_every: tyro.conf.Suppress[int] = 0
+    eval_episodes: tyro.conf.Suppress[int] = 4
+    dist_timeout: tyro.conf.Suppress[float] = 600.0
+    tensorboard: tyro.conf.Suppress[bool] = False  # train's --tensorboard, once Config has it
+
+
+_record_given(BenchTraining)  # BenchTraining(preset="fast", update_epochs=4) keeps its 4 epochs, as Config does
 
 
 @dataclass
 class BenchConfig:
-    env_id: str | None = None
-    """EnvPool env id (None: Pong-v5 on CUDA, CartPole-v1 on CPU)"""
     num_envs: tuple[int, ...] | None = None
-    """the sweep (None: 64 256 1024 4096 on CUDA, 4 8 16 on CPU)"""
+    """the sweep: one measured point per value (None: 64 256 1024 4096 on CUDA, 4 8 16 on CPU)"""
     seconds: float | None = None
     """measured seconds per point and mode, after the warm-up (None: 10 on CUDA, 2 on CPU)"""
     warmup: float | None = None
     """warm-up seconds per point and mode, not measured (None: 3 on CUDA, 0.5 on CPU)"""
-    num_steps: int = 32
-    """steps per env per rollout (T) for envs + inference and training"""
-    update_epochs: int = 4
-    """epochs per rollout in the training mode"""
-    num_minibatches: int = 4
-    """minibatches per epoch in the training mode"""
-    async_envs: bool = True
-    """collect with EnvPool's send/recv (the async ceiling is then the reference)"""
     batch_fraction: float = 0.5
-    """EnvPool batch size as a fraction of num_envs, with --async-envs"""
-    overlap: bool = True
-    """training mode: update while the envs collect the next rollout"""
-    compile: bool = False
-    """torch.compile the policy forward"""
-    cudagraphs: bool = False
-    """CUDA graph of acting (CUDA only)"""
-    bf16: bool = False
-    """bf16 autocast for the forward passes"""
-    env_threads: int = 0
-    """EnvPool worker threads (0 = EnvPool's default)"""
-    torch_threads: int = 0
-    """torch intra-op threads (0 = torch's default)"""
-    device: str = "auto"
-    """auto, cpu or cuda"""
+    """envs per EnvPool recv as a fraction of num_envs, with --async-envs (train's --env-batch-size)"""
     out_dir: str = "bench/results"
     """folder for the JSON and PNG"""
     name: str | None = None
     """file name stem (None: bench_<env>_<device name>_<date>)"""
-    seed: int = 1
-    """seed of envs and weights"""
+    training: Annotated[BenchTraining, tyro.conf.OmitArgPrefixes] = field(default_factory=BenchTraining)
+    """fastppo train's options for every measured run (sizes, algorithm, throughput, device, threads, seed)"""
 
 
-def resolve_bench(cfg: BenchConfig) -> tuple[BenchConfig, torch.device]:
-    device = training_device(Config(device=cfg.device))  # type: ignore[arg-type]
+@dataclass
+class Sweep:
+    """What resolve_bench checked: the sweep's timing and files, and one prepared run per point."""
+
+    bench: BenchConfig
+    device: torch.device
+    points: list  # trainer.Prepared, one per num_envs: resolved Config, env info, device
+    stem: str  # out_dir/name, without .json / .png
+
+
+def point_config(bench: BenchConfig, num_envs: int, env_id: str, given: set[str]) -> Config:
+    """The Config of one point: the training options (preset applied to the fields not in `given`, as
+    fastppo train does), then the bench's own settings for the point. Not resolved."""
+    values = {name: getattr(bench.training, name) for name in TRAINING_FIELDS}
+    cfg = apply_preset(mark_given(Config(**values), given & set(TRAINING_FIELDS)))
+    cfg.env_id = env_id
+    cfg.num_envs = num_envs
+    cfg.env_batch_size = max(1, int(num_envs * bench.batch_fraction)) if cfg.async_envs else None
+    cfg.total_timesteps = num_envs * cfg.num_steps * 1_000_000  # max_seconds ends the run long before
+    cfg.max_seconds = bench.warmup + bench.seconds
+    return cfg
+
+
+def resolve_bench(bench: BenchConfig, given: set[str] | None = None) -> Sweep:
+    """Check every argument and prepare every point, before anything is measured or written.
+
+    given: the training fields the caller set (the command line's flags; None: those bench.training
+    was constructed with). Each point's Config goes through trainer.prepare (config.resolve, the
+    memory check, the kernels), so a bad value is the same one-line ConfigError as in fastppo train.
+    """
+    from fastppo.trainer import prepare
+
+    given = given_fields(bench.training) if given is None else set(given)
+    device = training_device(bench.training)
     cuda = device.type == "cuda"
-    cfg.env_id = cfg.env_id or ("Pong-v5" if cuda else "CartPole-v1")
-    cfg.num_envs = tuple(cfg.num_envs or ((64, 256, 1024, 4096) if cuda else (4, 8, 16)))
-    cfg.seconds = cfg.seconds if cfg.seconds is not None else (10.0 if cuda else 2.0)
-    cfg.warmup = cfg.warmup if cfg.warmup is not None else (3.0 if cuda else 0.5)
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"--device must be auto, cpu or cuda, got {cfg.device!r}")
-    if any(n <= 0 for n in cfg.num_envs):
-        raise ConfigError(f"--num-envs must be positive, got {' '.join(map(str, cfg.num_envs))}")
-    if not cfg.seconds > 0 or cfg.warmup < 0:
-        raise ConfigError(f"--seconds must be positive and --warmup >= 0, got {cfg.seconds} and {cfg.warmup}")
-    if not 0 < cfg.batch_fraction <= 1:
-        raise ConfigError(f"--batch-fraction must be in (0, 1], got {cfg.batch_fraction}")
-    if cfg.cudagraphs and not cuda:
-        raise ConfigError("--cudagraphs needs CUDA; the device is cpu")
-    return cfg, device
+    env_id = bench.training.env_id or ("Pong-v5" if cuda else "CartPole-v1")
+    bench = dataclasses.replace(
+        bench,
+        num_envs=tuple(bench.num_envs or ((64, 256, 1024, 4096) if cuda else (4, 8, 16))),
+        seconds=bench.seconds if bench.seconds is not None else (10.0 if cuda else 2.0),
+        warmup=bench.warmup if bench.warmup is not None else (3.0 if cuda else 0.5),
+    )
+    if not (math.isfinite(bench.seconds) and bench.seconds > 0):
+        raise ConfigError(f"--seconds must be a positive number, got {bench.seconds}")
+    if not (math.isfinite(bench.warmup) and bench.warmup >= 0):
+        raise ConfigError(f"--warmup must be a number >= 0, got {bench.warmup}")
+    if not 0 < bench.batch_fraction <= 1:
+        raise ConfigError(f"--batch-fraction must be in (0, 1], got {bench.batch_fraction}")
+    if len(set(bench.num_envs)) != len(bench.num_envs):
+        raise ConfigError(f"--num-envs lists a value twice: {' '.join(map(str, bench.num_envs))}")
+    points = [prepare(point_config(bench, n, env_id, given)) for n in bench.num_envs]
+    name = bench.name
+    if name is None:
+        gpu = torch.cuda.get_device_name(device) if cuda else None
+        name = "bench_{}_{}_{}".format(env_id, (gpu or "cpu").replace(" ", "-"), datetime.date.today().isoformat())
+    if not name or name in (".", "..") or os.sep in name or (os.altsep and os.altsep in name):
+        raise ConfigError(f"--name must be a file name (no folder), got {name!r}")
+    check_out_dir(bench.out_dir)
+    return Sweep(bench, device, points, os.path.join(bench.out_dir, name))
 
 
-def recv_batch(cfg: BenchConfig, num_envs: int) -> int:
-    return max(1, int(num_envs * cfg.batch_fraction)) if cfg.async_envs else num_envs
+def check_out_dir(path: str) -> None:
+    """Make --out-dir (and its parents) if needed; ConfigError when it is not a writable folder."""
+    if not path:
+        raise ConfigError("--out-dir must not be empty")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"--out-dir {path!r} exists and is not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out-dir {path!r} cannot be made ({e.strerror or e})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out-dir {path!r} is not writable")
 
 
 def timed(step, warmup: float, seconds: float) -> tuple[float, int]:
@@ -117,9 +204,12 @@ def timed(step, warmup: float, seconds: float) -> tuple[float, int]:
     return elapsed, steps
 
 
-def envpool_ceiling(cfg: BenchConfig, info, num_envs: int, batch_size: int | None) -> float:
-    """Agent steps/s of EnvPool alone with random actions; async (send/recv) when batch_size is given."""
-    envs = make_envs(info, num_envs, cfg.seed, num_threads=cfg.env_threads, batch_size=batch_size)
+def envpool_ceiling(cfg: Config, info, bench: BenchConfig, batch_size: int | None) -> float:
+    """Agent steps/s of EnvPool alone with random actions, with the point's env settings; async
+    (send/recv) when batch_size is given."""
+    num_envs = cfg.num_envs
+    envs = make_envs(info, num_envs, cfg.seed, num_threads=cfg.env_threads, batch_size=batch_size,
+                     max_episode_steps=cfg.max_episode_steps, repeat_action_probability=cfg.repeat_action_probability)
     rng = np.random.default_rng(cfg.seed)
     bank = rng.integers(0, info.num_actions, (64, num_envs))
     i = 0
@@ -141,69 +231,62 @@ def envpool_ceiling(cfg: BenchConfig, info, num_envs: int, batch_size: int | Non
             i += 1
             return len(env_id)
 
-    elapsed, steps = timed(step, cfg.warmup, cfg.seconds)
-    envs.close()
+    try:
+        elapsed, steps = timed(step, bench.warmup, bench.seconds)
+    finally:
+        envs.close()
     return steps / elapsed
 
 
-def envs_and_inference(cfg: BenchConfig, info, device: torch.device, num_envs: int) -> tuple[float, dict]:
-    """Agent steps/s of the trainer's collector and actor filling rollouts, no update; phase fractions."""
-    batch = recv_batch(cfg, num_envs)
-    envs = make_envs(info, num_envs, cfg.seed, num_threads=cfg.env_threads,
-                     batch_size=batch if cfg.async_envs else None)
-    torch.manual_seed(cfg.seed)
-    policy = make_policy(info).to(device)
-    actor = Actor(policy, learner_forward(policy, cfg.bf16, cfg.compile), cudagraphs=cfg.cudagraphs,
-                  graph_batch_sizes=(batch,))
-    timer = PhaseTimer(device)
-    if cfg.async_envs:
-        collector = AsyncCollector(envs, info, device, num_envs, batch, timer=timer)
-    else:
-        collector = Collector(envs, info, device, timer=timer)
-    (buf,) = collector.allocate(cfg.num_steps)
+def envs_and_inference(prepared, bench: BenchConfig) -> tuple[float, dict, int]:
+    """Agent steps/s of the trainer's own envs, networks and collection (trainer.build: its seeds, its
+    torch thread rule, rollout.make_collection) asked for rollouts with no update in between; the
+    collection phases as fractions; the torch threads it ran with."""
+    from fastppo.distributed import World
+    from fastppo.trainer import build
 
-    def step() -> int:
-        collector.collect(actor, buf)
-        return num_envs * cfg.num_steps
+    cfg = prepared.cfg
+    session = build(prepared, World())
+    collection, timer = session.collection, session.collect_timer
+    try:
+        def step() -> int:
+            collection.next()
+            collection.refresh(session.policy)  # as the trainer does; with --overlap, waits for the next rollout
+            return cfg.batch_size
 
-    step()  # at least one whole rollout of warm-up (allocation, compilation, graph capture)
-    timer.read()
-    elapsed, steps = timed(step, cfg.warmup, cfg.seconds)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    phases = timer.read()  # includes the warm-up after the first rollout: used as fractions only
+        step()  # at least one whole rollout of warm-up (allocation, compilation, graph capture)
+        timer.read()
+        elapsed, steps = timed(step, bench.warmup, bench.seconds)
+        if prepared.device.type == "cuda":
+            torch.cuda.synchronize()
+        phases = timer.read()  # includes the warm-up after the first rollout: used as fractions only
+    finally:
+        collection.close()
     total = sum(phases.values()) or 1.0
-    envs.close()
-    return steps / elapsed, {k: v / total for k, v in phases.items()}
+    return steps / elapsed, {k: v / total for k, v in phases.items()}, torch.get_num_threads()
 
 
-def training(cfg: BenchConfig, num_envs: int) -> tuple[float, dict, int]:
-    """Agent steps/s of trainer.train after the warm-up, from its perf/iteration; phase fractions."""
+def training(prepared, bench: BenchConfig) -> tuple[float, dict, int]:
+    """Agent steps/s of trainer.train after the warm-up (its --max-seconds is --warmup + --seconds), from
+    its own perf/iteration; phase fractions; iterations measured."""
     from fastppo.trainer import train
 
-    batch = recv_batch(cfg, num_envs)
+    cfg = prepared.cfg
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = os.path.join(tmp, "run")
-        train_cfg = Config(
-            env_id=cfg.env_id, num_envs=num_envs, num_steps=cfg.num_steps, update_epochs=cfg.update_epochs,
-            num_minibatches=cfg.num_minibatches, total_timesteps=num_envs * cfg.num_steps * 1_000_000,
-            async_envs=cfg.async_envs, env_batch_size=batch if cfg.async_envs else None, overlap=cfg.overlap,
-            compile=cfg.compile, cudagraphs=cfg.cudagraphs, bf16=cfg.bf16, env_threads=cfg.env_threads,
-            device=cfg.device, seed=cfg.seed, run_dir=run_dir, max_seconds=cfg.warmup + cfg.seconds,  # type: ignore[arg-type]
-        )
         with contextlib.redirect_stdout(io.StringIO()):
-            train(train_cfg)
+            train(dataclasses.replace(cfg, run_dir=run_dir))
         lines = read_metrics(run_dir)
     # drop the warm-up: the first iteration always, then iterations until --warmup seconds have passed
     kept, spent = [], 0.0
     for i, m in enumerate(lines):
-        if i == 0 or spent < cfg.warmup:
+        if i == 0 or spent < bench.warmup:
             spent += m["perf/iteration"]
         else:
             kept.append(m)
     kept = kept or lines[-1:]
     wall = sum(m["perf/iteration"] for m in kept)
-    steps = len(kept) * num_envs * cfg.num_steps
+    steps = len(kept) * cfg.global_batch_size
     phases = {p: sum(m[f"perf/{p}"] for m in kept) / wall for p in PHASES}
     return steps / wall, phases, len(kept)
 
@@ -232,37 +315,54 @@ def machine() -> dict:
     }
 
 
-def run_bench(cfg: BenchConfig) -> dict:
-    cfg, device = resolve_bench(cfg)
-    if cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
+def settings(sweep: Sweep) -> dict:
+    """The JSON's settings: the sweep's and every training option of the first point's resolved Config
+    (the fields the bench sets per point are in each point)."""
+    cfg, b = sweep.points[0].cfg, sweep.bench
+    out = {k: v for k, v in cfg.to_dict().items()
+           if k not in (*SET_PER_POINT, *NOT_MEASURED, "batch_size", "minibatch_size", "global_batch_size",
+                        "num_iterations", "world_size")}
+    out.update(num_envs=list(b.num_envs), seconds=b.seconds, warmup=b.warmup, batch_fraction=b.batch_fraction,
+               out_dir=b.out_dir, name=os.path.basename(sweep.stem))
+    return out
+
+
+def run_bench(bench: BenchConfig, given: set[str] | None = None) -> dict:
+    """Measure the sweep; print the table; write <name>.json (after every point) and <name>.png.
+
+    given: the training fields the caller set (see resolve_bench). ConfigError before anything is
+    measured on a bad argument.
+    """
+    sweep = resolve_bench(bench, given)
+    bench = sweep.bench
     warnings.filterwarnings("ignore", message=".*precision lowered by casting.*")  # gymnasium, on every make
-    info = env_info(cfg.env_id)
     points = []
-    result = {"machine": machine(), "device": str(device), "settings": asdict(cfg), "points": points}
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    gpu = result["machine"]["gpu"]
-    name = cfg.name or "bench_{}_{}_{}".format(
-        cfg.env_id, (gpu or "cpu").replace(" ", "-"), datetime.date.today().isoformat())
-    stem = os.path.join(cfg.out_dir, name)
-    for n in cfg.num_envs:
-        batch = recv_batch(cfg, n)
-        point = {"num_envs": n, "batch_size": batch}
-        point["envpool_sync"] = envpool_ceiling(cfg, info, n, None)
-        point["envpool_async"] = envpool_ceiling(cfg, info, n, max(1, int(n * cfg.batch_fraction)))
-        point["ceiling"] = point["envpool_async"] if cfg.async_envs else point["envpool_sync"]
-        point["inference"], point["inference_phases"] = envs_and_inference(cfg, info, device, n)
-        point["training"], point["training_phases"], point["training_iterations"] = training(cfg, n)
-        point["training_pct_of_ceiling"] = 100.0 * point["training"] / point["ceiling"]
-        points.append(point)
-        print(f"num_envs {n}: EnvPool {point['ceiling']:,.0f}  envs+inference {point['inference']:,.0f}  "
-              f"training {point['training']:,.0f} steps/s ({point['training_pct_of_ceiling']:.0f}%)", flush=True)
-        with open(stem + ".json", "w") as f:  # after every point: a sweep cut short keeps what it measured
-            json.dump(result, f, indent=2)
-            f.write("\n")
-    plot(result, stem + ".png")
+    result = {"machine": machine(), "device": str(sweep.device), "settings": settings(sweep), "points": points}
+    threads = torch.get_num_threads()  # trainer.build sets the run's torch threads: put them back after
+    try:
+        for prepared in sweep.points:
+            cfg, info = prepared.cfg, prepared.info
+            point = {"num_envs": cfg.num_envs, "batch_size": cfg.recv_batch_size}
+            point["envpool_sync"] = envpool_ceiling(cfg, info, bench, None)
+            point["envpool_async"] = envpool_ceiling(cfg, info, bench, max(1, int(cfg.num_envs * bench.batch_fraction)))
+            point["ceiling"] = point["envpool_async"] if cfg.async_envs else point["envpool_sync"]
+            point["inference"], point["inference_phases"], point["torch_threads"] = envs_and_inference(prepared,
+                                                                                                       bench)
+            torch.set_num_threads(threads)
+            point["training"], point["training_phases"], point["training_iterations"] = training(prepared, bench)
+            point["training_pct_of_ceiling"] = 100.0 * point["training"] / point["ceiling"]
+            points.append(point)
+            print(f"num_envs {cfg.num_envs}: EnvPool {point['ceiling']:,.0f}  envs+inference "
+                  f"{point['inference']:,.0f}  training {point['training']:,.0f} steps/s "
+                  f"({point['training_pct_of_ceiling']:.0f}%)", flush=True)
+            with open(sweep.stem + ".json", "w") as f:  # after every point: a sweep cut short keeps what it measured
+                json.dump(result, f, indent=2)
+                f.write("\n")
+    finally:
+        torch.set_num_threads(threads)
+    plot(result, sweep.stem + ".png")
     print_table(result)
-    print(f"wrote {stem}.json and {stem}.png")
+    print(f"wrote {sweep.stem}.json and {sweep.stem}.png")
     return result
 
 
@@ -271,8 +371,10 @@ def print_table(result: dict) -> None:
     from rich.table import Table
 
     m, s = result["machine"], result["settings"]
+    threads = sorted({p["torch_threads"] for p in result["points"] if "torch_threads" in p})
     title = (f"fastppo bench: {s['env_id']}, {m['gpu'] or 'CPU'} / {m['cpu']} ({m['cpu_cores']} cores), "
-             f"T={s['num_steps']}, {s['update_epochs']} epochs, async={s['async_envs']}, overlap={s['overlap']}")
+             f"T={s['num_steps']}, {s['update_epochs']} epochs, async={s['async_envs']}, overlap={s['overlap']}"
+             + (f", torch threads {'/'.join(map(str, threads))}" if threads else ""))
     table = Table(title=title)
     for col in ("num_envs", "batch", "EnvPool sync", "EnvPool async", "envs+inference", "training", "% of ceiling",
                 "training: " + " / ".join(PHASES) + " (% of iteration)"):
@@ -286,26 +388,46 @@ def print_table(result: dict) -> None:
 
 
 def plot(result: dict, path: str) -> None:
+    """Steps/s against num_envs, both on log axes (log2 x, log10 y): the EnvPool ceiling, envs +
+    inference and training side by side however far apart; training's % of the ceiling by its points."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullLocator
 
     pts, s, m = result["points"], result["settings"], result["machine"]
     x = [p["num_envs"] for p in pts]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 5), layout="constrained")
     ax.plot(x, [p["envpool_sync"] for p in pts], "k--", marker="o", label="EnvPool alone, sync")
     ax.plot(x, [p["envpool_async"] for p in pts], "k-", marker="o", label="EnvPool alone, async")
-    ax.plot(x, [p["inference"] for p in pts], marker="s", label="envs + inference")
+    ax.plot(x, [p["inference"] for p in pts], marker="s", label="envs + inference (no update)")
     ax.plot(x, [p["training"] for p in pts], marker="^", label=f"training ({s['update_epochs']} epochs)")
+    for p in pts:
+        ax.annotate(f"{p['training_pct_of_ceiling']:.0f}%", (p["num_envs"], p["training"]), textcoords="offset points",
+                    xytext=(0, -13), ha="center", fontsize=8, color="C1")
     ax.set_xscale("log", base=2)
     ax.set_xticks(x, [str(v) for v in x])
-    ax.set_xlabel("num_envs")
-    ax.set_ylabel("agent steps / s")
-    ax.set_ylim(bottom=0)
-    ax.set_title(f"{s['env_id']} on {m['gpu'] or 'CPU'} ({m['cpu_cores']} CPU cores)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlim(min(x) / 1.4, max(x) * 1.4)
+    ax.set_yscale("log")
+    ys = [p[k] for p in pts for k in ("envpool_sync", "envpool_async", "inference", "training") if p[k] > 0]
+    if ys:
+        ax.set_ylim(min(ys) / 1.8, max(ys) * 1.5)  # room for the % labels under the training points
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _si(v)))
+    ax.set_xlabel("num_envs (log2)")
+    ax.set_ylabel("agent steps / s (log)")
+    ax.set_title(f"{s['env_id']} on {m['gpu'] or 'CPU'} ({m['cpu_cores']} CPU cores), T={s['num_steps']}, "
+                 f"async={s['async_envs']}, overlap={s['overlap']}", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize=8,
+               title="training's % of the ceiling is marked under its points", title_fontsize=8)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _si(v: float) -> str:
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if v >= scale:
+            return f"{v / scale:g}{suffix}"
+    return f"{v:g}"

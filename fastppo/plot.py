@@ -1,79 +1,386 @@
-"""``fastppo plot``: one PNG comparing runs from their metrics.jsonl, for users without W&B.
+"""``fastppo plot``: one PNG comparing runs from their config.json and metrics.jsonl, for users without W&B.
 
-Three panels: mean full-game return against agent steps, the same against wall-clock time
-(``time/elapsed``), and steps/s (``charts/SPS``) against steps. Each metrics line's return is the
-mean of the games that ended during that iteration (drawn faintly); the curve is the run's recent
-return (``charts/recent_return``: the mean of its last --target-return-games games).
-``eval/episodic_return`` points are drawn as markers when the run evaluated with --eval-every.
+Runs are grouped twice:
+
+* by env (config.json's ``env_id``): one row of panels per env, the env named in the row's title;
+* within an env, by config: runs whose config.json differ only in ``seed``, in the run folder's name
+  (``run_dir``, ``exp_name``) and in the flags a resume may change (``config.RESUME_FLAGS``: length,
+  logging, device, threads) are one group, the seeds of one setting. A group is drawn as its mean
+  curve and a band from the lowest to the highest seed (min-max), on a common x grid: each seed's
+  curve is interpolated onto it, over the range where every seed has data. A group is labelled by the
+  config fields that differ between the groups of its env (``loss=penalty``), or by its exp_name
+  (one seed: its run folder's name) when its env has one group.
+
+Three panels per row: the recent return (``charts/recent_return``, the mean of the last
+--target-return-games full games, None until that many games ended) against agent steps and
+against wall-clock time (``time/elapsed``, in s, min or h by its range), with ``eval/episodic_return``
+as markers when the runs evaluated (--eval-every); and the training speed, agent steps per second of
+each iteration from its own timing (the iteration's steps over its ``perf/iteration``).
+``charts/SPS``, an average since the launch that starts again at a resume, is not drawn. The
+legends sit below each row, outside the panels.
+
+Bad input (no run, a folder without metrics.jsonl, a missing or unreadable config.json, a metric
+that is not a number, an --out that is not a writable .png path) is one ConfigError line, before
+anything is drawn. metrics.jsonl is read by ``logger.read_metrics`` only.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import tyro
 
-from fastppo.config import ConfigError
+from fastppo.config import IDENTITY_EXCLUDED, Config, ConfigError
 from fastppo.logger import read_metrics
 
 
 @dataclass
 class PlotConfig:
-    runs: tyro.conf.Positional[tuple[str, ...]]
-    """run folders (runs/<name> ...), each with a metrics.jsonl"""
+    runs: tyro.conf.Positional[tuple[str, ...]] = ()
+    """run folders (runs/<name> ...), each with config.json and metrics.jsonl"""
     out: str = "plot.png"
     """PNG file to write"""
 
 
+# config.json fields that do not make two runs different settings: the seed, the folder's name, the flags
+# a resume may change, and the sizes derived from other fields.
+NOT_A_SETTING = set(IDENTITY_EXCLUDED) | {"seed", "batch_size", "minibatch_size", "global_batch_size",
+                                          "num_iterations"}
+FIELD_ORDER = {f.name: i for i, f in enumerate(dataclasses.fields(Config))}
+METRICS = ("charts/recent_return", "time/elapsed", "perf/iteration", "eval/episodic_return")
+MAX_POINTS = 400  # points of a group's common grid; a run's own x values are used when fewer
+SMOOTH_ABOVE = 200  # iterations: longer runs draw their steps/s as a moving mean over 1% of their iterations
+BAND = "band: min-max over seeds"
+
+
+@dataclass
+class Run:
+    path: str
+    name: str  # the folder's name
+    config: dict
+    lines: list[dict]
+
+    @property
+    def env_id(self) -> str:
+        return self.config["env_id"]
+
+    def setting(self) -> dict:
+        """The config fields that make this run's setting (everything but NOT_A_SETTING)."""
+        return {k: v for k, v in self.config.items() if k not in NOT_A_SETTING}
+
+    def series(self, x: str, y: str) -> tuple[np.ndarray, np.ndarray]:
+        """(x, y) of the lines where both are numbers; x is global_step or a metric name."""
+        pts = [(m.get(x), m.get(y)) for m in self.lines]
+        pts = [(a, b) for a, b in pts if a is not None and b is not None]
+        return np.array([a for a, _ in pts], dtype=float), np.array([b for _, b in pts], dtype=float)
+
+    def speed(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """(global_step, agent steps/s of that iteration, smoothing window): each iteration's steps
+        (the global_step since the previous line, per iteration) over its own perf/iteration."""
+        steps, rates = [], []
+        prev_step, prev_iter = 0, 0
+        for m in self.lines:
+            seconds = m.get("perf/iteration")
+            iters = m["iteration"] - prev_iter
+            if seconds is not None and seconds > 0 and iters > 0:
+                steps.append(m["global_step"])
+                rates.append((m["global_step"] - prev_step) / iters / seconds)
+            prev_step, prev_iter = m["global_step"], m["iteration"]
+        x, y = np.array(steps, dtype=float), np.array(rates, dtype=float)
+        window = max(1, len(y) // 100) if len(y) > SMOOTH_ABOVE else 1
+        if window > 1:  # moving mean, same length (shorter windows at the ends)
+            kernel = np.ones(window)
+            y = np.convolve(y, kernel, "same") / np.convolve(np.ones_like(y), kernel, "same")
+        return x, y, window
+
+
+# --- reading ---------------------------------------------------------------------------------------
+
+
+def read_config(run: str) -> dict:
+    """The run folder's config.json as a dict with a string env_id; ConfigError otherwise."""
+    path = os.path.join(run, "config.json")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{run!r} has no config.json (fastppo plot groups runs by their config)") from None
+    except (OSError, ValueError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise ConfigError(f"{path!r} does not read as JSON ({why})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path!r} is not a JSON object")
+    if not isinstance(config.get("env_id"), str) or not config["env_id"]:
+        raise ConfigError(f"{path!r} names no env_id")
+    return config
+
+
+def check_lines(run: str, lines: list[dict]) -> list[dict]:
+    """The lines, with a non-finite number of METRICS read as None; ConfigError on a value that is not
+    a number, or on a global_step that goes back (two runs in one file)."""
+    path = os.path.join(run, "metrics.jsonl")
+    previous = None
+    out = []
+    for m in lines:
+        m = dict(m)
+        for key in METRICS:
+            v = m.get(key)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ConfigError(f"{path!r}: {key} is {v!r} at iteration {m['iteration']}, not a number")
+            if not math.isfinite(v):
+                m[key] = None
+        if previous is not None and m["global_step"] <= previous["global_step"]:
+            raise ConfigError(f"{path!r}: global_step goes from {previous['global_step']} back to {m['global_step']} "
+                              f"at iteration {m['iteration']} (two runs in one file?)")
+        previous = m
+        out.append(m)
+    return out
+
+
+def load_runs(paths: tuple[str, ...] | list[str]) -> list[Run]:
+    """Every run folder, read and checked (a folder named twice is read once); ConfigError on bad input."""
+    if not paths:
+        raise ConfigError("fastppo plot needs at least one run folder")
+    runs, seen = [], set()
+    for path in paths:
+        key = os.path.realpath(path)
+        if key in seen:
+            continue
+        seen.add(key)
+        lines = check_lines(path, read_metrics(path))
+        runs.append(Run(path, os.path.basename(os.path.normpath(path)), read_config(path), lines))
+    return runs
+
+
+def check_out(out: str) -> None:
+    """ConfigError unless --out is a .png file that can be written."""
+    if not out.lower().endswith(".png"):
+        raise ConfigError(f"--out {out!r} must end in .png")
+    folder = os.path.dirname(out) or "."
+    if not os.path.isdir(folder):
+        raise ConfigError(f"--out {out!r}: folder {folder!r} does not exist")
+    if os.path.isdir(out):
+        raise ConfigError(f"--out {out!r} is a folder")
+    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(out) and not os.access(out, os.W_OK)):
+        raise ConfigError(f"--out {out!r} is not writable")
+
+
+# --- grouping --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Group:
+    label: str
+    runs: list[Run]
+
+
+def by_env(runs: list[Run]) -> dict[str, list[Run]]:
+    """Runs by env id, in the order the envs first appear."""
+    envs: dict[str, list[Run]] = {}
+    for run in runs:
+        envs.setdefault(run.env_id, []).append(run)
+    return envs
+
+
+def groups_of(runs: list[Run]) -> list[Group]:
+    """The runs of one env grouped by setting (seeds together), each labelled (see the module docstring)."""
+    keyed: dict[str, list[Run]] = {}
+    for run in runs:
+        keyed.setdefault(json.dumps(run.setting(), sort_keys=True, default=str), []).append(run)
+    members = list(keyed.values())
+    settings = [ms[0].setting() for ms in members]
+    names = sorted({k for s in settings for k in s}, key=lambda k: (FIELD_ORDER.get(k, len(FIELD_ORDER)), k))
+    differing = [k for k in names if len({json.dumps(s.get(k), default=str) for s in settings}) > 1]
+    out = []
+    for ms, setting in zip(members, settings, strict=True):
+        if differing:
+            parts = [f"{k}={_value(setting.get(k))}" for k in differing]
+            label = ",\n".join(", ".join(parts[i : i + 3]) for i in range(0, len(parts), 3))
+        elif len(ms) == 1:
+            label = ms[0].name
+        else:
+            exp_names = {r.config.get("exp_name") for r in ms}
+            label = str(exp_names.pop()) if len(exp_names) == 1 else f"{len(ms)} runs"
+        out.append(Group(f"{label} ({_seeds(ms)})", ms))
+    return out
+
+
+def _value(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (list, tuple)):
+        return ",".join(map(str, v)) or "()"
+    return str(v)
+
+
+def _seeds(runs: list[Run]) -> str:
+    seeds = [r.config.get("seed") for r in runs]
+    if len(runs) == 1:
+        return f"seed {seeds[0]}"
+    if len(set(seeds)) == len(seeds) and all(isinstance(s, int) for s in seeds):
+        return f"{len(runs)} seeds: {', '.join(map(str, sorted(seeds)))}"
+    return f"{len(runs)} runs"
+
+
+# --- curves ----------------------------------------------------------------------------------------
+
+
+def common_grid(curves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(x, ys[seed, x]): every curve interpolated onto one grid over the range all of them cover (their
+    own x values there, or MAX_POINTS evenly spaced when more); None when they share no range (or one
+    of them has no point at all)."""
+    if not curves or any(len(x) == 0 for x, _ in curves):
+        return None
+    curves = [(x[order], y[order]) for x, y in curves for order in [np.argsort(x, kind="stable")]]
+    lo, hi = max(x[0] for x, _ in curves), min(x[-1] for x, _ in curves)
+    if lo > hi:
+        return None
+    grid = np.unique(np.concatenate([x[(x >= lo) & (x <= hi)] for x, _ in curves]))
+    if len(grid) > MAX_POINTS:
+        grid = np.linspace(lo, hi, MAX_POINTS)
+    return grid, np.stack([np.interp(grid, x, y) for x, y in curves])
+
+
+def time_unit(seconds: float) -> tuple[str, float]:
+    """(unit, seconds per unit) that reads well for a span of `seconds`: s up to 3 min, min up to 3 h, h."""
+    if seconds <= 180:
+        return "s", 1.0
+    if seconds <= 3 * 3600:
+        return "min", 60.0
+    return "h", 3600.0
+
+
 def drawn(xs: list, ys: list[float | None]) -> tuple[list, list]:
-    """The points of (xs, ys) whose y is not None."""
+    """The points of (xs, ys) whose y is not None (bench/learning.py's curves)."""
     pts = [(x, y) for x, y in zip(xs, ys, strict=True) if y is not None]
     return [x for x, _ in pts], [y for _, y in pts]
+
+
+def _steps(v: float, _pos=None) -> str:
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= scale:
+            return f"{v / scale:g}{suffix}"
+    return f"{v:g}"
+
+
+# --- drawing ---------------------------------------------------------------------------------------
+
+
+def figure(runs: list[Run]):
+    """The matplotlib Figure: one subfigure per env (suptitle: the env), three panels each, a legend
+    below each row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import FuncFormatter
+
+    envs = by_env(runs)
+    fig = plt.figure(figsize=(17, 5.2 * len(envs)), layout="constrained")
+    rows = fig.subfigures(len(envs), 1, squeeze=False)[:, 0]
+    for row, (env, env_runs) in zip(rows, envs.items(), strict=True):
+        groups = groups_of(env_runs)
+        row.suptitle(f"{env}  ({len(env_runs)} run{'s' if len(env_runs) > 1 else ''})", fontsize=13,
+                     fontweight="bold")
+        ax_steps, ax_time, ax_speed = row.subplots(1, 3)
+        unit, per = time_unit(max((m.get("time/elapsed") or 0.0 for r in env_runs for m in r.lines), default=0.0))
+        windows = set()
+        handles = []
+        evals = bands = False
+        for i, group in enumerate(groups):
+            color = f"C{i % 10}"
+            handles.append(Line2D([], [], color=color, lw=2, label=group.label))
+            for ax, x_name, scale in ((ax_steps, "global_step", 1.0), (ax_time, "time/elapsed", per)):
+                curves = [r.series(x_name, "charts/recent_return") for r in group.runs]
+                bands |= _draw(ax, curves, color, scale)
+                evals |= _draw_evals(ax, group.runs, x_name, color, scale)
+            speeds = [r.speed() for r in group.runs]
+            windows |= {w for _, _, w in speeds}
+            bands |= _draw(ax_speed, [(x, y) for x, y, _ in speeds], color, 1.0)
+        games = {r.config.get("target_return_games", 10) for r in env_runs}
+        recent = f"recent return (mean of the last {games.pop()} games)" if len(games) == 1 else "recent return"
+        ax_steps.set(xlabel="agent steps", ylabel=recent, title="recent return vs agent steps")
+        ax_time.set(xlabel=f"wall-clock time ({unit})", ylabel=recent, title="recent return vs wall-clock time")
+        smoothing = "" if windows <= {1} else "\n(moving mean over 1% of a run's iterations)"
+        ax_speed.set(xlabel="agent steps", ylabel=f"agent steps / s of each iteration{smoothing}",
+                     title="training speed (the iteration's steps / perf/iteration)")
+        for ax in (ax_steps, ax_time, ax_speed):
+            ax.grid(alpha=0.3)
+            if not ax.lines:
+                ax.text(0.5, 0.5, "no data yet", transform=ax.transAxes, ha="center", va="center", color="0.5")
+        for ax in (ax_steps, ax_speed):
+            ax.xaxis.set_major_formatter(FuncFormatter(_steps))
+        ax_speed.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        ax_speed.set_ylim(bottom=0)
+        if bands:
+            handles.append(Patch(facecolor="0.5", alpha=0.25, label=BAND))
+        if evals:
+            handles.append(Line2D([], [], color="0.3", marker="D", ls="none", ms=5,
+                                  label="eval/episodic_return (mean over the seeds that evaluated)"))
+        row.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4), fontsize=9,
+                   frameon=False)
+    return fig
+
+
+def _draw(ax, curves: list[tuple[np.ndarray, np.ndarray]], color: str, scale: float) -> bool:
+    """A group's mean curve (and min-max band with several seeds) on ax; whether a band was drawn."""
+    grid = common_grid(curves)
+    if grid is None:
+        return False
+    x, ys = grid
+    x = x / scale
+    if len(x) == 1:
+        ax.plot(x, ys.mean(0), "o", color=color, ms=4)
+    else:
+        ax.plot(x, ys.mean(0), color=color, lw=1.8)
+    if len(ys) > 1:
+        ax.fill_between(x, ys.min(0), ys.max(0), color=color, alpha=0.2, lw=0)
+        return True
+    return False
+
+
+def _draw_evals(ax, runs: list[Run], x_name: str, color: str, scale: float) -> bool:
+    """eval/episodic_return markers: at each global_step some seed evaluated, the mean over those seeds
+    (x: the step, or the mean of their times); whether any was drawn."""
+    at: dict[int, list[tuple[float | None, float]]] = {}
+    for run in runs:
+        for m in run.lines:
+            if m.get("eval/episodic_return") is not None:
+                at.setdefault(m["global_step"], []).append((m.get(x_name), m["eval/episodic_return"]))
+    pts = []
+    for step in sorted(at):
+        xs = [x for x, _ in at[step] if x is not None]
+        if xs:
+            pts.append((float(np.mean(xs)) / scale, float(np.mean([y for _, y in at[step]]))))
+    if pts:
+        ax.plot([x for x, _ in pts], [y for _, y in pts], "D", color=color, ms=5, mec="white", mew=0.6)
+    return bool(pts)
 
 
 def plot_runs(pcfg: PlotConfig) -> str:
     """Write the PNG; returns its path. Raises ConfigError before drawing anything on bad input."""
     if not pcfg.runs:
         raise ConfigError("fastppo plot needs at least one run folder")
-    if not pcfg.out.lower().endswith(".png"):
-        raise ConfigError(f"--out {pcfg.out!r} must end in .png")
-    out_dir = os.path.dirname(pcfg.out) or "."
-    if not os.path.isdir(out_dir):
-        raise ConfigError(f"--out {pcfg.out!r}: folder {out_dir!r} does not exist")
-    runs = {run: read_metrics(run) for run in pcfg.runs}
-
-    import matplotlib
-
-    matplotlib.use("Agg")
+    check_out(pcfg.out)
+    runs = load_runs(pcfg.runs)
     import matplotlib.pyplot as plt
 
-    fig, (ax_steps, ax_time, ax_sps) = plt.subplots(1, 3, figsize=(16, 4.5))
-    for i, (run, lines) in enumerate(runs.items()):
-        color = f"C{i % 10}"
-        label = os.path.basename(os.path.normpath(run))
-        games = [m for m in lines if m.get("charts/episodic_return") is not None]
-        steps = [m["global_step"] for m in games]
-        times = [m.get("time/elapsed") for m in games]
-        ret = [m["charts/episodic_return"] for m in games]
-        recent = [m.get("charts/recent_return") for m in games]
-        ax_steps.plot(steps, ret, color=color, alpha=0.2, lw=0.8)
-        ax_steps.plot(*drawn(steps, recent), color=color, label=label)
-        if all(t is not None for t in times):
-            ax_time.plot(times, ret, color=color, alpha=0.2, lw=0.8)
-            ax_time.plot(*drawn(times, recent), color=color, label=label)
-        evals = [m for m in lines if m.get("eval/episodic_return") is not None]
-        if evals:
-            ax_steps.plot([m["global_step"] for m in evals], [m["eval/episodic_return"] for m in evals], "o",
-                          color=color, ms=4, label=f"{label} (eval)")
-        ax_sps.plot([m["global_step"] for m in lines], [m.get("charts/SPS") for m in lines], color=color, label=label)
-    ax_steps.set(xlabel="agent steps", ylabel="full-game return", title="return vs steps")
-    ax_time.set(xlabel="wall-clock time (s)", ylabel="full-game return", title="return vs time")
-    ax_sps.set(xlabel="agent steps", ylabel="steps/s", title="speed (charts/SPS)")
-    for ax in (ax_steps, ax_time, ax_sps):
-        ax.grid(alpha=0.3)
-    ax_steps.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(pcfg.out, dpi=100)
-    plt.close(fig)
+    fig = figure(runs)
+    try:
+        fig.savefig(pcfg.out, dpi=100)
+    except OSError as e:
+        raise ConfigError(f"cannot write --out {pcfg.out!r} ({e.strerror or e})") from None
+    finally:
+        plt.close(fig)
     return pcfg.out

@@ -1,4 +1,5 @@
-"""`fastppo bench` smoke run on CPU: tiny settings, every mode measured, JSON + PNG written."""
+"""`fastppo bench`: every measured run is a Config (resolved as train resolves it), smoke run on CPU,
+bad arguments as one line, and bench/host_overhead.py."""
 
 from __future__ import annotations
 
@@ -7,37 +8,106 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
+from fastppo.bench import BenchConfig, BenchTraining, point_config, resolve_bench
 from fastppo.cli import main
+from fastppo.config import given_fields
+
+TINY = ["--device", "cpu", "--env-id", "CartPole-v1", "--num-steps", "4", "--num-minibatches", "2",
+        "--update-epochs", "1"]
+# the keys of the JSON's settings before the bench took its training options from Config
+OLD_SETTINGS = {"env_id", "num_envs", "seconds", "warmup", "num_steps", "update_epochs", "num_minibatches",
+                "async_envs", "batch_fraction", "overlap", "compile", "cudagraphs", "bf16", "env_threads",
+                "torch_threads", "device", "out_dir", "name", "seed"}
 
 
 def test_bench_smoke(tmp_path, capsys):
     threads = torch.get_num_threads()
-    try:
-        code = main(["bench", "--device", "cpu", "--env-id", "CartPole-v1", "--num-envs", "2", "4", "--seconds",
-                     "0.2", "--warmup", "0.05", "--num-steps", "4", "--num-minibatches", "2", "--update-epochs", "1",
-                     "--torch-threads", "1", "--out-dir", str(tmp_path), "--name", "smoke"])
-    finally:
-        torch.set_num_threads(threads)
+    code = main(["bench", *TINY, "--num-envs", "2", "4", "--seconds", "0.2", "--warmup", "0.05",
+                 "--out-dir", str(tmp_path), "--name", "smoke"])
     assert code == 0
+    assert torch.get_num_threads() == threads  # the run's torch threads are put back
     out = capsys.readouterr().out
     assert "% of ceiling" in out and "wrote" in out
     result = json.loads((tmp_path / "smoke.json").read_text())
     assert (tmp_path / "smoke.png").stat().st_size > 0
-    assert {"cpu", "cpu_cores", "versions", "commit", "date", "gpu"} <= set(result["machine"])
-    assert result["settings"]["num_envs"] == [2, 4]
-    for point in result["points"]:
+    assert {"cpu", "cpu_cores", "versions", "commit", "date", "gpu", "torch_threads"} <= set(result["machine"])
+    settings = result["settings"]
+    assert OLD_SETTINGS <= set(settings)
+    assert settings["num_envs"] == [2, 4] and settings["name"] == "smoke" and settings["num_steps"] == 4
+    assert settings["async_envs"] is True and settings["overlap"] is True  # the bench's defaults
+    assert settings["loss"] == "clip" and settings["clip_coef"] == 0.2  # resolved as train resolves CartPole
+    for point, n in zip(result["points"], (2, 4), strict=True):
+        assert point["num_envs"] == n and point["batch_size"] == n // 2
         for key in ("envpool_sync", "envpool_async", "inference", "training"):
             assert point[key] > 0, key
         assert point["ceiling"] == point["envpool_async"]
         assert set(point["training_phases"]) == {"env_wait", "h2d", "inference", "gae", "update", "logging"}
+        assert point["torch_threads"] == 1  # --torch-threads 0 on the MLP: 1 thread, as train uses
 
 
-def test_bench_cudagraphs_on_cpu_is_a_one_line_error(tmp_path, capsys):
-    code = main(["bench", "--device", "cpu", "--cudagraphs", "--out-dir", str(tmp_path)])
-    assert code == 2
-    assert capsys.readouterr().err == "fastppo: error: --cudagraphs needs CUDA; the device is cpu\n"
+def test_each_point_is_a_config_with_the_bench_defaults_and_the_preset_rule():
+    bench = BenchConfig(num_envs=(8,), seconds=1.0, warmup=0.5)
+    cfg = point_config(bench, 8, "CartPole-v1", given_fields(bench.training))
+    assert (cfg.num_steps, cfg.async_envs, cfg.overlap, cfg.env_batch_size, cfg.num_envs) == (32, True, True, 4, 8)
+    assert cfg.max_seconds == 1.5 and cfg.total_timesteps >= 1000 * cfg.batch_size and cfg.run_dir is None
+    # a preset fills the fields not given (the bench's defaults included); explicit ones win, as in train
+    bench = BenchConfig(batch_fraction=0.25, seconds=1.0, warmup=0.0,
+                        training=BenchTraining(preset="fast", update_epochs=4))
+    cfg = point_config(bench, 16, "CartPole-v1", given_fields(bench.training))
+    assert (cfg.num_steps, cfg.update_epochs, cfg.learning_rate, cfg.num_envs, cfg.env_batch_size) == (128, 4, 3e-4,
+                                                                                                       16, 4)
+    # the command line's flags (cli passes flags_given) are the given fields
+    cfg = point_config(BenchConfig(seconds=1.0, warmup=0.0, training=BenchTraining(preset="cleanrl", num_steps=8)),
+                       4, "CartPole-v1", {"preset", "num_steps"})
+    assert (cfg.num_steps, cfg.async_envs, cfg.overlap, cfg.env_batch_size) == (8, False, False, None)
+
+
+def test_resolve_bench_resolves_every_point_as_train_does(tmp_path):
+    bench = BenchConfig(num_envs=(4, 8), out_dir=str(tmp_path / "new" / "folder"), name="x",
+                        training=BenchTraining(device="cpu", env_id="Acrobot-v1", loss="penalty"))
+    sweep = resolve_bench(bench)
+    assert [p.cfg.num_envs for p in sweep.points] == [4, 8]
+    assert all(p.cfg.kl_max == pytest.approx(0.015) and p.cfg.world_size == 1 for p in sweep.points)
+    assert (sweep.bench.seconds, sweep.bench.warmup) == (2.0, 0.5)  # CPU defaults
+    assert sweep.stem == str(tmp_path / "new" / "folder" / "x") and (tmp_path / "new" / "folder").is_dir()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--num-steps", "0"], "--num-steps must be positive, got 0"),
+    (["--num-envs", "4", "0"], "--num-envs must be positive, got 0"),
+    (["--num-envs", "6", "--num-steps", "3", "--num-minibatches", "4"],
+     "num_envs * num_steps = 6 * 3 = 18 does not divide by --num-minibatches 4"),
+    (["--seconds", "nan"], "--seconds must be a positive number, got nan"),
+    (["--seconds", "0"], "--seconds must be a positive number, got 0.0"),
+    (["--warmup", "inf"], "--warmup must be a number >= 0, got inf"),
+    (["--batch-fraction", "0"], "--batch-fraction must be in (0, 1], got 0.0"),
+    (["--num-envs", "4", "4"], "--num-envs lists a value twice: 4 4"),
+    (["--cudagraphs"], "--cudagraphs needs CUDA; the training device is cpu"),
+    (["--learning-rate", "-1"], "--learning-rate must be positive, got -1.0"),
+    (["--env-id", "CartPole-v9"], "unknown --env-id 'CartPole-v9'"),
+    (["--name", "a/b"], "--name must be a file name (no folder), got 'a/b'"),
+    (["--out-dir", "{file}"], "exists and is not a folder"),
+])
+def test_bad_arguments_are_one_line_before_anything_runs(tmp_path, args, message, capsys):
+    (tmp_path / "file").write_text("")
+    args = [a.format(file=tmp_path / "file") for a in args]
+    out_dir = tmp_path / "out"
+    extra = [] if "--out-dir" in args else ["--out-dir", str(out_dir)]
+    assert main(["bench", "--device", "cpu", *extra, *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastppo: error: ") and message in err and err.count("\n") == 1, err
+    assert not out_dir.exists()  # nothing measured or written
+
+
+def test_options_the_bench_sets_are_not_flags(capsys):
+    for flag in ("--total-timesteps", "--run-dir", "--max-seconds", "--env-batch-size", "--resume", "--track"):
+        with pytest.raises(SystemExit) as e:
+            main(["bench", flag, "1"])
+        assert e.value.code == 2
+    capsys.readouterr()
 
 
 def test_host_overhead_bench_smoke(tmp_path):

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+
+import numpy as np
 import pytest
 
 from fastppo.cli import main
@@ -68,21 +72,180 @@ def test_eval_video_on_atari_is_a_playable_colour_mp4(tmp_path, capsys):
 
 def test_plot_writes_a_png(cartpole_run, tmp_path):
     out = tmp_path / "cmp.png"
-    assert main(["plot", str(cartpole_run), str(cartpole_run), "--out", str(out)]) == 0
+    assert main(["plot", str(cartpole_run), str(cartpole_run), "--out", str(out)]) == 0  # named twice: read once
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
 
 
-@pytest.mark.parametrize("args,message", [
-    (["{missing}"], "is not a run folder (no metrics.jsonl)"),
-    (["{run}", "--out", "x.jpg"], "--out 'x.jpg' must end in .png"),
-    (["{run}", "--out", "{missing}/x.png"], "does not exist"),
+# --- fastppo plot on synthetic run folders --------------------------------------------------------
+
+BATCH = 512  # agent steps per iteration of the synthetic runs
+RATE = 1000.0  # their true training speed, agent steps / s of each iteration
+
+
+def write_run(root, name, *, env="CartPole-v1", seed=1, offset=0.0, warm=3, iters=40, setting=None, resume_at=None,
+              evals=(), exp="fastppo", **config):
+    """A run folder written by hand: config.json, and metrics.jsonl with the trainer's fields.
+
+    recent return = global_step / 1000 + offset once `warm` iterations have passed (None before);
+    each iteration takes BATCH / RATE s. A resume after iteration `resume_at` restarts charts/SPS
+    (a since-launch average) lower, as a resume does; perf/iteration and time/elapsed go on.
+    """
+    run = root / name
+    run.mkdir()
+    cfg = {"env_id": env, "seed": seed, "exp_name": exp, "run_dir": str(run), "loss": "clip", "num_envs": 4,
+           "num_steps": 128, "total_timesteps": iters * BATCH, "num_iterations": iters, "batch_size": BATCH,
+           "target_return_games": 10, "device": "cpu", "resume": None, **(setting or {}), **config}
+    (run / "config.json").write_text(json.dumps(cfg))
+    lines, elapsed = [], 0.0
+    for it in range(1, iters + 1):
+        step = it * BATCH
+        elapsed += BATCH / RATE
+        m = {"global_step": step, "iteration": it, "num_iterations": iters,
+             "charts/recent_return": None if it <= warm else step / 1000 + offset,
+             "charts/SPS": int(RATE if resume_at is None or it <= resume_at else RATE / 3),
+             "perf/iteration": BATCH / RATE, "time/elapsed": elapsed}
+        if it in evals:
+            m["eval/episodic_return"] = 100.0 + seed
+        lines.append(json.dumps(m) + "\n")
+    (run / "metrics.jsonl").write_text("".join(lines))
+    return run
+
+
+@pytest.fixture
+def synthetic_runs(tmp_path):
+    """CartPole: loss clip (seeds 1-3) and penalty (seeds 1-3, one resumed, one given another
+    --total-timesteps and device: resume flags, same setting); Acrobot: one setting, 2 seeds, evals."""
+    runs = [write_run(tmp_path, f"cp_clip_{s}", seed=s, offset=s - 2.0, warm=2 + s) for s in (1, 2, 3)]
+    runs += [write_run(tmp_path, "cp_pen_1", seed=1, offset=10.0, setting={"loss": "penalty"}, resume_at=20),
+             write_run(tmp_path, "cp_pen_2", seed=2, offset=12.0, setting={"loss": "penalty"}, total_timesteps=99,
+                       device="cuda", exp="other"),
+             write_run(tmp_path, "cp_pen_3", seed=3, offset=14.0, setting={"loss": "penalty"}, iters=30)]
+    runs += [write_run(tmp_path, f"acro_{s}", env="Acrobot-v1", seed=s, exp="acro", iters=400, evals=(100, 200, 400))
+             for s in (1, 2)]
+    return [str(r) for r in runs]
+
+
+def test_plot_rows_per_env_groups_per_setting_mean_and_band(synthetic_runs):
+    from fastppo.plot import BAND, figure, load_runs
+
+    fig = figure(load_runs(synthetic_runs))
+    rows = fig.subfigs
+    assert [row._suptitle.get_text() for row in rows] == ["CartPole-v1  (6 runs)", "Acrobot-v1  (2 runs)"]
+    for row in rows:
+        assert [ax.get_title() for ax in row.axes] == [
+            "recent return vs agent steps", "recent return vs wall-clock time",
+            "training speed (the iteration's steps / perf/iteration)"]
+    assert rows[0].axes[2].get_ylabel() == "agent steps / s of each iteration"
+    assert rows[1].axes[2].get_ylabel().endswith("(moving mean over 1% of a run's iterations)")  # 400 iterations
+    cart_steps, cart_time, cart_speed = rows[0].axes
+    # two groups (clip, penalty), each a mean line and a min-max band; labelled by the field that differs
+    assert len(cart_steps.lines) == 2 and len(cart_steps.collections) == 2
+    labels = [t.get_text() for t in rows[0].legends[0].get_texts()]
+    assert labels == ["loss=clip (3 seeds: 1, 2, 3)", "loss=penalty (3 seeds: 1, 2, 3)", BAND]
+    # the mean over the seeds where all of them have data: seed 3 starts after 5 iterations; offsets -1, 0, 1
+    clip = cart_steps.lines[0]
+    x, y = clip.get_xdata(), clip.get_ydata()
+    assert x[0] == 6 * BATCH and x[-1] == 40 * BATCH
+    np.testing.assert_allclose(y, x / 1000)
+    band = cart_steps.collections[0].get_paths()[0].vertices
+    assert band[:, 1].min() == pytest.approx(x[0] / 1000 - 1) and band[:, 1].max() == pytest.approx(x[-1] / 1000 + 1)
+    # penalty: seed 3 stopped at 30 iterations, so the common range ends there
+    assert cart_steps.lines[1].get_xdata()[-1] == 30 * BATCH
+    # wall-clock time: 40 iterations of 0.512 s, shown in s; the penalty runs' speed has no jump at the resume
+    assert cart_time.get_xlabel() == "wall-clock time (s)"
+    np.testing.assert_allclose(cart_time.lines[0].get_xdata()[-1], 40 * BATCH / RATE)
+    for line in cart_speed.lines:
+        np.testing.assert_allclose(line.get_ydata(), RATE)
+    # Acrobot: one setting, labelled by its exp_name; eval markers on both return panels; time in min
+    acro_steps, acro_time, _ = rows[1].axes
+    labels = [t.get_text() for t in rows[1].legends[0].get_texts()]
+    assert labels == ["acro (2 seeds: 1, 2)", BAND, "eval/episodic_return (mean over the seeds that evaluated)"]
+    markers = [line for line in acro_steps.lines if line.get_marker() == "D"]
+    assert len(markers) == 1 and list(markers[0].get_xdata()) == [100 * BATCH, 200 * BATCH, 400 * BATCH]
+    assert list(markers[0].get_ydata()) == [101.5] * 3
+    assert acro_time.get_xlabel() == "wall-clock time (min)"
+
+
+def test_plot_legends_sit_below_the_panels(synthetic_runs, tmp_path):
+    import matplotlib.pyplot as plt
+
+    from fastppo.plot import figure, load_runs
+
+    fig = figure(load_runs(synthetic_runs))
+    fig.canvas.draw()
+    for row in fig.subfigs:
+        (legend,) = row.legends
+        box = legend.get_window_extent()
+        for ax in fig.axes:
+            assert not box.overlaps(ax.get_window_extent()), ax.get_title()
+        assert box.y1 <= min(ax.get_tightbbox().y0 for ax in row.axes) + 1
+    plt.close(fig)
+
+
+def test_plot_cli_writes_the_figure(synthetic_runs, tmp_path, capsys):
+    out = tmp_path / "all.png"
+    assert main(["plot", *synthetic_runs, "--out", str(out)]) == 0
+    assert capsys.readouterr().out == f"wrote {out}\n"
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_time_units_follow_the_range():
+    from fastppo.plot import time_unit
+
+    assert time_unit(90) == ("s", 1.0) and time_unit(1800) == ("min", 60.0) and time_unit(5 * 3600) == ("h", 3600.0)
+
+
+def _no_config(run):
+    (run / "config.json").unlink()
+
+
+def _bad_config(text):
+    return lambda run: (run / "config.json").write_text(text)
+
+
+def _metrics(text):
+    return lambda run: (run / "metrics.jsonl").write_text(text)
+
+
+@pytest.mark.parametrize("damage,args,message", [
+    (None, ["--out", "{tmp}/x.png"], "fastppo plot needs at least one run folder"),
+    (None, ["{missing}"], "is not a run folder (no metrics.jsonl)"),
+    (_no_config, ["{run}"], "has no config.json (fastppo plot groups runs by their config)"),
+    (_bad_config("{"), ["{run}"], "config.json' does not read as JSON (Expecting property name"),
+    (_bad_config("[1, 2]"), ["{run}"], "config.json' is not a JSON object"),
+    (_bad_config('{"seed": 1}'), ["{run}"], "config.json' names no env_id"),
+    (_metrics('[1, 2]\n"text"\n'), ["{run}"], "metrics.jsonl' holds no metrics yet"),
+    (_metrics('{"global_step": 8, "iteration": 1, "time/elapsed": "soon"}\n'), ["{run}"],
+     "metrics.jsonl': time/elapsed is 'soon' at iteration 1, not a number"),
+    (_metrics('{"global_step": 8, "iteration": 1}\n{"global_step": 4, "iteration": 1}\n'), ["{run}"],
+     "metrics.jsonl': global_step goes from 8 back to 4 at iteration 1 (two runs in one file?)"),
+    (None, ["{run}", "--out", "x.jpg"], "--out 'x.jpg' must end in .png"),
+    (None, ["{run}", "--out", "{missing}/x.png"], "does not exist"),
+    (None, ["{run}", "--out", "{tmp}/folder.png"], "is a folder"),
 ])
-def test_plot_bad_input(cartpole_run, tmp_path, args, message, capsys):
-    args = [a.format(missing=tmp_path / "missing", run=cartpole_run) for a in args]
+def test_plot_bad_input(tmp_path, damage, args, message, capsys):
+    run = write_run(tmp_path, "run")
+    (tmp_path / "folder.png").mkdir()
+    if damage is not None:
+        damage(run)
+    args = [a.format(missing=tmp_path / "missing", run=run, tmp=tmp_path) for a in args]
     assert main(["plot", *args]) == 2
     err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1
+    assert err.startswith("fastppo: error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_plot_unwritable_out(tmp_path, capsys):
+    run = write_run(tmp_path, "run")
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        assert main(["plot", str(run), "--out", str(locked / "x.png")]) == 2
+        assert "is not writable" in capsys.readouterr().err
+    if os.path.isdir("/proc"):  # a folder no one can make files in, root included: the write itself fails
+        assert main(["plot", str(run), "--out", "/proc/fastppo.png"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("fastppo: error: ") and "/proc/fastppo.png" in err and err.count("\n") == 1, err
 
 
 def test_recent_return_is_the_mean_of_exactly_the_last_n_games():
