@@ -41,11 +41,10 @@ import numpy as np
 import torch
 import tyro
 
-from fastppo.config import Config, ConfigError, _record_given, given_fields, mark_given, training_device
+from fastppo.config import Config, ConfigError, given_fields, mark_given, record_given, training_device
 from fastppo.envs import make_envs
 from fastppo.logger import read_metrics
 from fastppo.perf import PHASES
-from fastppo.presets import apply_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,11 +96,13 @@ class BenchTraining(Config):
     tensorboard: tyro.conf.Suppress[bool] = False  # train's --tensorboard, once Config has it
 
 
-_record_given(BenchTraining)  # BenchTraining(preset="fast", update_epochs=4) keeps its 4 epochs, as Config does
+record_given(BenchTraining)  # BenchTraining(preset="fast", update_epochs=4) keeps its 4 epochs, as Config does
 
 
 @dataclass
 class BenchConfig:
+    """Measure training speed against EnvPool's own (the ceiling), over a sweep of num_envs."""
+
     num_envs: tuple[int, ...] | None = None
     """the sweep: one measured point per value (None: 64 256 1024 4096 on CUDA, 4 8 16 on CPU)"""
     seconds: float | None = None
@@ -129,10 +130,10 @@ class Sweep:
 
 
 def point_config(bench: BenchConfig, num_envs: int, env_id: str, given: set[str]) -> Config:
-    """The Config of one point: the training options (preset applied to the fields not in `given`, as
-    fastppo train does), then the bench's own settings for the point. Not resolved."""
+    """The Config of one point: the training options (trainer.prepare applies the preset to the fields
+    not in `given`, as fastppo train does), then the bench's own settings for the point. Not resolved."""
     values = {name: getattr(bench.training, name) for name in TRAINING_FIELDS}
-    cfg = apply_preset(mark_given(Config(**values), given & set(TRAINING_FIELDS)))
+    cfg = mark_given(Config(**values), given & set(TRAINING_FIELDS))  # trainer.prepare applies the preset
     cfg.env_id = env_id
     cfg.num_envs = num_envs
     cfg.env_batch_size = max(1, int(num_envs * bench.batch_fraction)) if cfg.async_envs else None

@@ -67,14 +67,41 @@ def save_checkpoint(run_dir: str, iteration: int, state: dict, keep: int = 3) ->
     never overwrites or rotates away its last good checkpoint. A failed write (disk full, say) raises
     WriteFailed and leaves the previous checkpoints as they were.
     """
+    path = checkpoint_path(run_dir, iteration)
+    _write(run_dir, path, state)
+    try:
+        for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+            os.remove(old)
+    except OSError as e:
+        raise WriteFailed(f"cannot remove an old checkpoint of {run_dir!r} ({_why(e)}); the last checkpoint is "
+                          f"{path}") from e
+    return path
+
+
+BEST = "best.pt"
+
+
+def save_best(run_dir: str, state: dict) -> str:
+    """Write state (the model, config and normalisation of the best evaluation so far) atomically as
+    checkpoints/best.pt, replacing the previous best; its path. Never rotated away."""
+    path = os.path.join(run_dir, CKPT_DIR, BEST)
+    _write(run_dir, path, state)
+    return path
+
+
+def _write(run_dir: str, path: str, state: dict) -> None:
+    """torch.save to a temporary file in the same folder, fsync, rename over `path`, fsync the folder.
+
+    ValueError when state's parameters or optimizer moments are not finite (nothing is written);
+    WriteFailed (one line naming the last checkpoint) when the file system refuses.
+    """
     bad = non_finite(state)
     if bad is not None:
         raise ValueError(f"{bad} is not finite")
-    path = checkpoint_path(run_dir, iteration)
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        for stale in glob.glob(os.path.join(run_dir, CKPT_DIR, "ckpt_*.pt.tmp.*")):
+        for stale in glob.glob(os.path.join(run_dir, CKPT_DIR, "*.pt.tmp.*")):
             os.remove(stale)  # left by a process killed mid-save; never a checkpoint
         try:
             with open(tmp, "wb") as f:
@@ -90,13 +117,10 @@ def save_checkpoint(run_dir: str, iteration: int, state: dict, keep: int = 3) ->
             os.fsync(dir_fd)  # make the rename itself durable
         finally:
             os.close(dir_fd)
-        for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-            os.remove(old)
     except OSError as e:
         last = list_checkpoints(run_dir)
         kept = f"the last checkpoint is {last[-1]}" if last else "no checkpoint was written"
         raise WriteFailed(f"cannot write checkpoint {path} ({_why(e)}); {kept}") from e
-    return path
 
 
 REQUIRED_KEYS = ("model", "config", "iteration", "global_step")

@@ -55,13 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] in SUBCOMMANDS:
             check_choices(SUBCOMMANDS[argv[0]], argv[1:])
+            if argv[0] == "bench":  # its training options are Config's
+                check_choices(Config, argv[1:])
     except ConfigError as e:
         print(f"fastppo: error: {e}", file=sys.stderr)
         return 2
     args = tyro.extras.subcommand_cli_from_dict(
         SUBCOMMANDS,
         prog="fastppo",
-        description="fastppo: high-throughput PPO on EnvPool.",
+        description="fastppo: high-throughput PPO and TRPO on EnvPool.",
         args=argv,
     )
     try:
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         elif isinstance(args, BenchConfig):
             from fastppo.bench import run_bench
 
-            run_bench(args)
+            run_bench(args, flags_given(argv[1:]))
     except USER_ERRORS as e:
         print(f"fastppo: error: {e}", file=sys.stderr)
         return 2

@@ -30,6 +30,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class Config:
+    """Train on an EnvPool env with PPO (clip or penalty) or TRPO; writes a run folder that --resume continues."""
+
     # --- experiment -------------------------------------------------------------------------
     exp_name: str = "fastppo"
     """name of this experiment (part of the default run folder name)"""
@@ -73,11 +75,17 @@ class Config:
     """W&B group"""
     wandb_tags: tuple[str, ...] = ()
     """W&B tags"""
+    tensorboard: bool = False
+    """also write every metrics line as TensorBoard scalars to <run_dir>/tensorboard/ (needs the
+    `tensorboard` extra)"""
     eval_every: int = 0
     """every this many iterations (and at the end), play --eval-episodes full games on a separate
     small env pool and log eval/* (0 = never)"""
     eval_episodes: int = 4
     """full games per --eval-every evaluation"""
+    capture_video: bool = False
+    """film the first game of each --eval-every evaluation into <run>/videos/eval_<iteration>.mp4 (and
+    W&B with --track); needs the `video` extra and an env EnvPool can render"""
 
     preset: Literal["none", "cleanrl", "fast"] = "none"
     """named settings, overridden by explicit flags. cleanrl: CleanRL's hyperparameters
@@ -266,7 +274,8 @@ def env_kind(info: EnvInfo) -> str:
 _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Config))
 
 
-def _record_given(cls: type) -> type:
+def record_given(cls: type) -> type:
+    """Make a Config class (or subclass) record the fields its caller sets (see given_fields)."""
     init = cls.__init__
 
     @functools.wraps(init)
@@ -285,7 +294,7 @@ def _record_given(cls: type) -> type:
     return cls
 
 
-_record_given(Config)
+record_given(Config)
 
 
 def given_fields(cfg: Config) -> set[str]:
@@ -373,6 +382,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--num-envs {cfg.num_envs} is too large")
     if not 0 < cfg.dist_timeout <= MAX_DIST_TIMEOUT:
         raise ConfigError(f"--dist-timeout must be in (0, {MAX_DIST_TIMEOUT}] seconds, got {cfg.dist_timeout}")
+    if cfg.capture_video and not cfg.eval_every:
+        raise ConfigError("--capture-video films the --eval-every evaluations; give --eval-every too")
     if cfg.max_seconds is not None and not cfg.max_seconds > 0:
         raise ConfigError(f"--max-seconds must be positive, got {cfg.max_seconds}")
     for name in ("log_every", "eval_episodes"):
@@ -504,8 +515,8 @@ def save_config(cfg: Config, path: str) -> None:
 # never the algorithm, the environments or the seed (so the resumed run stays the same run).
 RESUME_FLAGS = (
     "resume", "total_timesteps", "max_seconds", "save_every", "log_every", "log_seconds", "eval_every",
-    "eval_episodes", "track", "wandb_project", "wandb_entity", "wandb_group", "wandb_tags", "device",
-    "env_threads", "torch_threads", "dist_timeout",
+    "eval_episodes", "capture_video", "track", "wandb_project", "wandb_entity", "wandb_group", "wandb_tags",
+    "tensorboard", "device", "env_threads", "torch_threads", "dist_timeout",
 )
 # What names a run: every field but those a resume may change and the folder's own name.
 IDENTITY_EXCLUDED = set(RESUME_FLAGS) | {"run_dir", "exp_name"}

@@ -31,6 +31,8 @@ EVAL_SEED_OFFSET = 1_000_000  # eval pools never share a seed with the training 
 
 @dataclass
 class EvalConfig:
+    """Play full games with a trained policy and print their scores (and film one with --video)."""
+
     run: tyro.conf.Positional[str]
     """run folder (runs/<name>), or one of its checkpoint files"""
     checkpoint: str | None = None
@@ -94,12 +96,31 @@ def play(agent: Agent, episodes: int, seed: int, *, num_envs: int | None = None,
 def eval_metrics(policy: nn.Module, info: EnvInfo, cfg, iteration: int, obs_norm=None) -> dict:
     """--eval-every during training: eval/* metrics of cfg.eval_episodes sampled full games, played on a
     fresh pool and with a generator both seeded from (seed, iteration), the observation statistics as
-    they are now."""
+    they are now. With --capture-video the first game of env 0 is filmed into
+    <run>/videos/eval_<iteration>.mp4, whose path (relative to the run folder) is eval/video."""
     seed = cfg.seed + EVAL_SEED_OFFSET + iteration
-    games = play(Agent(policy, info, cfg.to_dict(), obs_norm, seed=seed), cfg.eval_episodes, seed, num_envs=4)
-    return {"eval/episodic_return": float(games.returns.mean()),
-            "eval/episodic_return_std": float(games.returns.std()),
-            "eval/episodic_length": float(games.lengths.mean())}
+    games = play(Agent(policy, info, cfg.to_dict(), obs_norm, seed=seed), cfg.eval_episodes, seed, num_envs=4,
+                 video=cfg.capture_video)
+    out = {"eval/episodic_return": float(games.returns.mean()),
+           "eval/episodic_return_std": float(games.returns.std()),
+           "eval/episodic_length": float(games.lengths.mean())}
+    if cfg.capture_video:
+        out["eval/video"] = os.path.join("videos", f"eval_{iteration:07d}.mp4")
+        write_video(games.frames, os.path.join(cfg.run_dir, out["eval/video"]), fps=VIDEO_FPS.get(info.family, 30))
+    return out
+
+
+def check_video(info: EnvInfo, flag: str) -> None:
+    """ConfigError (one line) unless a video of this env can be written here: imageio and its ffmpeg,
+    and an env EnvPool can render."""
+    try:
+        import imageio  # noqa: F401
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"{flag} needs imageio and imageio-ffmpeg: pip install 'fastppo[video]'") from None
+    problem = render_problem(info)
+    if problem is not None:
+        raise ConfigError(f"{flag}: {problem}")
 
 
 # Frames per second of the videos: one frame per agent step, at the env's own pace where it has one.
@@ -159,17 +180,11 @@ def run_eval(ecfg: EvalConfig, stream=None) -> Games:
         raise ConfigError(f"--num-envs must be positive, got {ecfg.num_envs}")
     if ecfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: CUDA is not available on this machine (use --device cpu or auto)")
-    if ecfg.video:
-        try:
-            import imageio  # noqa: F401
-            import imageio_ffmpeg  # noqa: F401
-        except ImportError:
-            raise ConfigError("--video needs imageio and imageio-ffmpeg: pip install 'fastppo[video]'") from None
     agent = load(ecfg.checkpoint if ecfg.checkpoint is not None else ecfg.run, ecfg.device, seed=ecfg.seed)
     run_dir = run_folder(ecfg.run)
     known = tracked_run(run_dir) if ecfg.track else None  # a damaged record is an error before any game
-    if ecfg.video and (problem := render_problem(agent.info)) is not None:
-        raise ConfigError(f"--video: {problem}")
+    if ecfg.video:
+        check_video(agent.info, "--video")
     games = play(agent, ecfg.episodes, ecfg.seed, num_envs=ecfg.num_envs, greedy=ecfg.greedy, video=ecfg.video)
     r = games.returns
     how = "greedy" if ecfg.greedy else "sampled"
@@ -184,9 +199,10 @@ def run_eval(ecfg: EvalConfig, stream=None) -> Games:
     video_path = None
     if ecfg.video:
         name = os.path.splitext(os.path.basename(agent.checkpoint))[0]
-        video_path = os.path.join(run_dir, "videos", f"{name}_{how}.mp4")
-        write_video(games.frames, video_path, fps=VIDEO_FPS.get(agent.info.family, 30))
-        print(f"video: {video_path} ({len(games.frames)} frames of game 1, score {r[0]:.2f})", file=stream)
+        video_path = os.path.join("videos", f"{name}_{how}.mp4")  # relative to the run folder
+        write_video(games.frames, os.path.join(run_dir, video_path), fps=VIDEO_FPS.get(agent.info.family, 30))
+        print(f"video: {os.path.join(run_dir, video_path)} ({len(games.frames)} frames of game 1, score {r[0]:.2f})",
+              file=stream)
     if known is not None and wandb_installed():
         tracker = Tracker.start(run_dir, project=known["project"], entity=known["entity"], job_type="eval")
         if video_path is not None:

@@ -5,10 +5,11 @@ sit beside CleanRL runs. Values arrive here as Python numbers: the trainer conve
 tensors once per iteration, which is the one deliberate host sync per iteration; nothing here
 touches the device.
 
-metrics.jsonl gets every iteration. W&B and the plain progress lines are throttled: a line goes out
-every ``log_every`` iterations once ``log_seconds`` have passed since the previous one (always for
-the first and the last iteration), and its ``charts/episodic_return`` is the mean of all the games
-that ended since the previous line, so no game is lost to the throttle. When stdout is a terminal
+metrics.jsonl (and TensorBoard) get every iteration. W&B and the plain progress lines are
+throttled: a line goes out every ``log_every`` iterations once ``log_seconds`` have passed since the
+previous one (always for the first and the last iteration, and for every line with an evaluation),
+and its ``charts/episodic_return`` is the mean of all the games that ended since the previous line,
+so no game and no evaluation is lost to the throttle. When stdout is a terminal
 the progress is a live rich display (steps, steps/s, ETA, recent return, phase) instead of lines.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from collections import deque
@@ -49,7 +51,8 @@ class RunLogger:
     """Writes metrics.jsonl, drives the progress display and (optionally) a W&B Tracker."""
 
     def __init__(self, run_dir: str, total_steps: int, *, log_every: int = 1, log_seconds: float = 0.0,
-                 tracker=None, stream=None, live: bool | None = None, title: str = "fastppo", window: int = 10):
+                 tracker=None, stream=None, live: bool | None = None, title: str = "fastppo", window: int = 10,
+                 tensorboard=None):
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.file = open(self.path, "a")
         self.stream = stream if stream is not None else sys.stdout
@@ -57,6 +60,7 @@ class RunLogger:
         self.log_every = log_every
         self.log_seconds = log_seconds
         self.tracker = tracker
+        self.tensorboard = tensorboard  # every line, like metrics.jsonl (no throttle)
         self.last_sent: tuple[int, float] | None = None  # (iteration, time) of the last W&B / progress line
         self._games = [0.0, 0, 0.0]  # return sum, games, length sum since the last line
         self._held: dict | None = None  # the newest metrics, when the throttle held them back
@@ -69,10 +73,20 @@ class RunLogger:
         if self.display is not None:
             self.display.phase = name
 
+    def announce(self, text: str) -> None:
+        """A line for the user (the run folder at the start, the result at the end): printed in plain
+        mode; on a terminal the live display shows it in place of the phase, and keeps it at the end."""
+        if self.display is not None:
+            self.display.phase = text
+        else:
+            print(f"fastppo: {text}", file=self.stream, flush=True)
+
     def log(self, metrics: dict) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
         self.file.write(json.dumps(clean) + "\n")
         self.file.flush()
+        if self.tensorboard is not None:
+            self.tensorboard.log(clean)
         n = metrics.get("charts/episodes", 0)
         if n:
             self._games[0] += metrics["charts/episodic_return"] * n
@@ -82,7 +96,8 @@ class RunLogger:
             self.display.update(metrics)
         now = time.monotonic()
         iteration = metrics["iteration"]
-        due = (self.last_sent is None or iteration == metrics["num_iterations"]
+        evaluated = any(k.startswith("eval/") and v is not None for k, v in metrics.items())
+        due = (self.last_sent is None or iteration == metrics["num_iterations"] or evaluated  # never drop an eval
                or (iteration - self.last_sent[0] >= self.log_every and now - self.last_sent[1] >= self.log_seconds))
         if not due:
             self._held = clean
@@ -108,6 +123,8 @@ class RunLogger:
             self._send(self._held, self._held["iteration"], time.monotonic())
         if self.display is not None:
             self.display.stop()
+        if self.tensorboard is not None:
+            self.tensorboard.finish()
         self.file.close()
 
 
@@ -233,3 +250,55 @@ class LiveDisplay:
     def stop(self) -> None:
         self.live.refresh()
         self.live.stop()
+
+
+def command_line(cfg) -> str:
+    """`fastppo train` with the flags the run's caller set (config.given_fields), for the model card."""
+    from fastppo.config import given_fields
+
+    parts = ["fastppo", "train"]
+    for name in sorted(given_fields(cfg) - {"resume"}):
+        value, flag = getattr(cfg, name), "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            parts.append(flag if value else "--no-" + name.replace("_", "-"))
+        elif isinstance(value, (tuple, list)):
+            parts += [flag, *map(str, value)] if value else []
+        elif value is not None:
+            parts += [flag, str(value)]
+    return shlex.join(parts)
+
+
+def write_model_card(run_dir: str, cfg, metrics: dict, *, command: str, best: float | None,
+                     versions: dict[str, str]) -> None:
+    """<run>/README.md: what the run is (env, algorithm, command), how far it got and how well it plays
+    (recent return, last and best evaluation), the versions it ran with, and how to use it. Rewritten
+    atomically with every checkpoint."""
+    algo = "TRPO" if cfg.algo == "trpo" else f"PPO-{cfg.loss}"
+    rows = [
+        ("env", f"`{cfg.env_id}`" + (f" with {', '.join(cfg.env_kwargs)}" if cfg.env_kwargs else "")),
+        ("algorithm", f"{algo}, preset `{cfg.preset}`"),
+        ("command", f"`{command}`"),
+        ("agent steps", f"{metrics.get('global_step', 0):,} of {cfg.num_iterations * cfg.global_batch_size:,} "
+                        f"(iteration {metrics.get('iteration', 0)} of {cfg.num_iterations})"),
+        ("training time", _duration(metrics.get("time/elapsed"))),
+        (f"recent return (last {cfg.target_return_games} games)", _fmt(metrics.get("charts/recent_return"), ".2f")),
+        ("last evaluation", _fmt(metrics.get("eval/episodic_return"), ".2f") if "eval/episodic_return" in metrics
+         else "-"),
+        ("best evaluation (checkpoints/best.pt)", _fmt(best, ".2f") if best is not None and math.isfinite(best)
+         else "-"),
+        ("versions", ", ".join(f"{k} {v}" for k, v in versions.items())),
+    ]
+    text = "\n".join([
+        f"# {cfg.env_id}: {algo} (fastppo)", "",
+        "| | |", "| --- | --- |", *[f"| {k} | {v} |" for k, v in rows], "",
+        "Every option is in `config.json`, every iteration's metrics in `metrics.jsonl`.", "",
+        "```bash", f"fastppo eval {shlex.quote(run_dir)}                # full games with the newest checkpoint",
+        f"fastppo train --resume {shlex.quote(run_dir)}        # go on training", "```", "",
+        "```python", "import fastppo", "",
+        f"agent = fastppo.load({run_dir!r})", "env = fastppo.make_env(agent)", "obs, _ = env.reset()",
+        "obs, reward, terminated, truncated, info = env.step(agent.act(obs))", "```", "",
+    ])
+    path = os.path.join(run_dir, "README.md")
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)

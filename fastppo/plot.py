@@ -41,6 +41,8 @@ from fastppo.logger import read_metrics
 
 @dataclass
 class PlotConfig:
+    """Compare runs in one PNG: recent return against steps and wall-clock time, and steps/s, per env."""
+
     runs: tyro.conf.Positional[tuple[str, ...]] = ()
     """run folders (runs/<name> ...), each with config.json and metrics.jsonl"""
     out: str = "plot.png"

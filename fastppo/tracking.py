@@ -67,8 +67,9 @@ def _first_line(e: Exception) -> str:
 class Tracker:
     """One W&B run. Every method is a no-op after a failure (one warning) or after finish()."""
 
-    def __init__(self, run):
+    def __init__(self, run, run_dir: str = "."):
         self.run = run
+        self.run_dir = run_dir  # paths of logged videos are relative to it
 
     @classmethod
     def start(
@@ -105,7 +106,7 @@ class Tracker:
                 return cls(None)
         run.define_metric("global_step")
         run.define_metric("*", step_metric="global_step")
-        return cls(run)
+        return cls(run, run_dir)
 
     @staticmethod
     def _offline(wandb, run_dir: str, kwargs: dict):
@@ -136,9 +137,16 @@ class Tracker:
             self.run = None
 
     def log(self, metrics: dict) -> None:
-        """Log one line of metrics; None values (no game ended) are left out."""
-        if self.run is not None:
-            self._call("log", self.run.log, {k: v for k, v in metrics.items() if v is not None})
+        """Log one line of metrics; None values (no game ended) are left out, and an "eval/video" path
+        (--capture-video) is logged as the video itself."""
+        if self.run is None:
+            return
+        row = {k: v for k, v in metrics.items() if v is not None}
+        if isinstance(row.get("eval/video"), str):
+            import wandb
+
+            row["eval/video"] = wandb.Video(os.path.join(self.run_dir, row["eval/video"]), format="mp4")
+        self._call("log", self.run.log, row)
 
     def log_model(self, path: str, global_step: int) -> None:
         """Log a checkpoint file as the run's model artifact."""
@@ -154,12 +162,9 @@ class Tracker:
         self._call("model upload", log_artifact)
 
     def log_video(self, path: str, metrics: dict) -> None:
-        """Log an MP4 file as eval/video, with the metrics of the same evaluation."""
-        if self.run is None:
-            return
-        import wandb
-
-        self._call("video upload", lambda: self.run.log({**metrics, "eval/video": wandb.Video(path, format="mp4")}))
+        """Log an MP4 file (a path relative to the run folder) as eval/video, with the metrics of the same
+        evaluation."""
+        self.log({**metrics, "eval/video": path})
 
     def finish(self, exit_code: int = 0) -> None:
         if self.run is not None:

@@ -44,6 +44,7 @@ from fastppo.checkpoint import (
     list_checkpoints,
     load_resumable,
     rng_state,
+    save_best,
     save_checkpoint,
     set_rng_state,
 )
@@ -60,8 +61,8 @@ from fastppo.config import (
 )
 from fastppo.distributed import World
 from fastppo.envs import EnvInfo, env_info, make_envs
-from fastppo.evaluate import eval_metrics
-from fastppo.logger import RecentReturns, RunLogger, keep_metrics_until
+from fastppo.evaluate import check_video, eval_metrics
+from fastppo.logger import RecentReturns, RunLogger, command_line, keep_metrics_until, write_model_card
 from fastppo.loss import AdaptiveKLCoef, gae_minibatch_loss, minibatch_loss, policy_kl
 from fastppo.normalize import Normalizers, ObsNormalizer, RewardScaler
 from fastppo.perf import PHASES, PhaseTimer, learner_forward
@@ -69,6 +70,7 @@ from fastppo.policy import make_policy
 from fastppo.presets import apply_preset
 from fastppo.rollout import Collection, Rollout, dist_kind, flatten, gather_rows, make_collection, storage_bytes
 from fastppo.runfolder import RunFolder
+from fastppo.tensorboard import TensorBoardWriter, tensorboard_installed
 from fastppo.trpo import trpo_update
 
 
@@ -226,6 +228,7 @@ class Progress:
     start_step: int = 0
     start_time: float = field(default_factory=time.time)
     eval_time: float = 0.0  # seconds spent evaluating in this launch: left out of charts/SPS
+    best_eval: float = -math.inf  # the best --eval-every score so far (checkpoints/best.pt)
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.time() - self.start_time
@@ -315,6 +318,30 @@ def stop_reason(cfg: Config, recent: RecentReturns, progress: Progress, stop: St
     return None
 
 
+def eval_due(cfg: Config, iteration: int) -> bool:
+    """--eval-every: every that many iterations, and at the last one."""
+    return bool(cfg.eval_every) and (iteration % cfg.eval_every == 0 or iteration == cfg.num_iterations)
+
+
+def evaluate(cfg: Config, info: EnvInfo, s: Session) -> dict:
+    """--eval-every on rank 0: the eval/* metrics (evaluate.eval_metrics: full games on a separate pool),
+    perf/eval_time (left out of charts/SPS), and checkpoints/best.pt when the score beats every earlier
+    evaluation of the run (eval/best_return)."""
+    t = time.perf_counter()
+    norms = s.collection.collector.norms
+    out = eval_metrics(s.policy, info, cfg, s.progress.iteration, norms.obs)
+    score = out["eval/episodic_return"]
+    if score > s.progress.best_eval:
+        s.progress.best_eval = score
+        save_best(cfg.run_dir, {"model": s.policy.state_dict(), "config": cfg.to_dict(),
+                                "iteration": s.progress.iteration, "global_step": s.progress.global_step,
+                                "normalizer": norms.state_dict(), "eval_return": score})
+    out["eval/best_return"] = s.progress.best_eval
+    out["perf/eval_time"] = time.perf_counter() - t
+    s.progress.eval_time += out["perf/eval_time"]
+    return out
+
+
 def save_due(cfg: Config, iteration: int, stopping: str | None) -> bool:
     """A checkpoint after every --save-every iterations, when the run stops, and at its last iteration."""
     return bool(stopping or iteration == cfg.num_iterations or (cfg.save_every and iteration % cfg.save_every == 0))
@@ -324,7 +351,8 @@ def save_due(cfg: Config, iteration: int, stopping: str | None) -> bool:
 
 
 def checkpoint_state(cfg: Config, policy: nn.Module, optimizer: torch.optim.Optimizer, progress: Progress,
-                     kl_ctl: AdaptiveKLCoef, collection: Collection, recent: RecentReturns) -> dict | None:
+                     kl_ctl: AdaptiveKLCoef, collection: Collection, recent: RecentReturns,
+                     command: str) -> dict | None:
     """Everything the loop needs to go on; the LR follows from the iteration and the config.
 
     Under torchrun every rank calls it (a collective) and rank 0 gets the state, others None: the
@@ -352,6 +380,8 @@ def checkpoint_state(cfg: Config, policy: nn.Module, optimizer: torch.optim.Opti
         "collection": list(collections),
         "elapsed": progress.elapsed(),  # wall-clock seconds of training so far (time/elapsed)
         "recent_returns": recent.state(),  # the recent-return window
+        "best_eval": progress.best_eval,  # the score of checkpoints/best.pt
+        "command": command,  # how the run was started, for its model card
         "normalizer": collection.collector.norms.state_dict(),  # synced: the same on every rank
     }
     if cfg.world_size > 1:
@@ -359,21 +389,37 @@ def checkpoint_state(cfg: Config, policy: nn.Module, optimizer: torch.optim.Opti
     return state
 
 
-def save(cfg: Config, run_dir: str, state: dict | None, progress: Progress) -> str:
-    """save_checkpoint on rank 0 (state None elsewhere: see checkpoint_state); the file's path.
+def save(cfg: Config, state: dict | None, progress: Progress, metrics: dict) -> str:
+    """save_checkpoint on rank 0 (state None elsewhere: see checkpoint_state), then the run's model card
+    (logger.write_model_card); the checkpoint's path.
 
     A state with non-finite parameters is never written (TrainingDiverged: the last checkpoint stays
     the last good one).
     """
     if state is None:
-        return checkpoint_path(run_dir, progress.iteration)
+        return checkpoint_path(cfg.run_dir, progress.iteration)
     try:
-        return save_checkpoint(run_dir, progress.iteration, state)
+        path = save_checkpoint(cfg.run_dir, progress.iteration, state)
     except ValueError as e:  # Host-device sync, deliberate: the finiteness check reads every tensor once per save
-        last = list_checkpoints(run_dir)
+        last = list_checkpoints(cfg.run_dir)
         kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written"
         raise TrainingDiverged(f"{e} at iteration {progress.iteration} (global step {progress.global_step}); "
                                f"stopping, {kept}") from None
+    write_model_card(cfg.run_dir, cfg, metrics, command=state["command"], best=progress.best_eval,
+                     versions=versions())
+    return path
+
+
+def versions() -> dict[str, str]:
+    """fastppo, torch, envpool and Python versions, for the model card."""
+    import platform
+
+    import envpool
+
+    from fastppo import __version__
+
+    return {"fastppo": __version__, "torch": torch.__version__, "envpool": envpool.__version__,
+            "python": platform.python_version()}
 
 
 def restore(state: dict, policy: nn.Module, optimizer: torch.optim.Optimizer, kl_ctl: AdaptiveKLCoef,
@@ -419,6 +465,7 @@ class Prepared:
     ops: kernels.Ops
     resume: dict | None = None
     folder: RunFolder | None = None
+    command: str = "fastppo train"  # how the run was started (logger.command_line), for its model card
 
 
 def select_ops(cfg: Config, device: torch.device) -> kernels.Ops:
@@ -468,6 +515,8 @@ def prepare(cfg: Config, world: World | None = None) -> Prepared:
     cfg.env_threads = distributed.env_threads(cfg.env_threads, cfg.num_envs, world)
     device = distributed.rank_device(training_device(cfg), world)
     check_memory(cfg, info, device)
+    if cfg.capture_video:
+        check_video(info, "--capture-video")
     return Prepared(cfg, info, device, select_ops(cfg, device))
 
 
@@ -516,7 +565,8 @@ def prepare_resume(cfg: Config, world: World | None = None) -> Prepared:
         cfg.env_threads = distributed.env_threads(cfg.env_threads, cfg.num_envs, world)
         device = distributed.rank_device(training_device(cfg), world)
         check_memory(cfg, info, device)
-        return Prepared(cfg, info, device, select_ops(cfg, device), state, folder)
+        return Prepared(cfg, info, device, select_ops(cfg, device), state, folder,
+                        state.get("command", "fastppo train"))
     except BaseException:
         if folder is not None:
             folder.release()
@@ -586,10 +636,13 @@ def train(cfg: Config) -> dict:
         prepared = prepare_resume(cfg, world)
     else:
         prepared = prepare(cfg, world)
+        prepared.command = command_line(cfg)  # the flags the caller set, before the preset fills the rest
     threads = torch.get_num_threads()  # --torch-threads changes a process-wide setting: put it back after
     try:
         if prepared.cfg.track and not tracking.wandb_installed():
             raise ConfigError("--track needs wandb: pip install 'fastppo[track]'")
+        if prepared.cfg.tensorboard and not tensorboard_installed():
+            raise ConfigError("--tensorboard needs tensorboard: pip install 'fastppo[tensorboard]'")
         with distributed.process_group(world, prepared.device, prepared.cfg.dist_timeout):
             return _train(prepared, world)
     finally:
@@ -665,6 +718,7 @@ def build(prepared: Prepared, world: World) -> Session:
         session.recent.extend(state["recent_returns"])
         p = session.progress
         p.iteration, p.global_step, p.elapsed_before = state["iteration"], state["global_step"], state["elapsed"]
+        p.best_eval = state.get("best_eval", -math.inf)
         p.start_step = p.global_step
     return session
 
@@ -709,6 +763,10 @@ def _train(prepared: Prepared, world: World) -> dict:
 def start_outputs(cfg: Config, prepared: Prepared, folder: RunFolder):
     """Rank 0: config.json (a resume keeps its metrics up to the checkpoint), metrics logger, W&B."""
     run_dir = cfg.run_dir
+    steps = cfg.num_iterations * cfg.global_batch_size
+    if steps != cfg.total_timesteps:  # said once, so that a shorter run than asked is no surprise
+        print(f"fastppo: --total-timesteps {cfg.total_timesteps:,} rounds down to {cfg.num_iterations} iteration(s) of "
+              f"{cfg.global_batch_size:,} steps: training {steps:,} steps", flush=True)
     try:
         save_config(cfg, os.path.join(run_dir, "config.json"))
         if prepared.resume is not None:
@@ -719,14 +777,22 @@ def start_outputs(cfg: Config, prepared: Prepared, folder: RunFolder):
     if cfg.track:
         tracker = tracking.Tracker.start(run_dir, project=cfg.wandb_project, entity=cfg.wandb_entity,
                                          group=cfg.wandb_group, tags=cfg.wandb_tags, config=cfg.to_dict())
+    board = None
+    if cfg.tensorboard:
+        board = TensorBoardWriter(run_dir, resume_step=None if prepared.resume is None
+                                  else prepared.resume["global_step"])
     try:
         logger = RunLogger(run_dir, cfg.num_iterations * cfg.global_batch_size, log_every=cfg.log_every,
                            log_seconds=cfg.log_seconds, tracker=tracker, window=cfg.target_return_games,
-                           title=f"fastppo {cfg.env_id}  {run_dir}")
+                           title=f"fastppo {cfg.env_id}  {run_dir}", tensorboard=board)
     except OSError as e:
         if tracker is not None:
             tracker.finish(1)
+        if board is not None:
+            board.finish(1)
         raise WriteFailed(f"cannot write to the run folder {run_dir!r} ({e.strerror or e})") from None
+    resumed = f", resumed after iteration {prepared.resume['iteration']}" if prepared.resume is not None else ""
+    logger.announce(f"training {cfg.env_id} in {run_dir}{resumed}")
     return logger, tracker
 
 
@@ -769,26 +835,24 @@ def _loop(cfg: Config, prepared: Prepared, s: Session, logger, tracker, stop: St
             metrics = iteration_metrics(cfg, progress, lr, kl_coef, values, games, s.recent)
             metrics.update(perf_metrics(s.timer, s.collect_timer, t_collected - t_start, t_updated - t_collected,
                                         time.perf_counter() - t_start))
-            if distributed.is_main() and cfg.eval_every and (iteration % cfg.eval_every == 0
-                                                               or iteration == cfg.num_iterations):
+            if distributed.is_main() and eval_due(cfg, iteration):
                 logger.phase("eval")
-                t_eval = time.perf_counter()
-                metrics.update(eval_metrics(s.policy, prepared.info, cfg, iteration, s.collection.collector.norms.obs))
-                metrics["perf/eval_time"] = time.perf_counter() - t_eval
-                progress.eval_time += metrics["perf/eval_time"]
+                with write_errors(run_dir):
+                    metrics.update(evaluate(cfg, prepared.info, s))
             with s.timer.phase("logging", host=True), write_errors(run_dir):
                 logger.log(metrics)
             reason = stop_reason(cfg, s.recent, progress, stop, device)
             if save_due(cfg, iteration, reason):
                 logger.phase("checkpoint")
                 with write_errors(run_dir):
-                    path = save(cfg, run_dir, checkpoint_state(cfg, s.policy, s.optimizer, progress, s.kl_ctl,
-                                                               s.collection, s.recent), progress)
+                    path = save(cfg, checkpoint_state(cfg, s.policy, s.optimizer, progress, s.kl_ctl, s.collection,
+                                                      s.recent, prepared.command), progress, metrics)
             if reason is not None:
                 break
         if reason == "target_return" and distributed.is_main():
             print(f"target return {cfg.target_return} reached: mean of the last {cfg.target_return_games} games is "
                   f"{s.recent.mean():.2f} at global step {progress.global_step}", flush=True)
+        logger.announce(result_line(cfg, reason, progress, s.recent, stop))
         if reason == "signal":
             signum = stop.signum or signal.SIGTERM  # a rank stopped by another rank's signal
             exit_code = 128 + signum
@@ -803,6 +867,23 @@ def _loop(cfg: Config, prepared: Prepared, s: Session, logger, tracker, stop: St
         if tracker is not None:
             tracker.finish(exit_code)
     return dict(metrics, stopped_by=reason or "total_timesteps")
+
+
+def result_line(cfg: Config, reason: str | None, progress: Progress, recent: RecentReturns,
+                stop: StopOnSignal) -> str:
+    """How the run ended, for the last progress line (and the live display's last state)."""
+    if reason == "target_return":
+        why = f"reached the target return {cfg.target_return:g}"
+    elif reason == "max_seconds":
+        why = f"stopped at --max-seconds {cfg.max_seconds:g}"
+    elif reason == "signal":
+        why = f"stopped by {signal.Signals(stop.signum or signal.SIGTERM).name}"
+    else:
+        why = "finished"
+    recent_return = recent.mean()
+    score = f"recent return {recent_return:.2f}" if recent_return is not None else "no recent return yet"
+    return (f"{why} after {progress.global_step:,} steps (iteration {progress.iteration} of {cfg.num_iterations}), "
+            f"{score}; run folder {cfg.run_dir}")
 
 
 @contextlib.contextmanager

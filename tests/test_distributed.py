@@ -155,6 +155,30 @@ def test_two_ranks_stay_identical_and_only_rank0_writes(tmp_path):
         assert torch.equal(tensor, rank1[name]), name
 
 
+@pytest.mark.parametrize("env_id,extra", [
+    ("CartPole-v1", ["--algo", "trpo"]),
+    ("Pendulum-v1", ["--num-steps", "64", "--num-minibatches", "2"]),
+], ids=["trpo", "gaussian-normalised"])
+def test_two_ranks_stay_identical_with_trpo_and_with_normalisation(tmp_path, env_id, extra):
+    """TRPO's reductions (surrogate gradient, Fisher-vector products, line-search decisions, critic
+    gradients) and the observation/reward statistics combined across ranks keep both ranks'
+    parameters and statistics bit-identical."""
+    (tmp_path / "capture.py").write_text(CAPTURE_PARAMS)
+    run_dir = tmp_path / "run"
+    proc = torchrun(2, [str(tmp_path / "capture.py"), "train", "--env-id", env_id, "--device", "cpu", "--num-envs",
+                        "2", "--total-timesteps", str(4 * 2 * 2 * (64 if env_id == "Pendulum-v1" else 128)),
+                        "--run-dir", str(run_dir), "--dist-timeout", "60", *extra], cwd=tmp_path,
+                    PARAMS_DIR=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+    ckpt = load_checkpoint(str(run_dir))
+    assert all(torch.equal(ckpt["model"][k], rank0[k]) for k in rank0)
+    if env_id == "Pendulum-v1":  # statistics of both ranks' envs: 2 x 2 envs x 4 rollouts of 64 observations
+        assert float(ckpt["normalizer"]["obs"]["count"]) == pytest.approx(4 * 4 * 64 + 4 + 1e-4)
+
+
 def test_one_rank_under_torchrun_matches_the_plain_run(tmp_path):
     args = [*CARTPOLE, "--total-timesteps", "4096", "--seed", "3"]
     # Both as child processes with one thread: CPU float results may depend on the thread count.

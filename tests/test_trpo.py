@@ -427,3 +427,83 @@ def test_trpo_step_rejects_invalid_arguments(bad):
     with pytest.raises(ValueError, match="trpo_step needs"):
         trpo.trpo_step(problem.params, problem.surrogate, problem.kl, **{**STEP, **bad})
 
+
+
+# --- --algo trpo in the trainer -------------------------------------------------------------------
+
+
+def test_trpo_runs_keep_every_update_in_the_trust_region(tmp_path, one_torch_thread):
+    """CartPole (categorical MLP), Pendulum (Gaussian, normalised) and Pong (the Nature CNN's shared
+    torso, moved by the natural-gradient step; the critic's Adam moves the value head only): every
+    logged KL after a step is within --max-kl, and the trpo/* diagnostics are logged."""
+    from helpers import read_metrics
+
+    from fastppo.checkpoint import load_checkpoint
+    from fastppo.cli import main
+
+    runs = {"CartPole-v1": ["--total-timesteps", "2048"],
+            "Pendulum-v1": ["--num-steps", "256", "--num-minibatches", "4", "--total-timesteps", "1024"],
+            "Pong-v5": ["--num-envs", "2", "--num-steps", "32", "--total-timesteps", "128"]}
+    for env_id, extra in runs.items():
+        run_dir = tmp_path / env_id
+        assert main(["train", "--env-id", env_id, "--device", "cpu", "--algo", "trpo", "--max-kl", "0.005",
+                     "--run-dir", str(run_dir), *extra]) == 0
+        metrics = read_metrics(run_dir)
+        for m in metrics:
+            assert 0 <= m["losses/kl"] <= 0.005, (env_id, m["losses/kl"])
+            assert 1 <= m["trpo/line_search_steps"] <= 10 and m["trpo/cg_residual"] >= 0
+            assert {"trpo/expected_improvement", "trpo/actual_improvement", "trpo/accepted"} <= set(m)
+        assert any(m["trpo/accepted"] == 1.0 for m in metrics), env_id
+        state = load_checkpoint(str(run_dir))
+        assert len(state["optimizer"]["state"]) == (2 if env_id == "Pong-v5" else 6)  # the critic's parameters
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--loss", "penalty"], "--loss penalty is for --algo ppo"),
+    (["--target-kl", "0.01"], "--target-kl is for --algo ppo"),
+    (["--minibatch-by", "env"], "--minibatch-by env is for --algo ppo"),
+    (["--max-kl", "0"], "--max-kl must be positive, got 0.0"),
+    (["--cg-damping", "-1"], "--cg-damping must be >= 0, got -1.0"),
+], ids=["penalty", "target-kl", "env-minibatches", "max-kl", "damping"])
+def test_trpo_bad_flags_are_one_line(tmp_path, capsys, extra, message):
+    from fastppo.cli import main
+
+    assert main(["train", "--env-id", "CartPole-v1", "--device", "cpu", "--algo", "trpo", "--run-dir",
+                 str(tmp_path / "r"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and not (tmp_path / "r").exists()
+
+
+def test_trpo_run_resumes_exactly(tmp_path, monkeypatch, capsys, one_torch_thread):
+    import signal
+
+    from helpers import read_metrics, without_timings
+    from test_runs import interrupt_at_iteration
+
+    from fastppo.checkpoint import load_checkpoint
+    from fastppo.cli import main
+
+    args = ["train", "--env-id", "CartPole-v1", "--device", "cpu", "--algo", "trpo", "--total-timesteps", "2048",
+            "--seed", "4"]
+    assert main([*args, "--run-dir", str(tmp_path / "straight")]) == 0
+    interrupt_at_iteration(monkeypatch, 2)
+    assert main([*args, "--run-dir", str(tmp_path / "stopped")]) == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(tmp_path / "stopped")]) == 0
+    capsys.readouterr()
+    assert without_timings(read_metrics(tmp_path / "stopped")) == without_timings(read_metrics(tmp_path / "straight"))
+    a, b = load_checkpoint(str(tmp_path / "straight")), load_checkpoint(str(tmp_path / "stopped"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+@pytest.mark.slow
+def test_trpo_learns_cartpole_to_450(tmp_path, capsys):
+    from helpers import read_metrics
+
+    from fastppo.cli import main
+
+    run_dir = tmp_path / "trpo"
+    assert main(["train", "--env-id", "CartPole-v1", "--device", "cpu", "--algo", "trpo", "--seed", "1",
+                 "--total-timesteps", "500000", "--target-return", "450", "--run-dir", str(run_dir)]) == 0
+    assert "target return 450.0 reached" in capsys.readouterr().out
+    assert read_metrics(run_dir)[-1]["global_step"] < 500_000
