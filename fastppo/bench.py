@@ -41,10 +41,11 @@ import numpy as np
 import torch
 import tyro
 
-from fastppo.config import Config, ConfigError, given_fields, mark_given, record_given, training_device
-from fastppo.envs import make_envs
+from fastppo.config import Config, ConfigError, env_kind, given_fields, mark_given, record_given, training_device
+from fastppo.envs import env_info, make_envs
 from fastppo.logger import read_metrics
 from fastppo.perf import PHASES
+from fastppo.presets import apply_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,10 +131,10 @@ class Sweep:
 
 
 def point_config(bench: BenchConfig, num_envs: int, env_id: str, given: set[str]) -> Config:
-    """The Config of one point: the training options (trainer.prepare applies the preset to the fields
-    not in `given`, as fastppo train does), then the bench's own settings for the point. Not resolved."""
+    """The Config of one point: the training options (the preset applied to the fields not in `given`, as
+    fastppo train does), then the bench's own settings for the point. Not resolved."""
     values = {name: getattr(bench.training, name) for name in TRAINING_FIELDS}
-    cfg = mark_given(Config(**values), given & set(TRAINING_FIELDS))  # trainer.prepare applies the preset
+    cfg = apply_preset(mark_given(Config(**values), given & set(TRAINING_FIELDS)), env_kind(env_info(env_id)))
     cfg.env_id = env_id
     cfg.num_envs = num_envs
     cfg.env_batch_size = max(1, int(num_envs * bench.batch_fraction)) if cfg.async_envs else None

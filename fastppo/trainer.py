@@ -904,6 +904,9 @@ class _Quiet:
     def phase(self, name: str) -> None:
         pass
 
+    def announce(self, text: str) -> None:
+        pass
+
     def log(self, metrics: dict) -> None:
         pass
 

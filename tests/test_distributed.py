@@ -139,7 +139,7 @@ def test_two_ranks_stay_identical_and_only_rank0_writes(tmp_path):
     runs = os.listdir(work / "runs")
     assert len(runs) == 1, runs
     run_dir = work / "runs" / runs[0]
-    assert sorted(os.listdir(run_dir)) == [".lock", "checkpoints", "config.json", "metrics.jsonl"]
+    assert sorted(os.listdir(run_dir)) == [".lock", "README.md", "checkpoints", "config.json", "metrics.jsonl"]
     metrics = read_metrics(run_dir)
     assert [m["global_step"] for m in metrics] == [512 * i for i in range(1, 9)]  # 2 ranks x 2 envs x 128
     assert proc.stdout.count("iter 1/8 ") == 1  # one progress line per iteration, from rank 0
