@@ -45,10 +45,14 @@ def test_triton_on_cpu_without_interpreter_is_a_one_line_error(tmp_path):
 
 
 @pytest.mark.parametrize("mode", [["--minibatch-by", "sample"], ["--minibatch-by", "env", "--advantages", "epoch"],
-                                  ["--loss", "penalty"]], ids=["sample", "env-epoch-fused", "penalty"])
+                                  ["--loss", "penalty"],
+                                  ["--env-id", "Pendulum-v1", "--num-minibatches", "2", "--loss", "penalty"],
+                                  ["--env-id", "Pendulum-v1", "--num-envs", "2", "--num-minibatches", "2",
+                                   "--minibatch-by", "env", "--advantages", "epoch"]],
+                         ids=["sample", "env-epoch-fused", "penalty", "gaussian-penalty", "gaussian-env-epoch-fused"])
 def test_triton_and_torch_kernels_train_the_same(tmp_path, mode):
     """Same seed, --kernels triton (interpreted on CPU) vs torch: same losses and parameters after
-    several iterations, within float32 tolerance."""
+    several iterations, within float32 tolerance (categorical and Gaussian ops)."""
     env = dict(os.environ, TRITON_INTERPRET="1")
     runs = {}
     for kind in ("torch", "triton"):
@@ -58,9 +62,11 @@ def test_triton_and_torch_kernels_train_the_same(tmp_path, mode):
                        capture_output=True)
         runs[kind] = (read_metrics(run_dir), load_checkpoint(str(run_dir))["model"])
     (m_torch, p_torch), (m_triton, p_triton) = runs["torch"], runs["triton"]
-    assert len(m_torch) == len(m_triton) == 4
+    assert len(m_torch) == len(m_triton) >= 4
     for a, b in zip(m_torch, m_triton, strict=True):
-        assert a["charts/episodic_return"] == b["charts/episodic_return"]  # same actions were taken
+        # the same actions were taken (continuous ones up to the float32 rounding of the weights)
+        ret_a, ret_b = a["charts/episodic_return"], b["charts/episodic_return"]
+        assert ret_a == ret_b or (None not in (ret_a, ret_b) and ret_a == pytest.approx(ret_b, rel=1e-5))
         for key in ("losses/policy_loss", "losses/value_loss", "losses/entropy", "losses/approx_kl", "losses/kl"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
     for name, value in p_torch.items():
