@@ -511,6 +511,24 @@ def save_config(cfg: Config, path: str) -> None:
     os.replace(tmp, path)
 
 
+def read_config(run: str) -> dict:
+    """A run folder's config.json as a dict with a string env_id; ConfigError (one line) otherwise."""
+    path = os.path.join(run, "config.json")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{run!r} has no config.json: not a run folder") from None
+    except (OSError, ValueError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise ConfigError(f"{path!r} does not read as JSON ({why})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path!r} is not a JSON object")
+    if not isinstance(config.get("env_id"), str) or not config["env_id"]:
+        raise ConfigError(f"{path!r} names no env_id")
+    return config
+
+
 # Flags that may be given with --resume: they change how long the run goes on and what it reports,
 # never the algorithm, the environments or the seed (so the resumed run stays the same run).
 RESUME_FLAGS = (

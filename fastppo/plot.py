@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import tyro
 
-from fastppo.config import IDENTITY_EXCLUDED, Config, ConfigError
+from fastppo.config import IDENTITY_EXCLUDED, Config, ConfigError, read_config
 from fastppo.logger import read_metrics
 
 
@@ -104,22 +104,6 @@ class Run:
 # --- reading ---------------------------------------------------------------------------------------
 
 
-def read_config(run: str) -> dict:
-    """The run folder's config.json as a dict with a string env_id; ConfigError otherwise."""
-    path = os.path.join(run, "config.json")
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{run!r} has no config.json (fastppo plot groups runs by their config)") from None
-    except (OSError, ValueError) as e:
-        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
-        raise ConfigError(f"{path!r} does not read as JSON ({why})") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path!r} is not a JSON object")
-    if not isinstance(config.get("env_id"), str) or not config["env_id"]:
-        raise ConfigError(f"{path!r} names no env_id")
-    return config
 
 
 def check_lines(run: str, lines: list[dict]) -> list[dict]:

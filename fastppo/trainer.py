@@ -22,7 +22,6 @@ Under torchrun each rank runs this loop on its own envs; see ``distributed`` for
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
@@ -53,6 +52,7 @@ from fastppo.config import (
     ConfigError,
     default_run_dir,
     env_kind,
+    read_config,
     resolve,
     resume_config,
     run_identity,
@@ -533,7 +533,7 @@ def prepare_resume(cfg: Config, world: World | None = None) -> Prepared:
     folder = RunFolder.lock_existing(cfg.resume) if world.rank == 0 else None
     try:
         state = load_resumable(cfg.resume)
-        folder_config = read_folder_config(cfg.resume)
+        folder_config = read_config(cfg.resume)
         path = state["path"]
         if run_identity(state["config"]) != run_identity(folder_config):
             raise CheckpointError(
@@ -573,19 +573,6 @@ def prepare_resume(cfg: Config, world: World | None = None) -> Prepared:
         raise
 
 
-def read_folder_config(run_dir: str) -> dict:
-    """The run folder's config.json; CheckpointError when it is missing or not a JSON object."""
-    path = os.path.join(run_dir, "config.json")
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"--resume {run_dir!r}: the folder has no config.json") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"--resume {run_dir!r}: its config.json does not read ({e})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"--resume {run_dir!r}: its config.json is not a JSON object")
-    return config
 
 
 def make_optimizer(policy: nn.Module, cfg: Config) -> torch.optim.Optimizer:

@@ -211,7 +211,7 @@ def _metrics(text):
 @pytest.mark.parametrize("damage,args,message", [
     (None, ["--out", "{tmp}/x.png"], "fastppo plot needs at least one run folder"),
     (None, ["{missing}"], "is not a run folder (no metrics.jsonl)"),
-    (_no_config, ["{run}"], "has no config.json (fastppo plot groups runs by their config)"),
+    (_no_config, ["{run}"], "has no config.json: not a run folder"),
     (_bad_config("{"), ["{run}"], "config.json' does not read as JSON (Expecting property name"),
     (_bad_config("[1, 2]"), ["{run}"], "config.json' is not a JSON object"),
     (_bad_config('{"seed": 1}'), ["{run}"], "config.json' names no env_id"),
