@@ -147,61 +147,13 @@ def ppo_loss(
     logp_all = F.log_softmax(logits, dim=-1)  # (M, A)
     newlogprob = logp_all.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)  # (M,)
     entropy = -(logp_all.exp() * logp_all).sum(-1)  # (M,)
-
-    logratio = newlogprob - old_logp.to(logp_all.dtype)
-    ratio = logratio.exp()
-    k3 = (ratio - 1.0) - logratio
-
-    adv = advantages.to(logp_all.dtype)
-    if norm_adv:
-        adv = normalize_advantages(adv, mask)
-
     kl_exact = None
     if old_logits is not None:
         old_logp_all = F.log_softmax(old_logits.to(logp_all.dtype), dim=-1)
         kl_exact = (old_logp_all.exp() * (old_logp_all - logp_all)).sum(-1)  # KL(old || new), (M,)
-
-    if clip_coef is None:
-        pg_loss = masked_mean(-adv * ratio, mask)
-        kl_term = kl_exact if kl_exact is not None else k3
-        pg_loss = pg_loss + kl_coef * masked_mean(kl_term, mask)
-        clipfrac = torch.zeros((), dtype=logp_all.dtype, device=logits.device)
-    else:
-        pg_loss1 = -adv * ratio
-        pg_loss2 = -adv * torch.clamp(ratio, 1.0 - clip_coef, 1.0 + clip_coef)
-        pg_loss = masked_mean(torch.max(pg_loss1, pg_loss2), mask)
-        if kl_coef:
-            kl_term = kl_exact if kl_exact is not None else k3
-            pg_loss = pg_loss + kl_coef * masked_mean(kl_term, mask)
-        with torch.no_grad():
-            clipfrac = masked_mean(((ratio - 1.0).abs() > clip_coef).to(logp_all.dtype), mask)
-
-    values = values.to(logp_all.dtype)
-    returns = returns.to(logp_all.dtype)
-    v_loss_unclipped = (values - returns) ** 2
-    if vf_clip_coef is None:
-        v_loss = 0.5 * masked_mean(v_loss_unclipped, mask)
-    else:
-        old_values = old_values.to(logp_all.dtype)
-        v_clipped = old_values + torch.clamp(values - old_values, -vf_clip_coef, vf_clip_coef)
-        v_loss_clipped = (v_clipped - returns) ** 2
-        v_loss = 0.5 * masked_mean(torch.max(v_loss_unclipped, v_loss_clipped), mask)
-
-    entropy_loss = masked_mean(entropy, mask)
-    loss = pg_loss - ent_coef * entropy_loss + vf_coef * v_loss
-
-    with torch.no_grad():
-        stats = {
-            "policy_loss": pg_loss.detach(),
-            "value_loss": v_loss.detach(),
-            "entropy": entropy_loss.detach(),
-            "approx_kl": masked_mean(k3, mask).detach(),
-            "old_approx_kl": masked_mean(-logratio, mask).detach(),
-            "clipfrac": clipfrac.detach(),
-        }
-        if kl_exact is not None:
-            stats["kl"] = masked_mean(kl_exact, mask).detach()
-    return loss, stats
+    return _pg_value_loss(newlogprob, entropy, kl_exact, old_logp, advantages, values, old_values, returns,
+                          clip_coef=clip_coef, vf_coef=vf_coef, ent_coef=ent_coef, vf_clip_coef=vf_clip_coef,
+                          norm_adv=norm_adv, kl_coef=kl_coef, mask=mask)
 
 
 def gae_ppo_loss(
@@ -332,8 +284,8 @@ def _pg_value_loss(
     kl_coef: float,
     mask: torch.Tensor | None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """ppo_loss after the policy's per-sample log-prob, entropy and exact KL: the same formulas
-    (the distribution-free half of ppo_loss, which keeps its own copy)."""
+    """The distribution-free half of ppo_loss and gaussian_ppo_loss: from the policy's per-sample
+    log-prob, entropy and exact KL (or None), CleanRL's surrogate, value loss, entropy bonus and stats."""
     dtype = newlogprob.dtype
     logratio = newlogprob - old_logp.to(dtype)
     ratio = logratio.exp()
