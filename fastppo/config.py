@@ -88,10 +88,11 @@ class Config:
     W&B with --track); needs the `video` extra and an env EnvPool can render"""
 
     preset: Literal["none", "cleanrl", "fast"] = "none"
-    """named settings, overridden by explicit flags. cleanrl: CleanRL's hyperparameters
-    exactly, every throughput option off. fast (provisional, not yet tuned on a GPU): 64 async
-    envs (recv num_envs / 2), --overlap, 128 steps, 4 minibatches, 3 epochs, lr 3e-4, clip 0.2.
-    fastppo/presets.py lists them"""
+    """named settings for the kind of env, overridden by explicit flags. cleanrl: CleanRL's
+    hyperparameters exactly (ppo_atari_envpool, ppo, or ppo_continuous_action), every throughput
+    option off. fast (provisional, not yet tuned on a GPU): 64 async envs (recv num_envs / 2),
+    --overlap, lr 3e-4, clip 0.2; 128 steps, 4 minibatches, 3 epochs for discrete actions, 64
+    steps, 4 minibatches, 5 epochs for continuous ones. fastppo/presets.py lists them"""
 
     # --- environment ------------------------------------------------------------------------
     env_id: str = "Pong-v5"

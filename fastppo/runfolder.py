@@ -102,12 +102,3 @@ def _lock(path: str) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
-
-
-def holder_pid(path: str) -> int | None:
-    """The PID written in a run folder's lock file (the last process that held it), or None."""
-    try:
-        with open(os.path.join(path, LOCK_FILE)) as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):
-        return None

@@ -6,15 +6,18 @@ Plain functions over plain tensors, in CleanRL's order (:func:`_loop`):
         anneal the learning rate
         buf = collection.next()                    # envs -> rollout storage on the device
         compute_advantages(buf, ops.gae, ...)      # GAE, once per rollout
-        stats = update(policy, optimizer, buf)     # K epochs of minibatches (PPO-clip or -penalty)
+        stats = update(policy, optimizer, buf)     # K epochs of minibatches (PPO-clip or -penalty),
+                                                   #   or trpo.trpo_update (--algo trpo)
         collection.refresh(policy)                 # what acts next (--overlap: theta' <- theta)
         [penalty] beta <- adaptive rule(KL)        # once per iteration, after the epochs
+        [--eval-every] evaluate                    # full games on a separate pool; best.pt
         log the iteration; stop or save
 
 Everything around it is a named helper: :func:`prepare` / :func:`prepare_resume` check every input
 before anything exists, :func:`build` makes the envs, networks and collection (and, on resume, puts
 them back where the checkpoint was: :func:`restore`), :func:`iteration_metrics` assembles a metrics
-line, :func:`stop_reason` and :func:`save_due` are the stop and save rules.
+line, :func:`evaluate` runs --eval-every, :func:`stop_reason` and :func:`save_due` are the stop and
+save rules, :func:`save` writes the checkpoint and the model card.
 
 Under torchrun each rank runs this loop on its own envs; see ``distributed`` for what is shared.
 """
