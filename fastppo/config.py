@@ -30,7 +30,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class Config:
-    """Train on an EnvPool env with PPO (clip or penalty) or TRPO; writes a run folder that --resume continues."""
+    """Train on an EnvPool env with PPO (clip or penalty) or TRPO, into a run folder."""
 
     # --- experiment -------------------------------------------------------------------------
     exp_name: str = "fastppo"
@@ -46,9 +46,11 @@ class Config:
     """run folder (config.json, metrics.jsonl, checkpoints); it must not hold a run already
     (None: runs/<env>__<exp>__<seed>__<time>)"""
     save_every: int = 0
-    """write a checkpoint every this many iterations (0 = only at the end; SIGINT/SIGTERM also save)"""
+    """write a checkpoint every this many iterations (0 = only at the end; SIGINT/SIGTERM also
+    save)"""
     target_return: float | None = None
-    """stop early once the mean full-game return of the last --target-return-games games reaches this"""
+    """stop early once the mean full-game return of the last --target-return-games games
+    reaches this"""
     target_return_games: int = 10
     """games in the recent-return window: the mean of the last this many full games is
     charts/recent_return, the progress display's return and what --target-return compares"""
@@ -56,17 +58,19 @@ class Config:
     """stop after the first iteration that ends past this many seconds of training (per launch:
     a resumed run counts from its resume); the run ends normally, with a checkpoint"""
     resume: str | None = None
-    """continue the run in this folder (runs/<name>) from its newest checkpoint; the run's saved
-    config is used, and only the flags in RESUME_FLAGS may be given with it (see README)"""
+    """continue the run in this folder (runs/<name>) from its newest checkpoint; the run's
+    saved config is used, and only the flags in RESUME_FLAGS may be given with it (see
+    README)"""
 
     # --- logging, tracking, evaluation --------------------------------------------------------
     log_every: int = 1
     """iterations between W&B logs and progress lines (metrics.jsonl gets every iteration)"""
     log_seconds: float = 1.0
-    """and at least this many seconds between them (0 = no limit); the first and last iteration
-    are always logged"""
+    """and at least this many seconds between them (0 = no limit); the first and last
+    iteration, and every iteration with an evaluation, are always logged"""
     track: bool = False
-    """log to Weights & Biases (needs the `track` extra; WANDB_MODE=offline works without a network)"""
+    """log to Weights & Biases (needs the `track` extra; WANDB_MODE=offline works without a
+    network)"""
     wandb_project: str = "fastppo"
     """W&B project"""
     wandb_entity: str | None = None
@@ -76,55 +80,59 @@ class Config:
     wandb_tags: tuple[str, ...] = ()
     """W&B tags"""
     tensorboard: bool = False
-    """also write every metrics line as TensorBoard scalars to <run_dir>/tensorboard/ (needs the
-    `tensorboard` extra)"""
+    """also write every metrics line as TensorBoard scalars to <run_dir>/tensorboard/ (needs
+    the `tensorboard` extra)"""
     eval_every: int = 0
-    """every this many iterations (and at the end), play --eval-episodes full games on a separate
-    small env pool and log eval/* (0 = never)"""
+    """every this many iterations (and at the end), play --eval-episodes full games on a
+    separate small env pool and log eval/* (0 = never)"""
     eval_episodes: int = 4
     """full games per --eval-every evaluation"""
     capture_video: bool = False
-    """film the first game of each --eval-every evaluation into <run>/videos/eval_<iteration>.mp4 (and
-    W&B with --track); needs the `video` extra and an env EnvPool can render"""
+    """film the first game of each --eval-every evaluation into videos/eval_<iteration>.mp4 in
+    the run folder, also logged to W&B with --track; needs the `video` extra and an env
+    EnvPool renders"""
 
     preset: Literal["none", "cleanrl", "fast"] = "none"
     """named settings for the kind of env, overridden by explicit flags. cleanrl: CleanRL's
-    hyperparameters exactly (ppo_atari_envpool, ppo, or ppo_continuous_action), every throughput
-    option off. fast (provisional, not yet tuned on a GPU): 64 async envs (recv num_envs / 2),
-    --overlap, lr 3e-4, clip 0.2; 128 steps, 4 minibatches, 3 epochs for discrete actions, 64
-    steps, 4 minibatches, 5 epochs for continuous ones. fastppo/presets.py lists them"""
+    hyperparameters exactly (ppo_atari_envpool, ppo, or ppo_continuous_action), every
+    throughput option off. fast (provisional, not yet tuned on a GPU): 64 async envs (recv
+    num_envs / 2), --overlap, lr 3e-4, clip 0.2; 128 steps, 4 minibatches, 3 epochs for
+    discrete actions, 64 steps, 4 minibatches, 5 epochs for continuous ones.
+    fastppo/presets.py lists them"""
 
     # --- environment ------------------------------------------------------------------------
     env_id: str = "Pong-v5"
-    """EnvPool env id: Atari '*-v5', classic control ('CartPole-v1', 'Pendulum-v1'), MuJoCo
-    ('HalfCheetah-v4'), DMC ('CheetahRun-v1'), Box2D, toy text ('Taxi-v3'), MiniGrid; Discrete or
-    1-D Box actions"""
+    """EnvPool env id with Discrete or one-dimensional Box actions: Atari 'Pong-v5', classic
+    control 'CartPole-v1' or 'Pendulum-v1', MuJoCo 'HalfCheetah-v4', DMC 'CheetahRun-v1',
+    Box2D, toy text 'Taxi-v3', MiniGrid"""
     env_kwargs: tuple[str, ...] = ()
     """EnvPool options as key=value, passed to the envs as they are (checked against the env's
     options and their types), e.g. use_combined_action=true for VizDoom"""
     num_envs: int | None = None
-    """number of parallel environments, per rank under torchrun (None: 8 for Atari, 4 for vector observations)"""
+    """number of parallel environments, per rank under torchrun (None: 8 for Atari, 4 for other
+    discrete actions, 1 for continuous ones)"""
     env_threads: int = 0
-    """EnvPool worker threads (0 = EnvPool's default; under torchrun with several local ranks, the
-    machine's cores split evenly across them)"""
+    """EnvPool worker threads (0 = EnvPool's default; under torchrun with several local ranks,
+    the machine's cores split evenly across them)"""
     torch_threads: int = 0
     """torch CPU threads (0 = auto: 1 for the MLP of vector observations, whose tiny matmuls
-    only lose to thread hand-offs and contend with EnvPool's threads; torch's default for the
-    Nature CNN)"""
+    only lose to thread hand-offs and contend with EnvPool's threads; torch's default for
+    the Nature CNN)"""
     repeat_action_probability: float = 0.0
     """Atari sticky actions (0 as in CleanRL; 0.25 for the Machado et al. protocol)"""
     max_episode_steps: int | None = None
     """time limit in agent steps (None: EnvPool's, 27000 for Atari = 108k frames)"""
     norm_obs: bool | None = None
-    """normalise vector observations by their running mean and std, clipped to +-10 (None: on for
-    continuous actions, as CleanRL's ppo_continuous_action)"""
+    """normalise vector observations by their running mean and std, clipped to +-10 (None: on
+    for continuous actions, as CleanRL's ppo_continuous_action)"""
     norm_reward: bool | None = None
     """scale rewards by the running std of the discounted return, clipped to +-10 (None: on for
     continuous actions)"""
 
     # --- algorithm --------------------------------------------------------------------------
     total_timesteps: int | None = None
-    """total agent steps, all ranks together (None: 10M for Atari, 500k for vector observations)"""
+    """total agent steps, all ranks together (None: 10M for Atari, 500k for other discrete
+    actions, 1M for continuous ones)"""
     learning_rate: float | None = None
     """Adam learning rate, eps 1e-5 (None: 2.5e-4; 3e-4 for continuous actions)"""
     anneal_lr: bool = True
@@ -136,16 +144,16 @@ class Config:
     gae_lambda: float = 0.95
     """GAE lambda"""
     num_minibatches: int | None = None
-    """minibatches per epoch; num_envs * num_steps must divide by it (None: 4; 32 for continuous
-    actions)"""
+    """minibatches per epoch; num_envs * num_steps must divide by it (None: 4; 32 for
+    continuous actions)"""
     update_epochs: int | None = None
     """epochs over each rollout, K (None: 4; 10 for continuous actions)"""
     norm_adv: bool = True
     """normalise advantages per minibatch, over its valid transitions"""
     algo: Literal["ppo", "trpo"] = "ppo"
-    """policy update: ppo (--loss clip or penalty, K epochs of minibatches) or trpo (one natural-gradient
-    step to the edge of the KL trust region --max-kl, then a line search; the critic trained by Adam
-    with --learning-rate, --update-epochs and --num-minibatches)"""
+    """policy update: ppo (--loss clip or penalty, K epochs of minibatches) or trpo (one
+    natural gradient step to the edge of the KL trust region --max-kl, then a line search;
+    the critic trained by Adam with --learning-rate, --update-epochs and --num-minibatches)"""
     loss: Literal["clip", "penalty"] = "clip"
     """PPO variant: clipped surrogate, or surrogate minus adaptive beta * KL(old || new)"""
     clip_coef: float | None = None
@@ -169,8 +177,8 @@ class Config:
     kl_min: float | None = None
     """PPO-penalty: lower KL bound (None: kl_target / 1.5)"""
     max_kl: float = 0.01
-    """TRPO: the trust region delta, the largest mean KL(pi_old || pi) over the batch's states an update
-    may take"""
+    """TRPO: the trust region delta, the largest mean KL(pi_old || pi) over the batch's states
+    that an update may take"""
     cg_iters: int = 10
     """TRPO: conjugate-gradient iterations of the natural-gradient solve"""
     cg_damping: float = 0.1
@@ -184,18 +192,19 @@ class Config:
     divide by num_minibatches)"""
     advantages: Literal["rollout", "epoch"] = "rollout"
     """compute GAE once per rollout (CleanRL), or again every epoch from the current value
-    predictions (Andrychowicz et al. 2021); with --minibatch-by env that is one fused GAE+loss op"""
+    predictions (Andrychowicz et al. 2021); with --minibatch-by env that is one fused
+    GAE+loss op"""
 
     # --- throughput ---------------------------------------------------------------------------
     async_envs: bool = False
-    """step EnvPool asynchronously (send/recv): each recv returns the --env-batch-size envs that
-    finished first; every env's steps still land in its own column, in time order"""
+    """step EnvPool asynchronously (send/recv): each recv returns the --env-batch-size envs
+    that finished first; every env's steps still land in its own column, in time order"""
     env_batch_size: int | None = None
     """envs per recv with --async-envs (None: num_envs // 2)"""
     overlap: bool = False
-    """update on rollout k while the envs step rollout k+1 with a frozen copy of the weights from
-    before the update; the importance ratio uses the recorded behaviour log-probs (off: CleanRL's
-    exact on-policy loop)"""
+    """update on rollout k while the envs step rollout k+1 with a frozen copy of the weights
+    from before the update; the importance ratio uses the recorded behaviour log-probs (off:
+    CleanRL's exact on-policy loop)"""
     compile: bool = False
     """torch.compile the policy's forward (acting and update)"""
     cudagraphs: bool = False
@@ -205,8 +214,8 @@ class Config:
 
     # --- distributed (torchrun) ---------------------------------------------------------------
     dist_timeout: float = 600.0
-    """torchrun only: seconds a rank waits for the others (rendezvous, a collective) before it fails
-    with an error instead of hanging"""
+    """torchrun only: seconds a rank waits for the others (rendezvous, a collective) before it
+    fails with an error instead of hanging"""
     world_size: tyro.conf.Suppress[int] = 1
     """ranks training together; set from torchrun's WORLD_SIZE, not a flag"""
 

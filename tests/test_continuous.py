@@ -191,15 +191,20 @@ def test_eval_and_video_of_continuous_and_dict_envs(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("env_id,target,budget", [
-    ("MiniGrid-Empty-5x5-v0", 0.9, 200_000),
-    ("Taxi-v3", 0.0, 500_000),
+@pytest.mark.parametrize("env_id,target,budget,extra", [
+    ("MiniGrid-Empty-5x5-v0", 0.9, 200_000, ["--target-return-games", "50"]),
+    ("Taxi-v3", 0.0, 1_000_000, ["--target-return-games", "100", "--num-envs", "64", "--norm-reward", "True",
+                                 "--no-clip-vloss", "--learning-rate", "1e-3", "--no-anneal-lr"]),
 ], ids=["minigrid-empty", "taxi"])
-def test_small_envs_learn(tmp_path, capsys, env_id, target, budget):
+def test_small_envs_learn(tmp_path, capsys, env_id, target, budget, extra):
     """A dict-observation env (MiniGrid, image + direction) and a state-index env (Taxi, one-hot input)
-    reach a recent return that a random policy never does, within the step budget."""
+    reach a recent return that a random policy never does (MiniGrid: 0.9 of the 1.0 for reaching the
+    goal at once; Taxi: a positive mean over 100 games, where random play scores about -770 and a
+    policy that only learned to avoid the -10 penalties -200), within the step budget. Taxi's returns
+    are in the hundreds, which CleanRL's value clipping (+-0.2 per update) holds the critic back from:
+    it trains with reward scaling and no value clipping (see the README)."""
     run_dir = tmp_path / "r"
     assert main(["train", "--env-id", env_id, "--device", "cpu", "--run-dir", str(run_dir), "--total-timesteps",
-                 str(budget), "--target-return", str(target), "--seed", "1"]) == 0
+                 str(budget), "--target-return", str(target), "--seed", "1", *extra]) == 0
     assert f"target return {float(target)} reached" in capsys.readouterr().out
     assert read_metrics(run_dir)[-1]["global_step"] < budget
