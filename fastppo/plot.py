@@ -104,8 +104,6 @@ class Run:
 # --- reading ---------------------------------------------------------------------------------------
 
 
-
-
 def check_lines(run: str, lines: list[dict]) -> list[dict]:
     """The lines, with a non-finite number of METRICS read as None; ConfigError on a value that is not
     a number, or on a global_step that goes back (two runs in one file)."""

@@ -568,14 +568,14 @@ def prepare_resume(cfg: Config, world: World | None = None) -> Prepared:
         cfg.env_threads = distributed.env_threads(cfg.env_threads, cfg.num_envs, world)
         device = distributed.rank_device(training_device(cfg), world)
         check_memory(cfg, info, device)
+        if cfg.capture_video:
+            check_video(info, "--capture-video")
         return Prepared(cfg, info, device, select_ops(cfg, device), state, folder,
                         state.get("command", "fastppo train"))
     except BaseException:
         if folder is not None:
             folder.release()
         raise
-
-
 
 
 def make_optimizer(policy: nn.Module, cfg: Config) -> torch.optim.Optimizer:

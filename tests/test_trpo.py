@@ -428,7 +428,6 @@ def test_trpo_step_rejects_invalid_arguments(bad):
         trpo.trpo_step(problem.params, problem.surrogate, problem.kl, **{**STEP, **bad})
 
 
-
 # --- --algo trpo in the trainer -------------------------------------------------------------------
 
 
