@@ -213,7 +213,10 @@ def envpool_ceiling(cfg: Config, info, bench: BenchConfig, batch_size: int | Non
     envs = make_envs(info, num_envs, cfg.seed, num_threads=cfg.env_threads, batch_size=batch_size,
                      max_episode_steps=cfg.max_episode_steps, repeat_action_probability=cfg.repeat_action_probability)
     rng = np.random.default_rng(cfg.seed)
-    bank = rng.integers(0, info.num_actions, (64, num_envs))
+    if info.continuous:  # uniform in the Box
+        bank = rng.uniform(info.action_low, info.action_high, (64, num_envs, info.num_actions)).astype(np.float32)
+    else:
+        bank = rng.integers(0, info.num_actions, (64, num_envs))
     i = 0
     if batch_size is None:
         envs.reset()

@@ -48,6 +48,17 @@ def test_bench_smoke(tmp_path, capsys):
         assert point["torch_threads"] == 1  # --torch-threads 0 on the MLP: 1 thread, as train uses
 
 
+def test_bench_of_a_continuous_env(tmp_path, capsys):
+    """Random actions for the ceiling come from the Box; the preset and defaults are the continuous ones."""
+    assert main(["bench", "--device", "cpu", "--env-id", "Pendulum-v1", "--num-envs", "2", "--num-steps", "8",
+                 "--num-minibatches", "2", "--update-epochs", "1", "--seconds", "0.2", "--warmup", "0.05",
+                 "--out-dir", str(tmp_path), "--name", "box"]) == 0
+    capsys.readouterr()
+    result = json.loads((tmp_path / "box.json").read_text())
+    assert result["settings"]["norm_obs"] is True and result["settings"]["learning_rate"] == 3e-4
+    assert all(result["points"][0][key] > 0 for key in ("envpool_sync", "envpool_async", "inference", "training"))
+
+
 def test_each_point_is_a_config_with_the_bench_defaults_and_the_preset_rule():
     bench = BenchConfig(num_envs=(8,), seconds=1.0, warmup=0.5)
     cfg = point_config(bench, 8, "CartPole-v1", given_fields(bench.training))
