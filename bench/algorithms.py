@@ -84,6 +84,20 @@ def first_reach(lines: list[dict], target: float) -> tuple[int | None, float | N
     return None, None
 
 
+def update_stats(lines: list[dict]) -> dict:
+    """How far each update moved the policy and what it cost: the KL after the update (``losses/kl``:
+    PPO-penalty and TRPO measure it over the whole batch, PPO-clip on the last minibatch), its mean and
+    maximum over the iterations, the steps per second of the whole run, and for TRPO the fraction of
+    accepted steps and the mean number of line-search points tried."""
+    kls = [m["losses/kl"] for m in lines if m.get("losses/kl") is not None]
+    stats = {"mean_kl": sum(kls) / len(kls) if kls else None, "max_kl": max(kls, default=None),
+             "steps_per_second": lines[-1]["global_step"] / lines[-1]["time/elapsed"]}
+    if "trpo/accepted" in lines[-1]:
+        stats["trpo_accepted"] = sum(m["trpo/accepted"] for m in lines) / len(lines)
+        stats["trpo_line_search_steps"] = sum(m["trpo/line_search_steps"] for m in lines) / len(lines)
+    return stats
+
+
 def main(argv: list[str] | None = None) -> int:
     args, train_args = parse(list(sys.argv[1:] if argv is None else argv))
     out_dir = Path(args.out_dir)
@@ -97,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             run_dir.parent.mkdir(parents=True, exist_ok=True)
             log = open(run_dir.parent / f"{run_dir.name}.log", "a")
             print(f"start {args.env_id} {algo} seed {seed}", flush=True)
-            proc = subprocess.Popen(command(args, algo, seed, run_dir, train_args), stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(command(args, algo, seed, run_dir, train_args), stdout=log,
+                                    stderr=subprocess.STDOUT)
             running.append(((algo, seed), proc))
         time.sleep(2)
         for item in list(running):
@@ -119,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append({"algo": algo, "seed": seed, "steps_to_target": steps, "seconds_to_target": seconds,
                         "best_recent_return": max(recent, default=None), "final_recent_return": recent[-1] if recent
                         else None, "steps": lines[-1]["global_step"], "seconds": lines[-1]["time/elapsed"],
-                        "run": run_dir.name})
+                        **update_stats(lines), "run": run_dir.name})
     stem = out_dir / f"algorithms_{args.env_id}"
     with open(f"{stem}.json", "w") as f:
         json.dump({"env_id": args.env_id, "target": args.target, "total_timesteps": args.total_timesteps,
@@ -134,8 +149,8 @@ def table(results: list[dict], target: float, env_id: str) -> str:
     """Markdown: per algorithm, the steps to the target for each seed, their mean, and the final returns."""
     seeds = sorted({r["seed"] for r in results})
     head = (f"| {env_id}: steps to a recent return of {target:g} | " + " | ".join(f"seed {s}" for s in seeds)
-            + " | mean (reached) | seconds, mean | final recent return, mean |")
-    rows = [head, "| --- " * (len(seeds) + 4) + "|"]
+            + " | mean (reached) | seconds, mean | final recent return, mean | KL after update, mean / max | steps/s |")
+    rows = [head, "| --- " * (len(seeds) + 6) + "|"]
     for algo in dict.fromkeys(r["algo"] for r in results):
         mine = {r["seed"]: r for r in results if r["algo"] == algo}
         steps = [mine[s]["steps_to_target"] for s in seeds]
@@ -144,9 +159,13 @@ def table(results: list[dict], target: float, env_id: str) -> str:
         finals = [mine[s]["final_recent_return"] for s in seeds if mine[s]["final_recent_return"] is not None]
         cells = [f"{x:,}" if x is not None else "not reached" for x in steps]
         mean = f"{sum(reached) / len(reached):,.0f} ({len(reached)}/{len(seeds)})" if reached else "-"
+        kls = [mine[s]["mean_kl"] for s in seeds if mine[s]["mean_kl"] is not None]
+        sps = [mine[s]["steps_per_second"] for s in seeds]
         rows.append(f"| {algo} | " + " | ".join(cells) + f" | {mean} | "
                     + (f"{sum(secs) / len(secs):,.0f}" if secs else "-") + " | "
-                    + (f"{sum(finals) / len(finals):,.1f}" if finals else "-") + " |")
+                    + (f"{sum(finals) / len(finals):,.1f}" if finals else "-") + " | "
+                    + (f"{sum(kls) / len(kls):.4f} / {max(mine[s]['max_kl'] for s in seeds):.4f}" if kls else "-")
+                    + f" | {sum(sps) / len(sps):,.0f} |")
     return "\n".join(rows)
 
 
