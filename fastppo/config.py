@@ -176,6 +176,11 @@ class Config:
     """PPO-penalty: upper KL bound (None: 1.5 * kl_target)"""
     kl_min: float | None = None
     """PPO-penalty: lower KL bound (None: kl_target / 1.5)"""
+    kl_coef_min: float = 1e-4
+    """PPO-penalty: the least beta (halving stops there, so a rise of the KL is penalised again
+    within a few iterations)"""
+    kl_coef_max: float = 1e4
+    """PPO-penalty: the largest beta"""
     max_kl: float = 0.01
     """TRPO: the trust region delta, the largest mean KL(pi_old || pi) over the batch's states
     that an update may take"""
@@ -403,7 +408,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--log-seconds must be >= 0, got {cfg.log_seconds}")
     if cfg.max_episode_steps is not None and not 0 < cfg.max_episode_steps <= INT32_MAX:
         raise ConfigError(f"--max-episode-steps must be in [1, 2^31), got {cfg.max_episode_steps}")
-    for name in ("learning_rate", "clip_coef", "kl_target", "kl_max", "kl_min"):
+    for name in ("learning_rate", "clip_coef", "kl_target", "kl_max", "kl_min", "kl_coef_min", "kl_coef_max"):
         if not getattr(cfg, name) > 0:
             raise ConfigError(f"--{_flag(name)} must be positive, got {getattr(cfg, name)}")
     for name in ("ent_coef", "vf_coef", "max_grad_norm", "kl_coef"):
@@ -434,6 +439,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{refused[0]} is for --algo ppo; --algo trpo does not take it")
     if cfg.kl_min >= cfg.kl_max:
         raise ConfigError(f"--kl-min ({cfg.kl_min}) must be below --kl-max ({cfg.kl_max})")
+    if not 0 < cfg.kl_coef_min <= cfg.kl_coef_max:
+        raise ConfigError(f"--kl-coef-min ({cfg.kl_coef_min}) must be positive and at most --kl-coef-max "
+                          f"({cfg.kl_coef_max})")
+    if cfg.loss == "penalty" and not cfg.kl_coef_min <= cfg.kl_coef <= cfg.kl_coef_max:
+        raise ConfigError(f"--kl-coef {cfg.kl_coef} is outside [--kl-coef-min, --kl-coef-max] = "
+                          f"[{cfg.kl_coef_min}, {cfg.kl_coef_max}]")
     if cfg.batch_size % cfg.num_minibatches:
         raise ConfigError(
             f"num_envs * num_steps = {cfg.num_envs} * {cfg.num_steps} = {cfg.batch_size} does not divide "

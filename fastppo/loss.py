@@ -79,17 +79,23 @@ def gae_minibatch_loss(
 
 @dataclass
 class AdaptiveKLCoef:
-    """PPO paper, section 4: after each update, beta *= 2 if d > kl_max, beta /= 2 if d < kl_min."""
+    """PPO paper, section 4: after each update, beta *= 2 if d > kl_max, beta /= 2 if d < kl_min.
+
+    beta stays within [beta_min, beta_max]. Unbounded, a long stretch of small KLs (CleanRL's learning
+    rates keep PPO's KL far below the default d = 0.01) halves beta to 1e-289 within a thousand
+    iterations and then to exactly 0, from where doubling never brings the penalty back."""
 
     beta: float
     kl_min: float
     kl_max: float
+    beta_min: float = 1e-4
+    beta_max: float = 1e4
 
     def update(self, kl: float) -> float:
         if kl > self.kl_max:
-            self.beta *= 2.0
+            self.beta = min(self.beta * 2.0, self.beta_max)
         elif kl < self.kl_min:
-            self.beta /= 2.0
+            self.beta = max(self.beta / 2.0, self.beta_min)
         return self.beta
 
 

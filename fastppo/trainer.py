@@ -697,8 +697,8 @@ def build(prepared: Prepared, world: World) -> Session:
         envs.close()
         raise
     session = Session(policy, forward, distributed.wrap_model(forward, device), optimizer, collection,
-                      AdaptiveKLCoef(cfg.kl_coef, cfg.kl_min, cfg.kl_max), RecentReturns(cfg.target_return_games),
-                      Progress(), PhaseTimer(device), collect_timer)
+                      AdaptiveKLCoef(cfg.kl_coef, cfg.kl_min, cfg.kl_max, cfg.kl_coef_min, cfg.kl_coef_max),
+                      RecentReturns(cfg.target_return_games), Progress(), PhaseTimer(device), collect_timer)
     if state is not None:
         try:
             restore(state, policy, optimizer, session.kl_ctl, collection, world.rank)

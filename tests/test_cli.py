@@ -16,6 +16,7 @@ from helpers import read_metrics, without_timings
 import fastppo.trainer
 from fastppo.checkpoint import list_checkpoints, load_checkpoint
 from fastppo.cli import main
+from fastppo.loss import AdaptiveKLCoef
 
 CARTPOLE = ["train", "--env-id", "CartPole-v1", "--device", "cpu"]
 
@@ -45,6 +46,10 @@ BAD_INPUTS = [
     (["--env-id", "CartPole-v1", "--gamma", "1.5"], "--gamma must be in [0, 1], got 1.5"),
     (["--env-id", "CartPole-v1", "--loss", "penalty", "--kl-min", "0.1", "--kl-max", "0.05"],
      "--kl-min (0.1) must be below --kl-max (0.05)"),
+    (["--env-id", "CartPole-v1", "--loss", "penalty", "--kl-coef", "0"],
+     "--kl-coef 0.0 is outside [--kl-coef-min, --kl-coef-max] = [0.0001, 10000.0]"),
+    (["--env-id", "CartPole-v1", "--kl-coef-min", "2", "--kl-coef-max", "1"],
+     "--kl-coef-min (2.0) must be positive and at most --kl-coef-max (1.0)"),
 ]
 
 
@@ -131,6 +136,20 @@ def test_penalty_variant_adapts_beta(tmp_path):
         expected = beta * 2 if kl > 0.015 else beta / 2 if kl < 0.01 / 1.5 else beta
         assert next_beta == pytest.approx(expected)
     assert len(set(betas)) > 1
+
+
+def test_penalty_beta_stays_within_its_bounds():
+    """The doubling/halving rule within [--kl-coef-min, --kl-coef-max]: unbounded, a long run of small KLs
+    halves beta to exactly 0, from where doubling never brings the penalty back."""
+    ctl = AdaptiveKLCoef(1.0, kl_min=0.01 / 1.5, kl_max=0.015, beta_min=1e-4, beta_max=8.0)
+    betas = [ctl.update(0.0) for _ in range(2000)]
+    assert betas[:3] == [0.5, 0.25, 0.125] and min(betas) == betas[-1] == 1e-4
+    assert [ctl.update(1.0) for _ in range(17)][-4:] == pytest.approx([1.6384, 3.2768, 6.5536, 8.0])
+    assert ctl.update(0.01) == 8.0  # within [kl_min, kl_max]: unchanged
+    unbounded = AdaptiveKLCoef(1.0, kl_min=0.01 / 1.5, kl_max=0.015, beta_min=0.0, beta_max=float("inf"))
+    for _ in range(1100):
+        unbounded.update(0.0)
+    assert unbounded.beta == 0.0 and unbounded.update(1.0) == 0.0  # the failure the bounds prevent
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
