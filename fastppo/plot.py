@@ -7,9 +7,11 @@ Runs are grouped twice:
   (``run_dir``, ``exp_name``) and in the flags a resume may change (``config.RESUME_FLAGS``: length,
   logging, device, threads) are one group, the seeds of one setting. A group is drawn as its mean
   curve and a band from the lowest to the highest seed (min-max), on a common x grid: each seed's
-  curve is interpolated onto it, over the range where every seed has data. A group is labelled by the
-  config fields that differ between the groups of its env (``loss=penalty``), or by its exp_name
-  (one seed: its run folder's name) when its env has one group.
+  curve is interpolated onto it, over the range where every seed has data. Options the run's algorithm
+  does not read (PPO's for a TRPO run, PPO-penalty's for PPO-clip, TRPO's for PPO) are not part of
+  its setting, and a field an older config.json lacks counts as its default. A group is labelled by
+  the config fields that differ between the groups of its env (``loss=penalty``; ``algo=trpo``), or
+  by its exp_name (one seed: its run folder's name) when its env has one group.
 
 Three panels per row: the recent return (``charts/recent_return``, the mean of the last
 --target-return-games full games, None until that many games ended) against agent steps and
@@ -54,6 +56,12 @@ class PlotConfig:
 NOT_A_SETTING = set(IDENTITY_EXCLUDED) | {"seed", "batch_size", "minibatch_size", "global_batch_size",
                                           "num_iterations"}
 FIELD_ORDER = {f.name: i for i, f in enumerate(dataclasses.fields(Config))}
+# Options the run's algorithm does not read, left out of its setting (a TRPO run is not "loss=clip").
+PENALTY_ONLY = {"kl_coef", "kl_target", "kl_max", "kl_min", "kl_coef_min", "kl_coef_max"}
+TRPO_ONLY = {"max_kl", "cg_iters", "cg_damping", "line_search_steps"}
+PPO_ONLY = {"loss", "clip_coef", "clip_vloss", "ent_coef", "vf_coef", "target_kl"} | PENALTY_ONLY
+# Defaults of the fields a config.json written by an older fastppo may lack (it counts as the default).
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config) if f.default is not dataclasses.MISSING}
 METRICS = ("charts/recent_return", "time/elapsed", "perf/iteration", "eval/episodic_return")
 MAX_POINTS = 400  # points of a group's common grid; a run's own x values are used when fewer
 SMOOTH_ABOVE = 200  # iterations: longer runs draw their steps/s as a moving mean over 1% of their iterations
@@ -72,8 +80,12 @@ class Run:
         return self.config["env_id"]
 
     def setting(self) -> dict:
-        """The config fields that make this run's setting (everything but NOT_A_SETTING)."""
-        return {k: v for k, v in self.config.items() if k not in NOT_A_SETTING}
+        """The config fields that make this run's setting: everything but NOT_A_SETTING and the options its
+        algorithm does not read; a field missing from an older config.json counts as its default."""
+        config = {**DEFAULTS, **self.config}
+        unused = PPO_ONLY if config.get("algo") == "trpo" else TRPO_ONLY | (
+            PENALTY_ONLY if config.get("loss") != "penalty" else set())
+        return {k: v for k, v in config.items() if k not in NOT_A_SETTING and k not in unused}
 
     def series(self, x: str, y: str) -> tuple[np.ndarray, np.ndarray]:
         """(x, y) of the lines where both are numbers; x is global_step or a metric name."""
@@ -181,11 +193,14 @@ def groups_of(runs: list[Run]) -> list[Group]:
     members = list(keyed.values())
     settings = [ms[0].setting() for ms in members]
     names = sorted({k for s in settings for k in s}, key=lambda k: (FIELD_ORDER.get(k, len(FIELD_ORDER)), k))
-    differing = [k for k in names if len({json.dumps(s.get(k), default=str) for s in settings}) > 1]
+    # An algorithm's own options label its settings only where they differ between them; PPO's --loss
+    # is named whenever PPO runs are drawn beside TRPO runs.
+    differing = [k for k in names if len({json.dumps(s[k], default=str) for s in settings if k in s}) > 1
+                 or (k == "loss" and 0 < sum(k in s for s in settings) < len(settings))]
     out = []
     for ms, setting in zip(members, settings, strict=True):
         if differing:
-            parts = [f"{k}={_value(setting.get(k))}" for k in differing]
+            parts = [f"{k}={_value(setting[k])}" for k in differing if k in setting]
             label = ",\n".join(", ".join(parts[i : i + 3]) for i in range(0, len(parts), 3))
         elif len(ms) == 1:
             label = ms[0].name

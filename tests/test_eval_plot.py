@@ -167,6 +167,24 @@ def test_plot_rows_per_env_groups_per_setting_mean_and_band(synthetic_runs):
     assert acro_time.get_xlabel() == "wall-clock time (min)"
 
 
+def test_plot_settings_leave_out_what_the_algorithm_does_not_read(tmp_path):
+    """clip, penalty and TRPO side by side: a TRPO run (whose config.json says loss=clip) is "algo=trpo",
+    PPO-penalty's options do not split PPO-clip runs, and a penalty run from an older fastppo (no
+    --kl-coef-min in its config.json) is a seed of the same setting as one that has the default."""
+    from fastppo.plot import groups_of, load_runs
+
+    runs = [write_run(tmp_path, f"clip_{s}", seed=s, kl_coef=s) for s in (1, 2)]  # kl_coef unused by clip
+    runs += [write_run(tmp_path, "pen_1", seed=1, loss="penalty", algo="ppo"),
+             write_run(tmp_path, "pen_2", seed=2, loss="penalty", algo="ppo", kl_coef_min=1e-4, max_kl=0.05)]
+    runs += [write_run(tmp_path, f"trpo_{s}", seed=s, algo="trpo", ent_coef=0.01 * s, max_kl=0.01) for s in (1, 2)]
+    groups = groups_of(load_runs([str(r) for r in runs]))
+    assert [g.label for g in groups] == ["algo=ppo, loss=clip (2 seeds: 1, 2)",
+                                         "algo=ppo, loss=penalty (2 seeds: 1, 2)", "algo=trpo (2 seeds: 1, 2)"]
+    runs.append(write_run(tmp_path, "trpo_3", seed=3, algo="trpo", max_kl=0.02))
+    labels = [g.label for g in groups_of(load_runs([str(r) for r in runs]))]
+    assert labels[2:] == ["algo=trpo, max_kl=0.01 (2 seeds: 1, 2)", "algo=trpo, max_kl=0.02 (seed 3)"]
+
+
 def test_plot_legends_sit_below_the_panels(synthetic_runs, tmp_path):
     import matplotlib.pyplot as plt
 
