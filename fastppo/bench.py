@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SET_PER_POINT = ("num_envs", "env_batch_size", "total_timesteps", "max_seconds", "run_dir", "resume")
 NOT_MEASURED = ("exp_name", "save_every", "target_return", "target_return_games", "log_every", "log_seconds",
                 "track", "wandb_project", "wandb_entity", "wandb_group", "wandb_tags", "eval_every",
-                "eval_episodes", "dist_timeout", "tensorboard")
+                "eval_episodes", "capture_video", "dist_timeout", "tensorboard")
 TRAINING_FIELDS = tuple(f.name for f in fields(Config) if f.name not in (*SET_PER_POINT, *NOT_MEASURED, "world_size"))
 
 
@@ -94,7 +94,8 @@ class BenchTraining(Config):
     eval_every: tyro.conf.Suppress[int] = 0
     eval_episodes: tyro.conf.Suppress[int] = 4
     dist_timeout: tyro.conf.Suppress[float] = 600.0
-    tensorboard: tyro.conf.Suppress[bool] = False  # train's --tensorboard, once Config has it
+    capture_video: tyro.conf.Suppress[bool] = False
+    tensorboard: tyro.conf.Suppress[bool] = False
 
 
 record_given(BenchTraining)  # BenchTraining(preset="fast", update_epochs=4) keeps its 4 epochs, as Config does
