@@ -11,6 +11,7 @@ states are converted, see :func:`rng_state`).
 from __future__ import annotations
 
 import glob
+import math
 import os
 import pickle
 import random
@@ -46,6 +47,13 @@ def list_checkpoints(run_dir: str) -> list[str]:
     """The run's checkpoints, oldest first."""
     paths = glob.glob(os.path.join(run_dir, CKPT_DIR, "ckpt_*.pt"))
     return sorted((p for p in paths if _CKPT_RE.search(p)), key=lambda p: int(_CKPT_RE.search(p).group(1)))
+
+
+def last_checkpoint_note(run_dir: str, what: str = "last") -> str:
+    """For an error line: "the last checkpoint is <path>" (what="last good": after a divergence), or that
+    none was written."""
+    found = list_checkpoints(run_dir)
+    return f"the {what} checkpoint is {found[-1]}" if found else "no checkpoint was written"
 
 
 def non_finite(state: dict) -> str | None:
@@ -89,6 +97,22 @@ def save_best(run_dir: str, state: dict) -> str:
     return path
 
 
+def best_score(run_dir: str) -> float:
+    """The evaluation score checkpoints/best.pt holds; -inf when there is none (or it does not read).
+
+    A resume starts from the best of this and its checkpoint's score: a best.pt written after that
+    checkpoint, by iterations the resume redoes, is kept and still has to be beaten.
+    """
+    path = os.path.join(run_dir, CKPT_DIR, BEST)
+    if not os.path.isfile(path):
+        return -math.inf
+    try:
+        score = load_checkpoint(path).get("eval_return")
+    except CheckpointError:
+        return -math.inf
+    return float(score) if isinstance(score, (int, float)) and math.isfinite(score) else -math.inf
+
+
 def _write(run_dir: str, path: str, state: dict) -> None:
     """torch.save to a temporary file in the same folder, fsync, rename over `path`, fsync the folder.
 
@@ -118,9 +142,7 @@ def _write(run_dir: str, path: str, state: dict) -> None:
         finally:
             os.close(dir_fd)
     except OSError as e:
-        last = list_checkpoints(run_dir)
-        kept = f"the last checkpoint is {last[-1]}" if last else "no checkpoint was written"
-        raise WriteFailed(f"cannot write checkpoint {path} ({_why(e)}); {kept}") from e
+        raise WriteFailed(f"cannot write checkpoint {path} ({_why(e)}); {last_checkpoint_note(run_dir)}") from e
 
 
 REQUIRED_KEYS = ("model", "config", "iteration", "global_step")
@@ -179,7 +201,7 @@ def _check_parts(state: dict, path: str, parts: dict) -> None:
         raise CheckpointError(f"{path!r} is damaged: its config names no env_id")
 
 
-RESUME_KEYS = ("optimizer", "rng", "actions", "kl_coef", "elapsed")
+RESUME_KEYS = ("optimizer", "rng", "actions", "kl_coef", "elapsed", "recent_returns")
 
 
 def load_resumable(run_dir: str) -> dict:

@@ -284,7 +284,8 @@ def env_kind(info: EnvInfo) -> str:
 # Config(preset="fast", update_epochs=4) sets update_epochs to its default value and means it. So a
 # Config records the fields its constructor was given and every field assigned afterwards
 # (given_fields). The command line, whose parser passes every field to the constructor, replaces
-# that record with the flags actually on it (mark_given(cfg, flags_given(argv))).
+# that record with the flags actually on it (mark_given(cfg, flags_given(argv))). For the same reason
+# dataclasses.replace(cfg, ...) counts every field as set; config.replace keeps the record.
 
 _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Config))
 
@@ -323,6 +324,13 @@ def mark_given(cfg: Config, names: set[str]) -> Config:
     return cfg
 
 
+def replace(cfg: Config, given: bool = True, **changes) -> Config:
+    """A copy of cfg with `changes`, keeping the record of the fields its caller set (dataclasses.replace
+    would count every field as set); the changed fields count as set unless `given` is False (values
+    filled in by a preset or a default)."""
+    return mark_given(dataclasses.replace(cfg, **changes), given_fields(cfg) | (set(changes) if given else set()))
+
+
 def flags_given(argv: list[str]) -> set[str]:
     """Config field names named on a command line (--total-timesteps 9 / --no-anneal-lr / --x=1)."""
     given = set()
@@ -346,16 +354,17 @@ def resolve(cfg: Config, info: EnvInfo, world_size: int = 1) -> Config:
     world_size: ranks training together (torchrun's WORLD_SIZE; 1 for a plain run).
     Raises ConfigError (one line, naming the value) on any bad input.
     """
-    defaults = KIND_DEFAULTS[env_kind(info)]
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
-    cfg.world_size = world_size
+    # filled in, not set by the caller: they do not count as given (config.given_fields)
+    fills = {k: v for k, v in KIND_DEFAULTS[env_kind(info)].items() if getattr(cfg, k) is None}
+    fills["world_size"] = world_size
+    if cfg.kl_max is None:
+        fills["kl_max"] = 1.5 * cfg.kl_target
+    if cfg.kl_min is None:
+        fills["kl_min"] = cfg.kl_target / 1.5
+    cfg = replace(cfg, given=False, **fills)
     if cfg.norm_obs and (info.is_image or info.obs_classes):
         what = "frames" if info.is_image else "a state index"
         raise ConfigError(f"--norm-obs needs vector observations; {info.env_id} observes {what}")
-    if cfg.kl_max is None:
-        cfg.kl_max = 1.5 * cfg.kl_target
-    if cfg.kl_min is None:
-        cfg.kl_min = cfg.kl_target / 1.5
     validate(cfg)
     return cfg
 
@@ -472,11 +481,40 @@ def validate(cfg: Config) -> None:
         )
 
 
-def training_device(cfg: Config) -> torch.device:
-    """The device named by --device (auto = cuda when available)."""
-    if cfg.device == "auto":
+def device_named(name: str) -> torch.device:
+    """The device a --device value names (auto = cuda when available)."""
+    if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
+    return torch.device(name)
+
+
+def training_device(cfg: Config) -> torch.device:
+    """The device named by --device."""
+    return device_named(cfg.device)
+
+
+# Options only one algorithm (or PPO's penalty loss) reads.
+PENALTY_ONLY = {"kl_coef", "kl_target", "kl_max", "kl_min", "kl_coef_min", "kl_coef_max"}
+TRPO_ONLY = {"max_kl", "cg_iters", "cg_damping", "line_search_steps"}
+PPO_ONLY = {"loss", "clip_coef", "clip_vloss", "ent_coef", "vf_coef", "target_kl"} | PENALTY_ONLY
+
+
+def unread_options(algo: str, loss: str) -> set[str]:
+    """The options a run of `algo` (and, for PPO, `loss`) does not read."""
+    if algo == "trpo":
+        return PPO_ONLY
+    return TRPO_ONLY | (PENALTY_ONLY if loss != "penalty" else set())
+
+
+def check_options_read(cfg: Config) -> None:
+    """ConfigError when the caller set an option the run's algorithm would ignore (--ent-coef with
+    --algo trpo, --max-kl with --algo ppo, --kl-coef with --loss clip): a value given is a value used."""
+    unread = sorted(given_fields(cfg) & unread_options(cfg.algo, cfg.loss), key=_FIELD_NAMES.index)
+    if unread:
+        name = unread[0]
+        owner = "--algo trpo" if name in TRPO_ONLY else "--algo ppo" if cfg.algo == "trpo" else "--loss penalty"
+        raise ConfigError(f"--{_flag(name)} is for {owner}; this run (--algo {cfg.algo}"
+                          f"{f', --loss {cfg.loss}' if cfg.algo == 'ppo' else ''}) does not read it")
 
 
 def _flag(name: str) -> str:

@@ -91,11 +91,18 @@ class AdaptiveKLCoef:
     beta_min: float = 1e-4
     beta_max: float = 1e4
 
+    def __post_init__(self):
+        self.set(self.beta)
+
+    def set(self, beta: float) -> None:
+        """beta, within [beta_min, beta_max] (a resumed checkpoint's beta too)."""
+        self.beta = min(max(beta, self.beta_min), self.beta_max)
+
     def update(self, kl: float) -> float:
         if kl > self.kl_max:
-            self.beta = min(self.beta * 2.0, self.beta_max)
+            self.set(self.beta * 2.0)
         elif kl < self.kl_min:
-            self.beta = max(self.beta / 2.0, self.beta_min)
+            self.set(self.beta / 2.0)
         return self.beta
 
 

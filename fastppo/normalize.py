@@ -59,7 +59,7 @@ class RunningMeanStd:
         """Add the rows of x (B, *shape); weight (B,) of 0/1 leaves rows out."""
         x = x.to(torch.float64)
         if weight is None:
-            n = torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device)
+            n = x.new_full((), x.shape[0])  # a fill on the device (torch.tensor(...) would copy from the host)
             mean = x.mean(0)
             m2 = (x - mean).square_().sum(0)
         else:

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import tyro
 
-from fastppo.config import IDENTITY_EXCLUDED, Config, ConfigError, read_config
+from fastppo.config import IDENTITY_EXCLUDED, Config, ConfigError, read_config, unread_options
 from fastppo.logger import read_metrics
 
 
@@ -56,10 +56,6 @@ class PlotConfig:
 NOT_A_SETTING = set(IDENTITY_EXCLUDED) | {"seed", "batch_size", "minibatch_size", "global_batch_size",
                                           "num_iterations"}
 FIELD_ORDER = {f.name: i for i, f in enumerate(dataclasses.fields(Config))}
-# Options the run's algorithm does not read, left out of its setting (a TRPO run is not "loss=clip").
-PENALTY_ONLY = {"kl_coef", "kl_target", "kl_max", "kl_min", "kl_coef_min", "kl_coef_max"}
-TRPO_ONLY = {"max_kl", "cg_iters", "cg_damping", "line_search_steps"}
-PPO_ONLY = {"loss", "clip_coef", "clip_vloss", "ent_coef", "vf_coef", "target_kl"} | PENALTY_ONLY
 # Defaults of the fields a config.json written by an older fastppo may lack (it counts as the default).
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config) if f.default is not dataclasses.MISSING}
 METRICS = ("charts/recent_return", "time/elapsed", "perf/iteration", "eval/episodic_return")
@@ -83,8 +79,7 @@ class Run:
         """The config fields that make this run's setting: everything but NOT_A_SETTING and the options its
         algorithm does not read; a field missing from an older config.json counts as its default."""
         config = {**DEFAULTS, **self.config}
-        unused = PPO_ONLY if config.get("algo") == "trpo" else TRPO_ONLY | (
-            PENALTY_ONLY if config.get("loss") != "penalty" else set())
+        unused = unread_options(config.get("algo"), config.get("loss"))
         return {k: v for k, v in config.items() if k not in NOT_A_SETTING and k not in unused}
 
     def series(self, x: str, y: str) -> tuple[np.ndarray, np.ndarray]:
@@ -264,7 +259,8 @@ def drawn(xs: list, ys: list[float | None]) -> tuple[list, list]:
     return [x for x, _ in pts], [y for _, y in pts]
 
 
-def _steps(v: float, _pos=None) -> str:
+def si_label(v: float, _pos=None) -> str:
+    """1500 -> 1.5k, 2e6 -> 2M: axis labels (a matplotlib FuncFormatter's function)."""
     for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(v) >= scale:
             return f"{v / scale:g}{suffix}"
@@ -319,7 +315,7 @@ def figure(runs: list[Run]):
             if not ax.lines:
                 ax.text(0.5, 0.5, "no data yet", transform=ax.transAxes, ha="center", va="center", color="0.5")
         for ax in (ax_steps, ax_speed):
-            ax.xaxis.set_major_formatter(FuncFormatter(_steps))
+            ax.xaxis.set_major_formatter(FuncFormatter(si_label))
         ax_speed.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
         ax_speed.set_ylim(bottom=0)
         if bands:

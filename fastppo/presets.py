@@ -20,8 +20,6 @@ epochs trade CleanRL's 320 small gradient steps per 2048 env steps for 20 large 
 
 from __future__ import annotations
 
-import dataclasses
-
 from fastppo.config import KIND_DEFAULTS
 
 _CLEANRL_COMMON = dict(
@@ -50,10 +48,10 @@ def apply_preset(cfg, kind: str):
     The same rule for the command line (the flags given win) and for Python
     (``Config(preset="fast", update_epochs=4)`` keeps its 4 epochs).
     """
-    from fastppo.config import given_fields
+    from fastppo.config import given_fields, replace
 
     if cfg.preset == "none":
         return cfg
     explicit = given_fields(cfg)
     values = {k: v for k, v in PRESETS[cfg.preset][kind].items() if k not in explicit}
-    return dataclasses.replace(cfg, **values)
+    return replace(cfg, given=False, **values)

@@ -239,16 +239,18 @@ class Collector:
     ``action_log`` holds every action sent to the envs since their reset, one host array per rollout,
     (T, N) (uint8 when the action space allows) or (T, N, D) float32 for continuous actions: EnvPool
     cannot save an env's state, so a resumed run rebuilds it by re-creating the envs with the same
-    seed and replaying these actions (:meth:`replay`).
+    seed and replaying these actions (:meth:`replay`). ``record=False`` keeps no log (``--overlap``,
+    whose resume restarts the envs on fresh seeds instead); ``state()`` then holds no actions.
 
     ``norms`` (optional) normalises the observations and scales the rewards on the device
     (``fastppo.normalize``); the rollout keeps what the policy saw and what it is trained on.
     """
 
     def __init__(self, envs, info: EnvInfo, device: torch.device, generator: torch.Generator | None = None,
-                 timer: PhaseTimer | None = None, norms: Normalizers | None = None):
+                 timer: PhaseTimer | None = None, norms: Normalizers | None = None, record: bool = True):
         self.envs = envs
         self.info = info
+        self.record = record
         self.device = device
         self.generator = generator
         self.timer = timer or PhaseTimer(device)
@@ -257,7 +259,10 @@ class Collector:
         obs, _ = envs.reset()
         self.num_envs = len(obs)
         self.stats = EpisodeStats(self.num_envs, info.is_atari)
-        self.next_obs = observe(self.norms, torch.from_numpy(obs).to(device))
+        # The reset's observation is normalised by the first collect(), once a resume has loaded the
+        # statistics (a resume that replays nothing would otherwise act on it normalised by fresh ones).
+        self.next_obs = torch.from_numpy(obs).to(device)
+        self.next_is_raw = True
         self.next_is_reset = torch.zeros(self.num_envs, dtype=torch.bool, device=device)
         self.action_dtype = action_log_dtype(info)
         self.action_log: list[np.ndarray] = []
@@ -277,6 +282,7 @@ class Collector:
             done = terminated | truncated
         if obs is not None:
             self.next_obs = observe(self.norms, torch.from_numpy(obs).to(self.device), update=False)
+            self.next_is_raw = False
             self.next_is_reset = torch.from_numpy(done).to(self.device)
         self.stats.pop()
         self.action_log = [np.ascontiguousarray(actions, dtype=self.action_dtype)]
@@ -285,12 +291,13 @@ class Collector:
         """This rank's part of a checkpoint: every action sent since the envs' reset, (S, N[, D]) on the
         host, and each env's discounted return with --norm-reward.
 
-        The log is kept as one array afterwards, so the next save is one copy.
+        The log is kept as one array afterwards, so the next save is one copy. Without ``record`` the
+        actions are None.
         """
-        if len(self.action_log) != 1:
+        if self.record and len(self.action_log) != 1:
             self.action_log = [np.concatenate(self.action_log) if self.action_log
                                else np.zeros((0, self.num_envs, *self.info.action_shape), dtype=self.action_dtype)]
-        out = {"actions": self.action_log[0]}
+        out = {"actions": self.action_log[0] if self.record else None}
         if self.norms.reward is not None:
             out["reward_returns"] = self.norms.reward.returns.cpu()
         return out
@@ -302,8 +309,12 @@ class Collector:
         """Fill buf with num_steps steps of every env, acting with policy (a module or an Actor)."""
         actor = _as_actor(policy, self.generator)
         timer = self.timer
+        if self.next_is_raw:
+            self.next_obs = observe(self.norms, self.next_obs)
+            self.next_is_raw = False
         sent = np.empty((buf.num_steps, self.num_envs, *self.info.action_shape), dtype=self.action_dtype)
-        self.action_log.append(sent)
+        if self.record:
+            self.action_log.append(sent)
         for t in range(buf.num_steps):
             buf.obs[t] = self.next_obs
             buf.valid[t] = ~self.next_is_reset
@@ -625,7 +636,7 @@ def make_collection(cfg, envs, info: EnvInfo, device: torch.device, policy: nn.M
     if cfg.async_envs:
         collector = AsyncCollector(envs, info, device, cfg.num_envs, cfg.recv_batch_size, timer=timer, norms=norms)
     else:
-        collector = Collector(envs, info, device, timer=timer, norms=norms)
+        collector = Collector(envs, info, device, timer=timer, norms=norms, record=not cfg.overlap)
     graphs = dict(cudagraphs=cfg.cudagraphs, graph_batch_sizes=(cfg.recv_batch_size,))
     if not cfg.overlap:
         return InlineCollection(collector, Actor(policy, forward, **graphs), cfg.num_steps)

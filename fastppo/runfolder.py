@@ -7,8 +7,8 @@
 * A new run's folder is claimed (checked, made, locked) before the envs exist, but nothing that
   makes it a run (config.json, metrics.jsonl, checkpoints, W&B files) is written until training
   starts. If the start fails or a SIGINT/SIGTERM arrives first, :meth:`RunFolder.abandon` removes
-  what the start made (the folder itself when it made it), so the same command can simply be run
-  again.
+  what the start made (the folder itself when it made it, else only the entries that were not in it
+  before), so the same command can simply be run again.
 """
 
 from __future__ import annotations
@@ -18,21 +18,20 @@ import fcntl
 import os
 import shutil
 
-from fastppo.config import RUN_MARKERS, ConfigError, check_run_dir
+from fastppo.config import ConfigError, check_run_dir
 
 LOCK_FILE = ".lock"
-# Everything a start may write in a folder that already existed (empty of run files) before it
-_START_FILES = (*RUN_MARKERS, LOCK_FILE, "wandb_run.json", "wandb", "videos", "tensorboard", "README.md")
 
 
 class RunFolder:
     """A locked run folder; ``committed`` once training started (until then abandon() undoes the start)."""
 
-    def __init__(self, path: str, fd: int, made: bool, new: bool):
+    def __init__(self, path: str, fd: int, made: bool, new: bool, before: frozenset[str] = frozenset()):
         self.path = path
         self.fd = fd
         self.made = made  # the folder did not exist before this process
         self.new = new  # a new run (not a resume)
+        self.before = before  # what a folder that existed held before this start (the user's: kept)
         self.committed = not new
 
     @classmethod
@@ -40,6 +39,7 @@ class RunFolder:
         """Check (config.check_run_dir), make and lock the folder of a new run. ConfigError on failure."""
         check_run_dir(path, flag)
         made = not os.path.exists(path)
+        before = frozenset() if made else frozenset(os.listdir(path)) - {LOCK_FILE}
         try:
             os.makedirs(path, exist_ok=True)
         except OSError as e:
@@ -51,7 +51,7 @@ class RunFolder:
             if made:
                 shutil.rmtree(path, ignore_errors=True)
             raise
-        return cls(path, fd, made, new=True)
+        return cls(path, fd, made, new=True, before=before)
 
     @classmethod
     def lock_existing(cls, path: str) -> RunFolder:
@@ -65,12 +65,13 @@ class RunFolder:
         self.committed = True
 
     def abandon(self) -> None:
-        """Undo an uncommitted start: remove the folder it made, or the files it wrote; then unlock."""
+        """Undo an uncommitted start: remove the folder it made, or what it added to one that existed
+        (its lock file included); then unlock."""
         if not self.committed:
             if self.made:
                 shutil.rmtree(self.path, ignore_errors=True)
             else:
-                for name in _START_FILES:
+                for name in set(os.listdir(self.path)) - self.before:
                     target = os.path.join(self.path, name)
                     if os.path.isdir(target) and not os.path.islink(target):
                         shutil.rmtree(target, ignore_errors=True)

@@ -42,8 +42,9 @@ from fastppo.checkpoint import (
     CheckpointError,
     StopOnSignal,
     WriteFailed,
+    best_score,
     checkpoint_path,
-    list_checkpoints,
+    last_checkpoint_note,
     load_resumable,
     rng_state,
     save_best,
@@ -53,6 +54,7 @@ from fastppo.checkpoint import (
 from fastppo.config import (
     Config,
     ConfigError,
+    check_options_read,
     default_run_dir,
     env_kind,
     read_config,
@@ -252,8 +254,7 @@ def check_finite(values: dict[str, float], progress: Progress, run_dir: str) -> 
     if math.isfinite(values["loss"]) and values["params_finite"] == 1.0:
         return
     what = f"loss is {values['loss']}" if not math.isfinite(values["loss"]) else "the parameters are not finite"
-    last = list_checkpoints(run_dir)
-    kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written"
+    kept = last_checkpoint_note(run_dir, "last good")
     raise TrainingDiverged(f"{what} at iteration {progress.iteration} (global step {progress.global_step}); "
                            f"stopping, {kept}")
 
@@ -309,16 +310,18 @@ def stop_reason(cfg: Config, recent: RecentReturns, progress: Progress, stop: St
     """Why the loop stops after this iteration: "target_return", "max_seconds", "signal" or None.
 
     A collective under torchrun (every rank takes the same decision: the return window holds the
-    games of all ranks, and a time limit or a signal on any rank stops them all).
+    games of all ranks, and a time limit or a signal on any rank stops them all). After the last
+    iteration a time limit or a signal changes nothing: the run is complete.
     """
     if cfg.target_return is not None and recent.mean() is not None and recent.mean() >= cfg.target_return:
         return "target_return"
+    reason = None
     if cfg.max_seconds is not None and distributed.any_rank(time.time() - progress.start_time > cfg.max_seconds,
                                                             device):
-        return "max_seconds"
-    if distributed.any_rank(stop.signum is not None, device):
-        return "signal"
-    return None
+        reason = "max_seconds"
+    elif distributed.any_rank(stop.signum is not None, device):
+        reason = "signal"
+    return None if progress.iteration == cfg.num_iterations else reason
 
 
 def eval_due(cfg: Config, iteration: int) -> bool:
@@ -404,8 +407,7 @@ def save(cfg: Config, state: dict | None, progress: Progress, metrics: dict) -> 
     try:
         path = save_checkpoint(cfg.run_dir, progress.iteration, state)
     except ValueError as e:  # Host-device sync, deliberate: the finiteness check reads every tensor once per save
-        last = list_checkpoints(cfg.run_dir)
-        kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written"
+        kept = last_checkpoint_note(cfg.run_dir, "last good")
         raise TrainingDiverged(f"{e} at iteration {progress.iteration} (global step {progress.global_step}); "
                                f"stopping, {kept}") from None
     write_model_card(cfg.run_dir, cfg, metrics, command=state["command"], best=progress.best_eval,
@@ -439,12 +441,12 @@ def restore(state: dict, policy: nn.Module, optimizer: torch.optim.Optimizer, kl
     """
     policy.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    kl_ctl.beta = state["kl_coef"]
+    kl_ctl.set(state["kl_coef"])
     norms = collection.collector.norms
     norms.load_state_dict(state.get("normalizer", {}))  # before the replay, which normalises with them
-    own = state.get("collection", [{}])[rank]
-    if norms.reward is not None and "reward_returns" in own:
-        norms.reward.returns.copy_(own["reward_returns"])
+    own = state["collection"][rank] if "collection" in state else {}
+    if norms.reward is not None and "reward_returns" in own and state["actions"] is not None:
+        norms.reward.returns.copy_(own["reward_returns"])  # the replayed envs' games go on (restarted ones: 0)
     if state["actions"] is not None:
         n = collection.collector.num_envs
         collection.collector.replay(state["actions"][:, rank * n : (rank + 1) * n].numpy())
@@ -513,14 +515,22 @@ def prepare(cfg: Config, world: World | None = None) -> Prepared:
     Raises EnvError / ConfigError (one line each).
     """
     world = world or World()
+    check_options_read(cfg)
     info = env_info(cfg.env_id, cfg.env_kwargs)
     cfg = resolve(apply_preset(cfg, env_kind(info)), info, world.size)
+    device = place(cfg, info, world)
+    return Prepared(cfg, info, device, select_ops(cfg, device))
+
+
+def place(cfg: Config, info: EnvInfo, world: World) -> torch.device:
+    """This rank's env threads and device, once the resolved config fits them: the rollout's memory, and a
+    renderer for --capture-video. Returns the device."""
     cfg.env_threads = distributed.env_threads(cfg.env_threads, cfg.num_envs, world)
     device = distributed.rank_device(training_device(cfg), world)
     check_memory(cfg, info, device)
     if cfg.capture_video:
         check_video(info, "--capture-video")
-    return Prepared(cfg, info, device, select_ops(cfg, device))
+    return device
 
 
 def prepare_resume(cfg: Config, world: World | None = None) -> Prepared:
@@ -565,11 +575,7 @@ def prepare_resume(cfg: Config, world: World | None = None) -> Prepared:
             got = None if state["actions"] is None else tuple(state["actions"].shape)
             raise CheckpointError(f"{path!r} does not match its config (actions of shape {got}, expected {expected})")
         check_loadable(state, info, cfg)
-        cfg.env_threads = distributed.env_threads(cfg.env_threads, cfg.num_envs, world)
-        device = distributed.rank_device(training_device(cfg), world)
-        check_memory(cfg, info, device)
-        if cfg.capture_video:
-            check_video(info, "--capture-video")
+        device = place(cfg, info, world)
         return Prepared(cfg, info, device, select_ops(cfg, device), state, folder,
                         state.get("command", "fastppo train"))
     except BaseException:
@@ -586,8 +592,15 @@ def make_optimizer(policy: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=cfg.learning_rate, eps=1e-5, foreach=True)
 
 
+def make_normalizers(cfg: Config, info: EnvInfo, device: torch.device) -> Normalizers:
+    """The run's observation normaliser and reward scaler (--norm-obs, --norm-reward), on device."""
+    return Normalizers(ObsNormalizer(info.obs_shape, device) if cfg.norm_obs else None,
+                       RewardScaler(cfg.num_envs, cfg.gamma, device) if cfg.norm_reward else None)
+
+
 def check_loadable(state: dict, info: EnvInfo, cfg: Config) -> None:
-    """CheckpointError unless the checkpoint's model and optimizer state load into this env's networks."""
+    """CheckpointError unless the checkpoint's model, optimizer state, normalisation statistics and
+    per-rank collection state load into this run's networks and collectors."""
     policy = make_policy(info)
     expected = {k: tuple(v.shape) for k, v in policy.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state["model"].items()}
@@ -605,6 +618,21 @@ def check_loadable(state: dict, info: EnvInfo, cfg: Config) -> None:
                 raise ValueError(f"Adam's state of a parameter of shape {tuple(p.shape)} is {sorted(slots)}")
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:
         raise CheckpointError(f"{state['path']!r} is damaged: its optimizer state does not load ({e})") from None
+    norms = make_normalizers(cfg, info, torch.device("cpu"))
+    try:
+        norms.load_state_dict(state.get("normalizer", {}))
+        parts = state.get("collection", [{}] * cfg.world_size)
+        if not (isinstance(parts, list) and len(parts) == cfg.world_size and all(isinstance(c, dict) for c in parts)):
+            raise ValueError(f"expected one collection state per rank ({cfg.world_size})")
+        for part in parts:
+            returns = part.get("reward_returns")
+            if norms.reward is not None and returns is not None and (
+                    not isinstance(returns, torch.Tensor) or returns.shape != norms.reward.returns.shape):
+                raise ValueError(f"discounted returns of shape {getattr(returns, 'shape', None)}, expected "
+                                 f"({cfg.num_envs},)")
+    except (KeyError, ValueError, TypeError, RuntimeError, AttributeError) as e:
+        raise CheckpointError(f"{state['path']!r} is damaged: its normalisation or collection state does not load "
+                              f"({type(e).__name__}: {e})") from None
 
 
 # --- the run ---------------------------------------------------------------------------------------
@@ -689,8 +717,7 @@ def build(prepared: Prepared, world: World) -> Session:
         forward = learner_forward(policy, cfg.bf16, cfg.compile)
         collect_timer = PhaseTimer(device)
         first = 1 if state is None else state["iteration"] + 1
-        norms = Normalizers(ObsNormalizer(info.obs_shape, device) if cfg.norm_obs else None,
-                            RewardScaler(cfg.num_envs, cfg.gamma, device) if cfg.norm_reward else None)
+        norms = make_normalizers(cfg, info, device)
         collection = make_collection(cfg, envs, info, device, policy, forward, collect_timer,
                                      rollouts=cfg.num_iterations - first + 1, seed=torch_seed + 1, norms=norms)
     except BaseException:
@@ -708,7 +735,7 @@ def build(prepared: Prepared, world: World) -> Session:
         session.recent.extend(state["recent_returns"])
         p = session.progress
         p.iteration, p.global_step, p.elapsed_before = state["iteration"], state["global_step"], state["elapsed"]
-        p.best_eval = state.get("best_eval", -math.inf)
+        p.best_eval = max(state.get("best_eval", -math.inf), best_score(cfg.run_dir))
         p.start_step = p.global_step
     return session
 
@@ -724,21 +751,22 @@ def _train(prepared: Prepared, world: World) -> dict:
             claimed: list[RunFolder] = []  # rank 0's; every rank gets the path (or the ConfigError)
             cfg.run_dir = distributed.on_main(lambda: claimed.append(claim_run_dir(cfg)) or claimed[0].path)
             folder = claimed[0] if claimed else None
+        session = None
         try:
             session = build(prepared, world)
-        except BaseException:
-            if folder is not None and prepared.resume is None:
-                folder.abandon()
-            raise
-        try:
             if distributed.any_rank(stop.signum is not None, device):  # a signal while setting up: undo the start
-                if folder is not None and prepared.resume is None:
-                    folder.abandon()
                 signum = stop.signum or signal.SIGTERM
                 what = "the run is unchanged" if prepared.resume is not None else "nothing was written"
                 raise TrainingInterrupted(signum, f"stopped by {signal.Signals(signum).name} before training "
                                                   f"started; {what}")
             logger, tracker = start_outputs(cfg, prepared, folder) if main else (_Quiet(), None)
+        except BaseException:  # the start failed or was interrupted: a new run's folder is left as it was
+            if session is not None:
+                session.collection.close()
+            if folder is not None and prepared.resume is None:
+                folder.abandon()
+            raise
+        try:
             if folder is not None:
                 folder.commit()
             return _loop(cfg, prepared, session, logger, tracker, stop, device)
@@ -757,12 +785,10 @@ def start_outputs(cfg: Config, prepared: Prepared, folder: RunFolder):
     if steps != cfg.total_timesteps:  # said once, so that a shorter run than asked is no surprise
         print(f"fastppo: --total-timesteps {cfg.total_timesteps:,} rounds down to {cfg.num_iterations} iteration(s) of "
               f"{cfg.global_batch_size:,} steps: training {steps:,} steps", flush=True)
-    try:
+    with write_errors(run_dir):
         save_config(cfg, os.path.join(run_dir, "config.json"))
         if prepared.resume is not None:
             keep_metrics_until(run_dir, prepared.resume["iteration"])
-    except OSError as e:
-        raise WriteFailed(f"cannot write to the run folder {run_dir!r} ({e.strerror or e})") from None
     tracker = None
     if cfg.track:
         tracker = tracking.Tracker.start(run_dir, project=cfg.wandb_project, entity=cfg.wandb_entity,
@@ -772,15 +798,16 @@ def start_outputs(cfg: Config, prepared: Prepared, folder: RunFolder):
         board = TensorBoardWriter(run_dir, resume_step=None if prepared.resume is None
                                   else prepared.resume["global_step"])
     try:
-        logger = RunLogger(run_dir, cfg.num_iterations * cfg.global_batch_size, log_every=cfg.log_every,
-                           log_seconds=cfg.log_seconds, tracker=tracker, window=cfg.target_return_games,
-                           title=f"fastppo {cfg.env_id}  {run_dir}", tensorboard=board)
-    except OSError as e:
+        with write_errors(run_dir):
+            logger = RunLogger(run_dir, cfg.num_iterations * cfg.global_batch_size, log_every=cfg.log_every,
+                               log_seconds=cfg.log_seconds, tracker=tracker, window=cfg.target_return_games,
+                               title=f"fastppo {cfg.env_id}  {run_dir}", tensorboard=board)
+    except WriteFailed:
         if tracker is not None:
             tracker.finish(1)
         if board is not None:
             board.finish(1)
-        raise WriteFailed(f"cannot write to the run folder {run_dir!r} ({e.strerror or e})") from None
+        raise
     resumed = f", resumed after iteration {prepared.resume['iteration']}" if prepared.resume is not None else ""
     logger.announce(f"training {cfg.env_id} in {run_dir}{resumed}")
     return logger, tracker
@@ -853,9 +880,12 @@ def _loop(cfg: Config, prepared: Prepared, s: Session, logger, tracker, stop: St
             tracker.log_model(path, progress.global_step)
         exit_code = 0
     finally:
-        logger.close()
-        if tracker is not None:
-            tracker.finish(exit_code)
+        try:
+            with write_errors(run_dir):  # the last line is flushed here: a full disk shows up here too
+                logger.close()
+        finally:
+            if tracker is not None:
+                tracker.finish(exit_code)
     return dict(metrics, stopped_by=reason or "total_timesteps")
 
 
@@ -883,9 +913,8 @@ def write_errors(run_dir: str):
     try:
         yield
     except OSError as e:
-        last = list_checkpoints(run_dir)
-        kept = f"the last checkpoint is {last[-1]}" if last else "no checkpoint was written"
-        raise WriteFailed(f"cannot write to the run folder {run_dir!r} ({e.strerror or e}); {kept}") from None
+        raise WriteFailed(f"cannot write to the run folder {run_dir!r} ({e.strerror or e}); "
+                          f"{last_checkpoint_note(run_dir)}") from None
 
 
 class _Quiet:

@@ -48,8 +48,15 @@ BAD_INPUTS = [
      "--kl-min (0.1) must be below --kl-max (0.05)"),
     (["--env-id", "CartPole-v1", "--loss", "penalty", "--kl-coef", "0"],
      "--kl-coef 0.0 is outside [--kl-coef-min, --kl-coef-max] = [0.0001, 10000.0]"),
-    (["--env-id", "CartPole-v1", "--kl-coef-min", "2", "--kl-coef-max", "1"],
+    (["--env-id", "CartPole-v1", "--loss", "penalty", "--kl-coef-min", "2", "--kl-coef-max", "1"],
      "--kl-coef-min (2.0) must be positive and at most --kl-coef-max (1.0)"),
+    # an option the run's algorithm would ignore is refused, not dropped
+    (["--env-id", "CartPole-v1", "--algo", "trpo", "--ent-coef", "0.01"],
+     "--ent-coef is for --algo ppo; this run (--algo trpo) does not read it"),
+    (["--env-id", "CartPole-v1", "--max-kl", "0.02"],
+     "--max-kl is for --algo trpo; this run (--algo ppo, --loss clip) does not read it"),
+    (["--env-id", "CartPole-v1", "--kl-coef", "0.5"],
+     "--kl-coef is for --loss penalty; this run (--algo ppo, --loss clip) does not read it"),
 ]
 
 
@@ -150,6 +157,8 @@ def test_penalty_beta_stays_within_its_bounds():
     for _ in range(1100):
         unbounded.update(0.0)
     assert unbounded.beta == 0.0 and unbounded.update(1.0) == 0.0  # the failure the bounds prevent
+    ctl.set(0.0)  # a beta from outside (a checkpoint written before the bounds): within them too
+    assert ctl.beta == 1e-4 and AdaptiveKLCoef(1e9, 0.1, 0.2, beta_max=8.0).beta == 8.0
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):

@@ -121,3 +121,19 @@ def test_a_preset_fills_only_the_fields_its_caller_did_not_set(tmp_path):
     for name in ("py", "cli"):
         c = config(tmp_path / name)
         assert c["update_epochs"] == 4 and c["learning_rate"] == PRESETS["fast"]["discrete"]["learning_rate"], name
+
+
+def test_a_changed_copy_keeps_the_record_of_what_was_set():
+    """config.replace keeps which fields the caller set (dataclasses.replace counts every field as set,
+    so the preset would no longer fill anything); resolve's fills and a preset's values are not "set"."""
+    from fastppo.config import Config, given_fields, replace, resolve
+    from fastppo.envs import env_info
+    from fastppo.presets import apply_preset
+
+    fast = PRESETS["fast"]["discrete"]
+    cfg = replace(Config(preset="fast", env_id="CartPole-v1", update_epochs=4), seed=2)
+    assert given_fields(cfg) == {"preset", "env_id", "update_epochs", "seed"}
+    filled = apply_preset(cfg, "discrete")
+    assert filled.update_epochs == 4 and filled.num_steps == fast["num_steps"]
+    resolved = resolve(filled, env_info("CartPole-v1"))
+    assert given_fields(resolved) == given_fields(cfg)  # kl_max, world_size, the kind's defaults: filled in

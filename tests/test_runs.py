@@ -172,6 +172,45 @@ def test_async_overlap_run_resumes_from_its_checkpoint(tmp_path, monkeypatch, ca
     assert [m["charts/learning_rate"] for m in metrics] == pytest.approx([2.5e-4 * (1 - i / 6) for i in range(6)])
 
 
+def test_a_resume_starts_from_the_best_evaluation_on_disk(tmp_path):
+    """best.pt may have been written after the checkpoint a resume starts from (iterations it redoes):
+    its score still has to be beaten, so best.pt and eval/best_return keep agreeing."""
+    from fastppo.checkpoint import best_score, save_best
+
+    assert best_score(str(tmp_path)) == -float("inf")
+    save_best(str(tmp_path), {"model": {"w": torch.ones(2)}, "config": {"env_id": "CartPole-v1"}, "iteration": 9,
+                              "global_step": 9, "eval_return": 7.5})
+    assert best_score(str(tmp_path)) == 7.5
+
+
+def test_a_signal_in_the_last_iteration_ends_a_finished_run(tmp_path, monkeypatch, capsys):
+    """The run is complete after its last iteration: a SIGTERM during it neither reports an interruption
+    nor points at a resume that has nothing left to do."""
+    interrupt_at_iteration(monkeypatch, 2)
+    assert main([*CARTPOLE, "--total-timesteps", "1024", "--run-dir", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "finished after 1,024 steps (iteration 2 of 2)" in out and "--resume" not in out
+    assert load_checkpoint(str(tmp_path / "r"))["iteration"] == 2
+
+
+def test_sync_overlap_keeps_no_action_log_and_resumes_on_fresh_seeds(tmp_path, monkeypatch, capsys):
+    """--overlap (sync envs) resumes as async runs do: its checkpoints hold no action log (the host copy
+    of every action sent, which only a replay needs), and the envs restart on fresh seeds."""
+    args = [*CARTPOLE, "--total-timesteps", "2048", "--overlap", "--run-dir", str(tmp_path / "r")]
+    interrupt_at_iteration(monkeypatch, 2)
+    assert main(args) == 128 + signal.SIGTERM
+    capsys.readouterr()
+    monkeypatch.undo()
+    state = load_checkpoint(str(tmp_path / "r"))
+    assert state["iteration"] == 2 and state["actions"] is None
+    seeds = []
+    real_make_envs = fastppo.trainer.make_envs
+    monkeypatch.setattr(fastppo.trainer, "make_envs", lambda *a, **k: seeds.append(a[2]) or real_make_envs(*a, **k))
+    assert main(["train", "--resume", str(tmp_path / "r")]) == 0
+    assert seeds and seeds[0] != 1
+    assert [m["global_step"] for m in read_metrics(tmp_path / "r")] == [512 * i for i in range(1, 5)]
+
+
 def test_sigterm_mid_run_leaves_a_loadable_checkpoint_and_resume_continues(tmp_path):
     run_dir = tmp_path / "preempted"
     cmd = [sys.executable, "-m", "fastppo", *CARTPOLE, "--total-timesteps", "1000000", "--num-steps", "32",

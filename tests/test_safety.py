@@ -99,7 +99,10 @@ def test_a_checkpoint_from_another_run_is_refused_and_the_folder_is_untouched(fi
     (lambda s: s["optimizer"].update(state={0: {"step": 1}}), "optimizer state does not load"),
     (lambda s: s.update(recent_returns=["x"]), "'recent_returns' are not numbers"),
     (lambda s: s.update(global_step=7), "global step 7 after 2 iterations"),
-], ids=["model-shape", "iteration-type", "model-type", "actions-shape", "rng", "optimizer", "returns", "step"])
+    (lambda s: s.pop("recent_returns"), "cannot be resumed from: it has no recent_returns"),
+    (lambda s: s.update(collection={"actions": None}), "normalisation or collection state does not load"),
+], ids=["model-shape", "iteration-type", "model-type", "actions-shape", "rng", "optimizer", "returns", "step",
+        "no-returns", "collection"])
 def test_resume_from_a_damaged_checkpoint_is_one_line(finished, tmp_path, capsys, damage, message):
     run_dir = copy_run(finished, tmp_path / "run")
     path = list_checkpoints(str(run_dir))[-1]
@@ -109,6 +112,26 @@ def test_resume_from_a_damaged_checkpoint_is_one_line(finished, tmp_path, capsys
     before = folder_digest(run_dir)
     assert main(["train", "--resume", str(run_dir), "--total-timesteps", "4096"]) == 2
     one_line_error(capsys, message)
+    assert folder_digest(run_dir) == before
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda s: s["normalizer"].pop("obs"), "KeyError: 'obs'"),
+    (lambda s: s["normalizer"]["obs"].update(mean=torch.zeros(7)), "statistics of shape (7,), expected (4,)"),
+    (lambda s: s["collection"][0].update(reward_returns=torch.zeros(3)), "discounted returns of shape"),
+], ids=["no-obs-statistics", "obs-statistics-shape", "reward-returns-shape"])
+def test_resume_with_damaged_normalisation_state_is_one_line(tmp_path, capsys, damage, message):
+    run_dir = tmp_path / "run"
+    assert main([*CARTPOLE, "--run-dir", str(run_dir), "--total-timesteps", "512", "--norm-obs", "True",
+                 "--norm-reward", "True"]) == 0
+    capsys.readouterr()
+    path = list_checkpoints(str(run_dir))[-1]
+    state = torch.load(path, weights_only=True)
+    damage(state)
+    torch.save(state, path)
+    before = folder_digest(run_dir)
+    assert main(["train", "--resume", str(run_dir), "--total-timesteps", "1024"]) == 2
+    one_line_error(capsys, "is damaged", message)
     assert folder_digest(run_dir) == before
 
 
@@ -207,10 +230,15 @@ def test_a_signal_before_training_starts_leaves_no_folder(tmp_path, monkeypatch,
     one_line_error(capsys, "stopped by SIGTERM before training started; nothing was written")
     assert not (tmp_path / "new").exists()
     (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "notes.txt").write_text("the user's")  # a folder that existed keeps what it held
+    for name in ("notes.txt", "README.md"):  # a folder that existed keeps what it held, whatever the names
+        (tmp_path / "mine" / name).write_text("the user's")
+    (tmp_path / "mine" / "wandb").mkdir()
+    (tmp_path / "mine" / "wandb" / "their-run").write_text("the user's")
     assert main([*CARTPOLE, "--run-dir", str(tmp_path / "mine")]) == 128 + signal.SIGTERM
     capsys.readouterr()
-    assert os.listdir(tmp_path / "mine") == ["notes.txt"]
+    assert sorted(os.listdir(tmp_path / "mine")) == ["README.md", "notes.txt", "wandb"]
+    assert os.listdir(tmp_path / "mine" / "wandb") == ["their-run"]
+    assert (tmp_path / "mine" / "README.md").read_text() == "the user's"
 
 
 def test_a_failed_start_leaves_no_folder_and_a_resume_interrupted_in_replay_leaves_the_run(finished, tmp_path,
@@ -273,6 +301,44 @@ def test_disk_full_for_the_metrics_is_one_line(tmp_path, monkeypatch, capsys):
     assert main([*CARTPOLE, "--run-dir", str(run_dir), "--total-timesteps", "4096", "--save-every", "2"]) == 1
     one_line_error(capsys, "cannot write to the run folder", "No space left on device", "ckpt_0000002.pt")
     assert load_checkpoint(str(run_dir))["iteration"] == 2
+
+
+def test_a_full_disk_when_the_last_metrics_line_is_flushed_is_one_line(tmp_path, monkeypatch, capsys):
+    """The metrics file's buffer cannot be flushed (no space left): its close fails too, and that is the
+    same one line, not a traceback."""
+    real_open = open
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            return len(text)  # buffered: the disk is only asked at the flush
+
+        def flush(self):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def close(self):
+            self.f.close()
+            self.flush()
+
+    def fake_open(path, *args, **kwargs):
+        f = real_open(path, *args, **kwargs)
+        return Full(f) if str(path).endswith("metrics.jsonl") else f
+
+    monkeypatch.setattr(fastppo.logger, "open", fake_open, raising=False)
+    assert main([*CARTPOLE, "--run-dir", str(tmp_path / "full"), "--total-timesteps", "1024"]) == 1
+    one_line_error(capsys, "cannot write to the run folder", "No space left on device")
+
+
+def test_a_start_whose_outputs_cannot_be_written_leaves_no_folder(tmp_path, monkeypatch, capsys):
+    def unwritable(*args, **kwargs):
+        raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(fastppo.trainer, "RunLogger", unwritable)
+    assert main([*CARTPOLE, "--run-dir", str(tmp_path / "new")]) == 1
+    one_line_error(capsys, "cannot write to the run folder", "Permission denied")
+    assert not (tmp_path / "new").exists()  # config.json was written, and went with the folder
 
 
 def test_wandb_file_errors_are_one_line(finished, tmp_path, monkeypatch, capsys):

@@ -458,7 +458,7 @@ def test_trpo_runs_keep_every_update_in_the_trust_region(tmp_path, one_torch_thr
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--loss", "penalty"], "--loss penalty is for --algo ppo"),
+    (["--loss", "penalty"], "--loss is for --algo ppo"),
     (["--target-kl", "0.01"], "--target-kl is for --algo ppo"),
     (["--minibatch-by", "env"], "--minibatch-by env is for --algo ppo"),
     (["--max-kl", "0"], "--max-kl must be positive, got 0.0"),
