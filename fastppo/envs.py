@@ -214,6 +214,9 @@ def env_info(env_id: str, env_kwargs: tuple[str, ...] = ()) -> EnvInfo:
             if min(shape[1:]) < 36:
                 raise EnvError(f"--env-id {env_id!r}: its {shape} frames are smaller than the Nature CNN's "
                                f"36 x 36 input")
+            if info.get("continuous"):
+                raise EnvError(f"--env-id {env_id!r} observes frames and has Box actions; fastppo's Gaussian "
+                               f"policy is an MLP on vector observations")
         else:
             dtype = np.dtype(np.float32)  # vector observations reach the network as float32
         info.update(obs_shape=shape, obs_dtype=dtype)

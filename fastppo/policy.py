@@ -147,11 +147,7 @@ class GaussianMLP(nn.Module):
 
 def make_policy(info: EnvInfo) -> nn.Module:
     """Nature CNN for (C, H, W) frames; a Gaussian MLP for Box actions; the categorical MLP otherwise."""
-    if info.is_image:
-        if info.continuous:
-            from fastppo.envs import EnvError
-
-            raise EnvError(f"--env-id {info.env_id!r}: image observations with continuous actions are not supported")
+    if info.is_image:  # never with Box actions (envs.env_info refuses them)
         return NatureCNN(info.obs_shape, info.num_actions)
     if info.continuous:
         return GaussianMLP(info)

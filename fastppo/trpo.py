@@ -291,7 +291,7 @@ def trpo_update(policy: torch.nn.Module, forward: torch.nn.Module, value_optimiz
     from fastppo import distributed
     from fastppo.kernels.reference import masked_mean, normalize_advantages
     from fastppo.policy import entropy, kl, log_prob
-    from fastppo.rollout import dist_kind, flatten
+    from fastppo.rollout import dist_kind, flatten, gather_rows
 
     b, kind = flatten(buf), dist_kind(buf)
     obs, actions, valid = b["obs"], b["actions"], b["valid"]
@@ -318,14 +318,13 @@ def trpo_update(policy: torch.nn.Module, forward: torch.nn.Module, value_optimiz
         perm = torch.randperm(n, device=valid.device)
         for start in range(0, n, cfg.minibatch_size):
             idx = perm[start : start + cfg.minibatch_size]
-            value_loss = 0.5 * masked_mean((forward(obs[idx])[1].float() - b["returns"][idx]) ** 2, valid[idx])
+            value = forward(gather_rows(obs, idx))[1].float()
+            value_loss = 0.5 * masked_mean((value - b["returns"][idx]) ** 2, valid[idx])
             value_optimizer.zero_grad(set_to_none=True)
-            value_loss.backward()
+            value_loss.backward(inputs=value_params)  # not into a shared CNN torso: the policy step moves it
             distributed.all_reduce_grads(value_params)
             torch.nn.utils.clip_grad_norm_(value_params, cfg.max_grad_norm)
             value_optimizer.step()
-    for p in policy.policy_parameters():
-        p.grad = None  # the CNN torso's gradients from the value loss: never used, not kept
 
     with torch.no_grad():
         lr, dist = logratio()
@@ -339,9 +338,10 @@ def trpo_update(policy: torch.nn.Module, forward: torch.nn.Module, value_optimiz
             "epochs": torch.tensor(cfg.update_epochs),
         }
     out["loss"] = out["policy_loss"] + out["value_loss"]
-    device = valid.device
-    out["kl"] = torch.tensor(step["kl"], device=device)
-    for key in ("line_search_steps", "accepted", "step_fraction", "cg_residual", "expected_improvement",
-                "actual_improvement"):
-        out[f"trpo/{key}"] = torch.tensor(step[key], device=device)
+    # trpo_step's floats (already on the host) go in as one tensor: one copy to the device, not seven
+    keys = ("line_search_steps", "accepted", "step_fraction", "cg_residual", "expected_improvement",
+            "actual_improvement")
+    host = torch.tensor([step["kl"], *(step[k] for k in keys)], dtype=torch.float64).to(valid.device)
+    out["kl"] = host[0]
+    out.update({f"trpo/{k}": host[i + 1] for i, k in enumerate(keys)})
     return out
