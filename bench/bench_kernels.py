@@ -8,7 +8,9 @@ Rows (median microseconds, triton.testing.do_bench):
   ppo_loss       M in {256, 1024, 8192, 32768, 131072} x A in {6, 18}: forward, backward, both
   gae_ppo_loss   T=128, n=M/128 x A in {6, 18}: the fused op against reference.gae_ppo_loss
   gaussian_ppo_loss  M as ppo_loss x D in {6, 17} action dims, a state-independent (1, D) log-std
-                 expanded to (M, D) (CleanRL's continuous policy): forward, backward, both
+                 materialised to (M, D) as the trainer's policy does (CleanRL's continuous policy):
+                 forward, backward, both
+The losses get the behaviour policy's logits (mean and log-std) for the exact KL, as in training.
 
 Triton's loss "forward" already computes the gradients (its backward is a scale by grad_output),
 so the column to compare across providers is "both". GB/s is the op's minimum traffic (the bytes
@@ -80,7 +82,8 @@ def loss_inputs(M: int, A: int, device: torch.device) -> tuple[list[torch.Tensor
         M, device=device)
     rest = [torch.randn(M, device=device) for _ in range(3)]  # advantages, old_values, returns
     args = [logits, actions, old_logp, rest[0], values, rest[1], rest[2]]
-    return args, dict(CLIP, mask=torch.rand(M, device=device) < 0.9)
+    old_logits = logits.detach() + 0.1 * torch.randn(M, A, device=device)  # the trainer always passes them (exact KL)
+    return args, dict(CLIP, mask=torch.rand(M, device=device) < 0.9, old_logits=old_logits)
 
 
 def fused_inputs(T: int, n: int, A: int, device: torch.device) -> tuple[list[torch.Tensor], dict]:
@@ -91,11 +94,14 @@ def fused_inputs(T: int, n: int, A: int, device: torch.device) -> tuple[list[tor
     flags = [torch.rand(T, n, device=device) < 0.01 for _ in range(2)]
     args = [logits, actions, old_logp, values, torch.randn(T, n, device=device), torch.randn(T, n, device=device),
             *flags]
-    return args, dict(CLIP, gamma=0.99, gae_lambda=0.95, mask=torch.rand(T, n, device=device) < 0.9)
+    old_logits = logits.detach() + 0.1 * torch.randn(T, n, A, device=device)
+    return args, dict(CLIP, gamma=0.99, gae_lambda=0.95, mask=torch.rand(T, n, device=device) < 0.9,
+                      old_logits=old_logits)
 
 
 def gaussian_inputs(M: int, D: int, device: torch.device) -> tuple[list[torch.Tensor], dict]:
-    """mean (M, D) and a shared log-std parameter (1, D) (see shared_log_std), both requiring grad."""
+    """mean (M, D) and a shared log-std parameter (1, D) (see shared_log_std), both requiring grad; the
+    behaviour policy's mean and log-std (M, D), which the trainer always passes (exact KL)."""
     from fastppo.kernels import reference
 
     mean = torch.randn(M, D, device=device, requires_grad=True)
@@ -106,25 +112,28 @@ def gaussian_inputs(M: int, D: int, device: torch.device) -> tuple[list[torch.Te
         M, device=device)
     rest = [torch.randn(M, device=device) for _ in range(3)]  # advantages, old_values, returns
     args = [mean, log_std, actions, old_logp, rest[0], values, rest[1], rest[2]]
-    return args, dict(CLIP, mask=torch.rand(M, device=device) < 0.9)
+    old_mean = mean.detach() + 0.1 * torch.randn(M, D, device=device)
+    old_log_std = log_std.detach().expand(M, D).contiguous()
+    return args, dict(CLIP, mask=torch.rand(M, device=device) < 0.9, old_mean=old_mean, old_log_std=old_log_std)
 
 
 def shared_log_std(fn: Callable) -> Callable:
-    """fn with its log_std argument given as the (1, D) parameter, expanded to (M, D) inside (so the
-    timed backward includes autograd's sum of the per-sample log-std gradient)."""
-    return lambda mean, log_std, *rest, **kw: fn(mean, log_std.expand_as(mean), *rest, **kw)
+    """fn with its log_std argument given as the (1, D) parameter, materialised to (M, D) inside, as the
+    trainer's Gaussian policy hands it over (so the timed backward includes autograd's sum of the
+    per-sample log-std gradient)."""
+    return lambda mean, log_std, *rest, **kw: fn(mean, log_std.expand_as(mean).contiguous(), *rest, **kw)
 
 
 def gaussian_loss_bytes(M: int, D: int, esize: int = 4) -> int:
-    """mean and actions read, dmean and dlog_std written (M, D); the shared log-std read once; the 5
-    float vectors + mask read, dvalues written (gaussian_loss.py's model; autograd's sum of dlog_std
-    over the samples is not counted)."""
-    return M * D * esize * 4 + D * esize + M * (4 * 5 + 1) + M * 4
+    """mean, log_std, actions, old_mean and old_log_std read, dmean and dlog_std written (M, D); the 5
+    float vectors + mask read, dvalues written (gaussian_loss.py's model; the materialised log-std's
+    copy and autograd's sum of dlog_std over the samples are not counted)."""
+    return M * D * esize * 7 + M * (4 * 5 + 1) + M * 4
 
 
 def loss_bytes(M: int, A: int, esize: int = 4) -> int:
-    """dlogits and dvalues written, logits and 6 vectors (int64 actions) + mask read."""
-    return M * A * esize * 2 + M * (8 + 4 * 5 + 1) + M * 4
+    """dlogits and dvalues written, logits, old logits and 6 vectors (int64 actions) + mask read."""
+    return M * A * esize * 3 + M * (8 + 4 * 5 + 1) + M * 4
 
 
 def gae_bytes(T: int, N: int) -> int:
@@ -138,8 +147,8 @@ def fused_bytes(T: int, n: int, A: int) -> int:
 
 def fwd_bwd_rows(op: str, shape: str, providers: dict[str, Callable], args: list, kw: dict, bench: Callable,
                  nbytes: int, copy: float) -> list[dict]:
-    """forward, backward (retain_graph) and both, per provider, for a loss whose args[0] and the
-    'values' argument require grad."""
+    """forward, backward (retain_graph) and both, per provider, for a loss; the gradients are taken
+    w.r.t. every argument that requires grad (logits or mean and log-std, and values)."""
     rows = []
     leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
     for name, fn in providers.items():

@@ -36,6 +36,18 @@ from fastppo.kernels.loss import (
 )
 
 
+def gae_for_the_loss(rewards, values, terminated, truncated, gamma: float, gae_lambda: float, impl: str,
+                     mask: torch.Tensor | None, norm_adv: bool):
+    """The fused ops' first part: advantages (T, n) from the current values (returns not stored), their
+    statistics when the loss needs them, and the (T + 1, n) values gradient to fill, its bootstrap row 0."""
+    T, n = rewards.shape
+    adv, _, adv_stats = _launch_gae(rewards, values, terminated, truncated, gamma, gae_lambda, impl,
+                                    store_returns=False, mask=mask, stats=norm_adv or mask is not None)
+    grad_values = empty_output((T + 1, n), values.dtype, values.device)
+    grad_values[T].zero_()  # the bootstrap row only feeds the detached GAE
+    return adv, adv_stats, grad_values
+
+
 def _gae_ppo_loss_op(
     logits: torch.Tensor,
     actions: torch.Tensor,
@@ -59,11 +71,8 @@ def _gae_ppo_loss_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     T, n, A = logits.shape
     M = T * n
-    need_stats = norm_adv or mask is not None
-    adv, _, adv_stats = _launch_gae(rewards, values, terminated, truncated, gamma, gae_lambda, impl,
-                                    store_returns=False, mask=mask, stats=need_stats)
-    grad_values = empty_output((T + 1, n), values.dtype, values.device)
-    grad_values[T].zero_()  # the bootstrap row only feeds the detached GAE
+    adv, adv_stats, grad_values = gae_for_the_loss(rewards, values, terminated, truncated, gamma, gae_lambda, impl,
+                                                   mask, norm_adv)
     # All (T, n[, A]) inputs are contiguous (checked), so sample m = t * n + i is a flat row.
     out, grad_logits = launch_ppo_loss(
         logits.view(M, A), actions.view(M), old_logp.view(M), adv.view(M), values.view(-1)[:M],

@@ -55,10 +55,10 @@ from fastppo.kernels.gae import (
     check_gae_inputs,
     empty_output,
     flag_view,
-    launch_gae,
     register_op,
     wrap,
 )
+from fastppo.kernels.gae_loss import gae_for_the_loss
 from fastppo.kernels.loss import (
     N_STATS,
     check_adv_stats_blocks,
@@ -161,8 +161,9 @@ def check_gaussian_inputs(
     mean: torch.Tensor, log_std: torch.Tensor, actions: torch.Tensor, old_mean: torch.Tensor | None,
     old_log_std: torch.Tensor | None, mask: torch.Tensor | None, lead: tuple[int, ...],
     floats: dict[str, torch.Tensor],
-) -> int:
-    """Validate the policy inputs (mean (*lead, D) etc.) and the float (*lead) vectors; returns D."""
+) -> torch.Tensor:
+    """Validate the policy inputs (mean (*lead, D) etc.) and the float (*lead) vectors; returns log_std
+    expanded to mean's shape (a (D,) or (1, D) state-independent log-std broadcasts, as in the reference)."""
     if mean.dim() != len(lead) + 1 or tuple(mean.shape[:-1]) != lead:
         raise ValueError(f"mean must have shape {(*lead, 'D')}, got {tuple(mean.shape)}")
     D = mean.shape[-1]
@@ -170,9 +171,10 @@ def check_gaussian_inputs(
         raise ValueError(f"mean must be non-empty, got shape {tuple(mean.shape)}")
     shape, device = tuple(mean.shape), mean.device
     check_float("mean", mean, shape, device, "mean")
-    if tuple(log_std.shape) != shape:
-        raise ValueError(f"log_std must have shape {shape} (expand a state-independent log-std: "
-                         f"log_std.expand_as(mean)), got {tuple(log_std.shape)}")
+    try:
+        log_std = log_std.expand(shape)  # a view: autograd sums the gradient back to a broadcast log_std
+    except RuntimeError:
+        raise ValueError(f"log_std must have shape {shape} or broadcast to it, got {tuple(log_std.shape)}") from None
     check_float("log_std", log_std, shape, device, "mean")
     check_float("actions", actions, shape, device, "mean")
     if (old_mean is None) != (old_log_std is None):
@@ -183,7 +185,7 @@ def check_gaussian_inputs(
     for name, x in floats.items():
         check_float(name, x, lead, device, "mean")
     check_mask(mask, lead, device)
-    return D
+    return log_std
 
 
 def launch_gaussian_ppo_loss(
@@ -328,14 +330,14 @@ def gaussian_ppo_loss(
 
     mean, log_std, actions, old_mean, old_log_std (M, D) and the (M,) vectors float16/bfloat16/float32
     (computed in float32), mask bool/integer; any strides, so a state-independent log-std can be
-    passed as ``param.expand_as(mean)`` (stride 0 on dim 0). The loss and stats are float32. The loss
-    is differentiable w.r.t. mean, log_std and values only (gradients computed in the forward, stored
-    in each input's dtype; backward is a scale); everything else is data and gets no gradient. Not
-    twice differentiable.
+    passed as ``param.expand_as(mean)`` (stride 0 on dim 0) or as the (D,) / (1, D) parameter itself.
+    The loss and stats are float32. The loss is differentiable w.r.t. mean, log_std and values only
+    (gradients computed in the forward, stored in each input's dtype; backward is a scale); everything
+    else is data and gets no gradient. Not twice differentiable.
     """
     if mean.dim() != 2:
         raise ValueError(f"mean must be 2-D (M, D), got shape {tuple(mean.shape)}")
-    check_gaussian_inputs(mean, log_std, actions, old_mean, old_log_std, mask, (mean.shape[0],),
+    log_std = check_gaussian_inputs(mean, log_std, actions, old_mean, old_log_std, mask, (mean.shape[0],),
                           dict(old_logp=old_logp, advantages=advantages, values=values, old_values=old_values,
                                returns=returns))
     out, _, _, _ = _gaussian_ppo_loss(
@@ -376,11 +378,8 @@ def _gae_gaussian_ppo_loss_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     T, n, D = mean.shape
     M = T * n
-    need_stats = norm_adv or mask is not None
-    adv, _, adv_stats = launch_gae(rewards, values, terminated, truncated, gamma, gae_lambda, impl,
-                                   store_returns=False, mask=mask, stats=need_stats)
-    grad_values = empty_output((T + 1, n), values.dtype, values.device)
-    grad_values[T].zero_()  # the bootstrap row only feeds the detached GAE
+    adv, adv_stats, grad_values = gae_for_the_loss(rewards, values, terminated, truncated, gamma, gae_lambda, impl,
+                                                   mask, norm_adv)
     # Every (T, n[, D]) input merges its T and n dims (checked), so sample m = t * n + i is row m.
     out, grad_mean, grad_log_std = launch_gaussian_ppo_loss(
         mean.view(M, D), log_std.view(M, D), actions.view(M, D), old_logp.view(M), adv.view(M),
@@ -452,14 +451,15 @@ def gae_gaussian_ppo_loss(
     mean, log_std, actions, old_mean, old_log_std (T, n, D) float16/bfloat16/float32; values (T + 1, n)
     float32; rewards, old_logp, old_values (T, n) float; flags and mask as in gae/gaussian_ppo_loss.
     The (T, n[, D]) inputs (and values[:T]) must merge their T and n dims into T * n rows without a
-    copy: contiguous, or expanded over both (a state-independent log-std as ``param.expand_as(mean)``);
+    copy: contiguous, or expanded over both (a state-independent log-std as ``param.expand_as(mean)`` or
+    the (D,) parameter itself);
     rewards and the flags may have any strides. Differentiable w.r.t. mean, log_std and values
     (values[T] gets a zero gradient); not twice differentiable.
     """
     if mean.dim() != 3:
         raise ValueError(f"mean must be 3-D (T, n, D), got shape {tuple(mean.shape)}")
     T, n = check_gae_inputs(rewards, values, terminated, truncated)
-    check_gaussian_inputs(mean, log_std, actions, old_mean, old_log_std, mask, (T, n),
+    log_std = check_gaussian_inputs(mean, log_std, actions, old_mean, old_log_std, mask, (T, n),
                           dict(old_logp=old_logp, old_values=old_values))
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")

@@ -454,7 +454,7 @@ def _error_cases():
         "mean_dim": (lambda: loss(mean[0], ls[0], *lx, **CLIP), "mean must be 2-D"),
         "mean_dtype": (lambda: loss(mean.double(), ls, *lx, **CLIP), "mean must be float16/bfloat16/float32"),
         "empty": (lambda: loss(mean[:, :0], ls[:, :0], lx[0][:, :0], *lx[1:], **CLIP), "mean must be non-empty"),
-        "log_std_not_expanded": (lambda: loss(mean, d["log_std"], *lx, **CLIP), r"log_std must have shape \(8, 3\)"),
+        "log_std_shape": (lambda: loss(mean, ls[:, :2], *lx, **CLIP), r"log_std must have shape \(8, 3\) or broadcast"),
         "actions_integer": (lambda: loss(mean, ls, lx[0].long(), *lx[1:], **CLIP), "actions must be float16"),
         "actions_device": (lambda: loss(mean, ls, lx[0].to("meta"), *lx[1:], **CLIP), "actions is on meta"),
         "returns_shape": (lambda: loss(mean, ls, *lx[:-1], lx[-1][:-1], **CLIP), "returns must have shape"),
@@ -479,6 +479,21 @@ def test_launchers_reject_bad_inputs(case: str) -> None:
     with pytest.raises(ValueError, match=match) as info:
         fn()
     assert "\n" not in str(info.value)
+
+
+def test_a_broadcast_log_std_is_the_reference_s_too() -> None:
+    """The (1, D) parameter itself, unexpanded, as the reference takes it: the same loss and its gradient
+    summed back to the parameter."""
+    d = gloss_data(9, 3, log_std_kind="shared")
+    out = {}
+    for name, fn in (("triton", gl_mod.gaussian_ppo_loss), ("reference", reference.gaussian_ppo_loss)):
+        log_std = d["log_std"].detach().clone().requires_grad_()
+        loss, _ = fn(d["mean"], log_std, *[d[k] for k in LOSS_ARGS], **CLIP)
+        loss.backward()
+        out[name] = (loss.detach(), log_std.grad)
+    assert out["triton"][1].shape == d["log_std"].shape
+    assert_close64(out["triton"][0], out["reference"][0], "loss")
+    assert_close64(out["triton"][1], out["reference"][1], "dloss/dlog_std")
 
 
 def test_select_has_gaussian_ops() -> None:
