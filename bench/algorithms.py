@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from fastppo.bench import machine  # noqa: E402
 from fastppo.checkpoint import list_checkpoints  # noqa: E402
-from fastppo.config import ConfigError  # noqa: E402
+from fastppo.config import ConfigError, read_config  # noqa: E402
 from fastppo.logger import read_metrics  # noqa: E402
 from fastppo.plot import PlotConfig, plot_runs  # noqa: E402
 
@@ -102,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     args, train_args = parse(list(sys.argv[1:] if argv is None else argv))
     out_dir = Path(args.out_dir)
     runs = {(a, s): out_dir / "runs" / f"algorithms_{args.env_id}_{a}_{s}" for a in args.algos for s in args.seeds}
+    for run_dir in runs.values():  # a run of another budget is neither reused nor resumed
+        budget = read_config(str(run_dir)).get("total_timesteps") if (run_dir / "config.json").exists() else None
+        if budget not in (None, args.total_timesteps):
+            print(f"algorithms.py: error: {run_dir} was trained with --total-timesteps {budget}, not "
+                  f"{args.total_timesteps}; give that budget or another --out-dir", file=sys.stderr)
+            return 2
     todo = [(key, run) for key, run in runs.items() if not finished(run, args.total_timesteps)]
     running: list[tuple[tuple[str, int], subprocess.Popen]] = []
     failed = []
@@ -160,11 +166,12 @@ def table(results: list[dict], target: float, env_id: str) -> str:
         cells = [f"{x:,}" if x is not None else "not reached" for x in steps]
         mean = f"{sum(reached) / len(reached):,.0f} ({len(reached)}/{len(seeds)})" if reached else "-"
         kls = [mine[s]["mean_kl"] for s in seeds if mine[s]["mean_kl"] is not None]
+        max_kls = [mine[s]["max_kl"] for s in seeds if mine[s]["max_kl"] is not None]
         sps = [mine[s]["steps_per_second"] for s in seeds]
         rows.append(f"| {algo} | " + " | ".join(cells) + f" | {mean} | "
                     + (f"{sum(secs) / len(secs):,.0f}" if secs else "-") + " | "
                     + (f"{sum(finals) / len(finals):,.1f}" if finals else "-") + " | "
-                    + (f"{sum(kls) / len(kls):.4f} / {max(mine[s]['max_kl'] for s in seeds):.4f}" if kls else "-")
+                    + (f"{sum(kls) / len(kls):.4f} / {max(max_kls):.4f}" if kls else "-")
                     + f" | {sum(sps) / len(sps):,.0f} |")
     return "\n".join(rows)
 

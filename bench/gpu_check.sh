@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
 # The GPU check, for any machine with CUDA and fastppo installed (pip install -e ".[dev]"):
 #
-#   bash bench/gpu_check.sh [OUT_DIR]        # OUT_DIR defaults to bench/results/gpu_check
+#   bash bench/gpu_check.sh [OUT_DIR]        # OUT_DIR defaults to <repository>/bench/results/gpu_check
 #
 # Runs the GPU tests, the kernel benchmark, the host-overhead benchmark and the `fastppo bench`
-# sweep on Pong-v5, each under a time limit (about 8 minutes in all), and prints a short table
-# last. The log, JSON and PNG files land in OUT_DIR; the result files name the card they ran on:
-# commit them under bench/results/.
+# sweep on Pong-v5, each under a time limit (10 minutes in all at most), and prints a short table
+# last. The log, JSON and PNG files land in OUT_DIR; each JSON file names the card it ran on (its
+# "machine" record): commit them under bench/results/.
 set -uo pipefail
+OUT_DIR=$(realpath -m "${1:-$(dirname "$0")/results/gpu_check}")  # a relative OUT_DIR is the caller's
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
-OUT_DIR=${1:-bench/results/gpu_check}
 mkdir -p "$OUT_DIR"
 LOG=$OUT_DIR/gpu_check.log
 : > "$LOG"
 summary=()
 
-if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+if ! python -c "import torch" 2>&1 | tee -a "$LOG"; then
+  echo "gpu_check.sh: torch does not import; install fastppo first (pip install -e \".[dev]\")" | tee -a "$LOG"
+  exit 2
+fi
+if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "gpu_check.sh: no CUDA device is visible to torch; this check needs one" | tee -a "$LOG"
   exit 2
 fi

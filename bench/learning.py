@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from fastppo.bench import machine  # noqa: E402
 from fastppo.cli import USER_ERRORS  # noqa: E402
-from fastppo.config import Config, flags_given, mark_given  # noqa: E402
+from fastppo.config import Config, flags_given, mark_given, read_config  # noqa: E402
 from fastppo.logger import read_metrics  # noqa: E402
 from fastppo.plot import drawn  # noqa: E402
 from fastppo.trainer import train  # noqa: E402
@@ -116,8 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"learning.py: error: {e}", file=sys.stderr)
         return 2
     points = curve(str(run_dir))
-    with open(run_dir / "config.json") as f:
-        config = json.load(f)
+    config = read_config(str(run_dir))
     env_id, preset, target = config["env_id"], config["preset"], config["target_return"]
     reached = last["stopped_by"] == "target_return"
     result = {

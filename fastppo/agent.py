@@ -22,9 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastppo.config import device_named
 from fastppo.envs import EnvInfo, adapt_obs, make_envs
 from fastppo.normalize import ObsNormalizer
-from fastppo.policy import draw_noise, greedy, noise_shape, sample
+from fastppo.policy import act, greedy
 
 
 class Agent:
@@ -36,12 +37,13 @@ class Agent:
     """
 
     def __init__(self, policy: nn.Module, info: EnvInfo, config: dict, obs_norm: ObsNormalizer | None = None,
-                 seed: int = 0, checkpoint: str | None = None):
+                 seed: int = 0, checkpoint: str | None = None, global_step: int | None = None):
         self.policy = policy
         self.info = info
         self.config = config
         self.obs_norm = obs_norm
-        self.checkpoint = checkpoint
+        self.checkpoint = checkpoint  # the file it was loaded from, and the agent steps it was trained for
+        self.global_step = global_step
         self.device = next(policy.parameters()).device
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self._low = torch.tensor(info.action_low, device=self.device) if info.continuous else None
@@ -56,15 +58,6 @@ class Agent:
         return self.obs_norm.normalize(obs) if self.obs_norm is not None else obs
 
     @torch.no_grad()
-    def act_tensor(self, obs) -> torch.Tensor:
-        """Sampled actions on the device: (B,) int64 or (B, D) float32, unclipped (for the loop that
-        wants the network's own sample)."""
-        dist = self.policy(self.observe(obs))[0].float()
-        kind = self.policy.dist_kind
-        noise = draw_noise(kind, noise_shape(kind, *dist.shape), self.device, self.generator)
-        return sample(kind, dist, noise)[0]
-
-    @torch.no_grad()
     def act(self, obs, deterministic: bool = False) -> np.ndarray:
         """Actions for a batch of observations, as the env takes them: (B,) ints, or (B, D) floats clipped
         to the action space's bounds. deterministic: the most likely action (the argmax, or the
@@ -72,7 +65,7 @@ class Agent:
         if deterministic:
             action = greedy(self.policy.dist_kind, self.policy(self.observe(obs))[0].float())
         else:
-            action = self.act_tensor(obs)
+            action = act(self.policy, self.observe(obs), self.generator)[0]  # the training loop's sampling
         if self.info.continuous:
             action = torch.minimum(torch.maximum(action, self._low), self._high)
             return action.cpu().numpy().astype(self.info.action_dtype)
@@ -85,12 +78,6 @@ class Agent:
         return self.policy(self.observe(obs))[1].float().cpu().numpy()
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def load(path: str | os.PathLike, device: Literal["auto", "cpu", "cuda"] | str = "auto", seed: int = 0) -> Agent:
     """An Agent from a run folder (its newest checkpoint) or a checkpoint file, on `device`.
 
@@ -99,7 +86,6 @@ def load(path: str | os.PathLike, device: Literal["auto", "cpu", "cuda"] | str =
     """
     from fastppo.checkpoint import CheckpointError, load_checkpoint, non_finite
     from fastppo.config import ConfigError
-    from fastppo.envs import env_info
     from fastppo.policy import make_policy
 
     if device == "cuda" and not torch.cuda.is_available():
@@ -110,8 +96,8 @@ def load(path: str | os.PathLike, device: Literal["auto", "cpu", "cuda"] | str =
         raise CheckpointError(f"{state['path']!r} holds a non-finite {bad} (the run diverged); use an earlier "
                               f"checkpoint")
     config = state["config"]
-    info = env_info(config["env_id"], tuple(config.get("env_kwargs") or ()))
-    torch_device = resolve_device(device)
+    info = _info(config)
+    torch_device = device_named(device)
     policy = make_policy(info).to(torch_device)
     try:
         policy.load_state_dict(state["model"])
@@ -127,7 +113,8 @@ def load(path: str | os.PathLike, device: Literal["auto", "cpu", "cuda"] | str =
         except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{state['path']!r} is damaged: its observation statistics do not load "
                                   f"({e})") from None
-    return Agent(policy.eval(), info, config, obs_norm, seed=seed, checkpoint=state["path"])
+    return Agent(policy.eval(), info, config, obs_norm, seed=seed, checkpoint=state["path"],
+                 global_step=state["global_step"])
 
 
 def make_env(run: Agent | str | os.PathLike, num_envs: int = 1, seed: int = 0, *, video: bool = False):

@@ -41,7 +41,16 @@ import numpy as np
 import torch
 import tyro
 
-from fastppo.config import Config, ConfigError, env_kind, given_fields, mark_given, record_given, training_device
+from fastppo.config import (
+    Config,
+    ConfigError,
+    env_kind,
+    given_fields,
+    mark_given,
+    record_given,
+    replace,
+    training_device,
+)
 from fastppo.envs import env_info, make_envs
 from fastppo.logger import read_metrics
 from fastppo.perf import PHASES
@@ -131,14 +140,20 @@ class Sweep:
     stem: str  # out_dir/name, without .json / .png
 
 
-def point_config(bench: BenchConfig, num_envs: int, env_id: str, given: set[str]) -> Config:
-    """The Config of one point: the training options (the preset applied to the fields not in `given`, as
-    fastppo train does), then the bench's own settings for the point. Not resolved."""
+def async_batch(cfg: Config, bench: BenchConfig) -> int:
+    """The recv batch of a point's async envs: --batch-fraction of its num_envs (the async ceiling's too)."""
+    return max(1, int(cfg.num_envs * bench.batch_fraction))
+
+
+def point_config(bench: BenchConfig, num_envs: int, env_id: str, given: set[str], kind: str) -> Config:
+    """The Config of one point: the training options (the preset for the env's `kind` applied to the
+    fields not in `given`, as fastppo train does), then the bench's own settings for the point. Not
+    resolved."""
     values = {name: getattr(bench.training, name) for name in TRAINING_FIELDS}
-    cfg = apply_preset(mark_given(Config(**values), given & set(TRAINING_FIELDS)), env_kind(env_info(env_id)))
+    cfg = apply_preset(mark_given(Config(**values), given & set(TRAINING_FIELDS)), kind)
     cfg.env_id = env_id
     cfg.num_envs = num_envs
-    cfg.env_batch_size = max(1, int(num_envs * bench.batch_fraction)) if cfg.async_envs else None
+    cfg.env_batch_size = async_batch(cfg, bench) if cfg.async_envs else None
     cfg.total_timesteps = num_envs * cfg.num_steps * 1_000_000  # max_seconds ends the run long before
     cfg.max_seconds = bench.warmup + bench.seconds
     return cfg
@@ -171,7 +186,8 @@ def resolve_bench(bench: BenchConfig, given: set[str] | None = None) -> Sweep:
         raise ConfigError(f"--batch-fraction must be in (0, 1], got {bench.batch_fraction}")
     if len(set(bench.num_envs)) != len(bench.num_envs):
         raise ConfigError(f"--num-envs lists a value twice: {' '.join(map(str, bench.num_envs))}")
-    points = [prepare(point_config(bench, n, env_id, given)) for n in bench.num_envs]
+    kind = env_kind(env_info(env_id, bench.training.env_kwargs))  # --env-kwargs may change the spaces
+    points = [prepare(point_config(bench, n, env_id, given, kind)) for n in bench.num_envs]
     name = bench.name
     if name is None:
         gpu = torch.cuda.get_device_name(device) if cuda else None
@@ -247,13 +263,16 @@ def envpool_ceiling(cfg: Config, info, bench: BenchConfig, batch_size: int | Non
 def envs_and_inference(prepared, bench: BenchConfig) -> tuple[float, dict, int]:
     """Agent steps/s of the trainer's own envs, networks and collection (trainer.build: its seeds, its
     torch thread rule, rollout.make_collection) asked for rollouts with no update in between; the
-    collection phases as fractions; the torch threads it ran with."""
+    collection phases as fractions; the torch threads it ran with (build sets them; put back after,
+    as train does)."""
     from fastppo.distributed import World
     from fastppo.trainer import build
 
     cfg = prepared.cfg
+    threads = torch.get_num_threads()
     session = build(prepared, World())
     collection, timer = session.collection, session.collect_timer
+    used = torch.get_num_threads()
     try:
         def step() -> int:
             collection.next()
@@ -268,8 +287,9 @@ def envs_and_inference(prepared, bench: BenchConfig) -> tuple[float, dict, int]:
         phases = timer.read()  # includes the warm-up after the first rollout: used as fractions only
     finally:
         collection.close()
+        torch.set_num_threads(threads)
     total = sum(phases.values()) or 1.0
-    return steps / elapsed, {k: v / total for k, v in phases.items()}, torch.get_num_threads()
+    return steps / elapsed, {k: v / total for k, v in phases.items()}, used
 
 
 def training(prepared, bench: BenchConfig) -> tuple[float, dict, int]:
@@ -281,7 +301,7 @@ def training(prepared, bench: BenchConfig) -> tuple[float, dict, int]:
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = os.path.join(tmp, "run")
         with contextlib.redirect_stdout(io.StringIO()):
-            train(dataclasses.replace(cfg, run_dir=run_dir))
+            train(replace(cfg, run_dir=run_dir))
         lines = read_metrics(run_dir)
     # drop the warm-up: the first iteration always, then iterations until --warmup seconds have passed
     kept, spent = [], 0.0
@@ -344,28 +364,22 @@ def run_bench(bench: BenchConfig, given: set[str] | None = None) -> dict:
     warnings.filterwarnings("ignore", message=".*precision lowered by casting.*")  # gymnasium, on every make
     points = []
     result = {"machine": machine(), "device": str(sweep.device), "settings": settings(sweep), "points": points}
-    threads = torch.get_num_threads()  # trainer.build sets the run's torch threads: put them back after
-    try:
-        for prepared in sweep.points:
-            cfg, info = prepared.cfg, prepared.info
-            point = {"num_envs": cfg.num_envs, "batch_size": cfg.recv_batch_size}
-            point["envpool_sync"] = envpool_ceiling(cfg, info, bench, None)
-            point["envpool_async"] = envpool_ceiling(cfg, info, bench, max(1, int(cfg.num_envs * bench.batch_fraction)))
-            point["ceiling"] = point["envpool_async"] if cfg.async_envs else point["envpool_sync"]
-            point["inference"], point["inference_phases"], point["torch_threads"] = envs_and_inference(prepared,
-                                                                                                       bench)
-            torch.set_num_threads(threads)
-            point["training"], point["training_phases"], point["training_iterations"] = training(prepared, bench)
-            point["training_pct_of_ceiling"] = 100.0 * point["training"] / point["ceiling"]
-            points.append(point)
-            print(f"num_envs {cfg.num_envs}: EnvPool {point['ceiling']:,.0f}  envs+inference "
-                  f"{point['inference']:,.0f}  training {point['training']:,.0f} steps/s "
-                  f"({point['training_pct_of_ceiling']:.0f}%)", flush=True)
-            with open(sweep.stem + ".json", "w") as f:  # after every point: a sweep cut short keeps what it measured
-                json.dump(result, f, indent=2)
-                f.write("\n")
-    finally:
-        torch.set_num_threads(threads)
+    for prepared in sweep.points:
+        cfg, info = prepared.cfg, prepared.info
+        point = {"num_envs": cfg.num_envs, "batch_size": cfg.recv_batch_size}
+        point["envpool_sync"] = envpool_ceiling(cfg, info, bench, None)
+        point["envpool_async"] = envpool_ceiling(cfg, info, bench, async_batch(cfg, bench))
+        point["ceiling"] = point["envpool_async"] if cfg.async_envs else point["envpool_sync"]
+        point["inference"], point["inference_phases"], point["torch_threads"] = envs_and_inference(prepared, bench)
+        point["training"], point["training_phases"], point["training_iterations"] = training(prepared, bench)
+        point["training_pct_of_ceiling"] = 100.0 * point["training"] / point["ceiling"]
+        points.append(point)
+        print(f"num_envs {cfg.num_envs}: EnvPool {point['ceiling']:,.0f}  envs+inference "
+              f"{point['inference']:,.0f}  training {point['training']:,.0f} steps/s "
+              f"({point['training_pct_of_ceiling']:.0f}%)", flush=True)
+        with open(sweep.stem + ".json", "w") as f:  # after every point: a sweep cut short keeps what it measured
+            json.dump(result, f, indent=2)
+            f.write("\n")
     plot(result, sweep.stem + ".png")
     print_table(result)
     print(f"wrote {sweep.stem}.json and {sweep.stem}.png")
@@ -402,6 +416,8 @@ def plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, NullLocator
 
+    from fastppo.plot import si_label
+
     pts, s, m = result["points"], result["settings"], result["machine"]
     x = [p["num_envs"] for p in pts]
     fig, ax = plt.subplots(figsize=(7.5, 5), layout="constrained")
@@ -420,7 +436,7 @@ def plot(result: dict, path: str) -> None:
     ys = [p[k] for p in pts for k in ("envpool_sync", "envpool_async", "inference", "training") if p[k] > 0]
     if ys:
         ax.set_ylim(min(ys) / 1.8, max(ys) * 1.5)  # room for the % labels under the training points
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _si(v)))
+    ax.yaxis.set_major_formatter(FuncFormatter(si_label))
     ax.set_xlabel("num_envs (log2)")
     ax.set_ylabel("agent steps / s (log)")
     ax.set_title(f"{s['env_id']} on {m['gpu'] or 'CPU'} ({m['cpu_cores']} CPU cores), T={s['num_steps']}, "
@@ -432,8 +448,3 @@ def plot(result: dict, path: str) -> None:
     plt.close(fig)
 
 
-def _si(v: float) -> str:
-    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if v >= scale:
-            return f"{v / scale:g}{suffix}"
-    return f"{v:g}"

@@ -170,7 +170,6 @@ def run_eval(ecfg: EvalConfig, stream=None) -> Games:
     """``fastppo eval``: print the scores; write (and log) the video. Raises ConfigError / CheckpointError."""
     import sys
 
-    from fastppo.checkpoint import load_checkpoint
     from fastppo.tracking import Tracker, tracked_run, wandb_installed
 
     stream = stream if stream is not None else sys.stdout
@@ -188,14 +187,13 @@ def run_eval(ecfg: EvalConfig, stream=None) -> Games:
     games = play(agent, ecfg.episodes, ecfg.seed, num_envs=ecfg.num_envs, greedy=ecfg.greedy, video=ecfg.video)
     r = games.returns
     how = "greedy" if ecfg.greedy else "sampled"
-    state = load_checkpoint(agent.checkpoint)
-    print(f"{agent.info.env_id}  {os.path.basename(agent.checkpoint)} (global step {state['global_step']:,})  "
+    print(f"{agent.info.env_id}  {os.path.basename(agent.checkpoint)} (global step {agent.global_step:,})  "
           f"{len(r)} full games, {how} actions", file=stream)
     print(f"score  mean {r.mean():.2f}  std {r.std():.2f}  min {r.min():.2f}  max {r.max():.2f}  "
           f"(length mean {games.lengths.mean():.1f})", file=stream, flush=True)
     scores = {"eval/episodic_return": float(r.mean()), "eval/episodic_return_std": float(r.std()),
               "eval/episodic_return_min": float(r.min()), "eval/episodic_return_max": float(r.max()),
-              "global_step": state["global_step"]}
+              "global_step": agent.global_step}
     video_path = None
     if ecfg.video:
         name = os.path.splitext(os.path.basename(agent.checkpoint))[0]

@@ -79,9 +79,6 @@ class TensorBoardWriter:
         summary = self._summary(value=[self._summary.Value(tag=k, simple_value=v) for k, v in values.items()])
         self._call(self.writer.file_writer.add_summary, summary, int(metrics["global_step"]))
 
-    def log_model(self, path: str, global_step: int) -> None:
-        """Nothing: the checkpoints stay in the run folder (for use where a Tracker is expected)."""
-
     def finish(self, exit_code: int = 0) -> None:
         """Flush and close the event file; exit_code is accepted for the Tracker interface."""
         if self.writer is not None:

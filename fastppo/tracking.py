@@ -142,11 +142,15 @@ class Tracker:
         if self.run is None:
             return
         row = {k: v for k, v in metrics.items() if v is not None}
-        if isinstance(row.get("eval/video"), str):
-            import wandb
 
-            row["eval/video"] = wandb.Video(os.path.join(self.run_dir, row["eval/video"]), format="mp4")
-        self._call("log", self.run.log, row)
+        def log_row():  # in _call: a video W&B cannot read is a warning too, not an error of the run
+            if isinstance(row.get("eval/video"), str):
+                import wandb
+
+                row["eval/video"] = wandb.Video(os.path.join(self.run_dir, row["eval/video"]), format="mp4")
+            self.run.log(row)
+
+        self._call("log", log_row)
 
     def log_model(self, path: str, global_step: int) -> None:
         """Log a checkpoint file as the run's model artifact."""

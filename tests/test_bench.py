@@ -3,6 +3,7 @@ bad arguments as one line, and bench/host_overhead.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -61,18 +62,18 @@ def test_bench_of_a_continuous_env(tmp_path, capsys):
 
 def test_each_point_is_a_config_with_the_bench_defaults_and_the_preset_rule():
     bench = BenchConfig(num_envs=(8,), seconds=1.0, warmup=0.5)
-    cfg = point_config(bench, 8, "CartPole-v1", given_fields(bench.training))
+    cfg = point_config(bench, 8, "CartPole-v1", given_fields(bench.training), "discrete")
     assert (cfg.num_steps, cfg.async_envs, cfg.overlap, cfg.env_batch_size, cfg.num_envs) == (32, True, True, 4, 8)
     assert cfg.max_seconds == 1.5 and cfg.total_timesteps >= 1000 * cfg.batch_size and cfg.run_dir is None
     # a preset fills the fields not given (the bench's defaults included); explicit ones win, as in train
     bench = BenchConfig(batch_fraction=0.25, seconds=1.0, warmup=0.0,
                         training=BenchTraining(preset="fast", update_epochs=4))
-    cfg = point_config(bench, 16, "CartPole-v1", given_fields(bench.training))
+    cfg = point_config(bench, 16, "CartPole-v1", given_fields(bench.training), "discrete")
     assert (cfg.num_steps, cfg.update_epochs, cfg.learning_rate, cfg.num_envs, cfg.env_batch_size) == (128, 4, 3e-4,
                                                                                                        16, 4)
     # the command line's flags (cli passes flags_given) are the given fields
     cfg = point_config(BenchConfig(seconds=1.0, warmup=0.0, training=BenchTraining(preset="cleanrl", num_steps=8)),
-                       4, "CartPole-v1", {"preset", "num_steps"})
+                       4, "CartPole-v1", {"preset", "num_steps"}, "discrete")
     assert (cfg.num_steps, cfg.async_envs, cfg.overlap, cfg.env_batch_size) == (8, False, False, None)
 
 
@@ -133,3 +134,18 @@ def test_host_overhead_bench_smoke(tmp_path):
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "host_overhead.py: error: --num-envs must be even counts >= 2, got [5]"]
+
+
+def test_bench_flags_are_the_training_fields_and_its_own():
+    """BenchTraining hides exactly the fields the bench sets per point or that a measurement ignores
+    (SET_PER_POINT, NOT_MEASURED); every other training option is a flag of fastppo bench."""
+    from fastppo.bench import NOT_MEASURED, SET_PER_POINT, TRAINING_FIELDS
+
+    out = subprocess.run([sys.executable, "-m", "fastppo", "bench", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    flags = {token.split("=")[0].split(",")[0].split("{")[0] for token in out.split() if token.startswith("--")}
+    for name in TRAINING_FIELDS:
+        assert f"--{name.replace('_', '-')}" in flags or f"--no-{name.replace('_', '-')}" in flags, name
+    own = {f.name for f in dataclasses.fields(BenchConfig)}  # --num-envs: the sweep's list
+    for name in {*SET_PER_POINT, *NOT_MEASURED} - own:
+        assert f"--{name.replace('_', '-')}" not in flags, name
