@@ -176,3 +176,35 @@ def test_interrupted_async_overlap_run_resumes_and_learns_to_450(tmp_path, capsy
     metrics = read_metrics(run_dir)
     assert len(metrics) > stopped_at and metrics[-1]["global_step"] < 500_000
     assert [m["global_step"] for m in metrics] == [512 * i for i in range(1, len(metrics) + 1)]
+
+
+@pytest.mark.parametrize("async_envs,overlap", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["sync", "async", "sync-overlap", "async-overlap"])
+def test_every_collection_is_one_interface(async_envs, overlap):
+    """The loop sees one interface whatever the mode: next() -> a filled Rollout of T steps (with its
+    games), refresh(policy) after the update, state() for the checkpoint (an action log only where a
+    resume replays it: sync and not overlapped), close()."""
+    from fastppo.perf import PhaseTimer
+    from fastppo.rollout import Rollout, make_collection
+
+    info = env_info("CartPole-v1")
+    cfg = resolve(Config(env_id="CartPole-v1", num_envs=4, num_steps=8, device="cpu", async_envs=async_envs,
+                         overlap=overlap), info)
+    device = torch.device("cpu")
+    envs = make_envs(info, 4, 0, batch_size=cfg.recv_batch_size if async_envs else None)
+    policy = make_policy(info)
+    collection = make_collection(cfg, envs, info, device, policy, policy, PhaseTimer(device), rollouts=3, seed=1)
+    try:
+        for _ in range(3):
+            buf = collection.next()
+            assert isinstance(buf, Rollout) and buf.num_steps == 8 and buf.games is not None
+            assert buf.valid.any() and torch.isfinite(buf.values).all()
+            collection.refresh(policy)
+        state = collection.state()
+        replayable = not (async_envs or overlap)
+        assert (state["actions"] is not None) == replayable
+        if replayable:
+            assert state["actions"].shape == (3 * 8, 4)
+        assert ("acting_rng" in state) == overlap
+    finally:
+        collection.close()
