@@ -149,7 +149,7 @@ class Config:
     update_epochs: int | None = None
     """epochs over each rollout, K (None: 4; 10 for continuous actions)"""
     norm_adv: bool = True
-    """normalise advantages per minibatch, over its valid transitions"""
+    """normalise advantages per minibatch (TRPO: over the batch), over the valid transitions"""
     algo: Literal["ppo", "trpo"] = "ppo"
     """policy update: ppo (--loss clip or penalty, K epochs of minibatches) or trpo (one
     natural gradient step to the edge of the KL trust region --max-kl, then a line search;
