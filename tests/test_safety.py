@@ -104,14 +104,18 @@ def test_a_checkpoint_from_another_run_is_refused_and_the_folder_is_untouched(fi
 ], ids=["model-shape", "iteration-type", "model-type", "actions-shape", "rng", "optimizer", "returns", "step",
         "no-returns", "collection"])
 def test_resume_from_a_damaged_checkpoint_is_one_line(finished, tmp_path, capsys, damage, message):
-    run_dir = copy_run(finished, tmp_path / "run")
+    resume_after_damage(copy_run(finished, tmp_path / "run"), damage, capsys, message)
+
+
+def resume_after_damage(run_dir, damage, capsys, *parts: str) -> None:
+    """Damage the run's newest checkpoint in place; a resume is one line naming it, the folder untouched."""
     path = list_checkpoints(str(run_dir))[-1]
     state = torch.load(path, weights_only=True)
     damage(state)
     torch.save(state, path)
     before = folder_digest(run_dir)
     assert main(["train", "--resume", str(run_dir), "--total-timesteps", "4096"]) == 2
-    one_line_error(capsys, message)
+    one_line_error(capsys, *parts)
     assert folder_digest(run_dir) == before
 
 
@@ -125,14 +129,7 @@ def test_resume_with_damaged_normalisation_state_is_one_line(tmp_path, capsys, d
     assert main([*CARTPOLE, "--run-dir", str(run_dir), "--total-timesteps", "512", "--norm-obs", "True",
                  "--norm-reward", "True"]) == 0
     capsys.readouterr()
-    path = list_checkpoints(str(run_dir))[-1]
-    state = torch.load(path, weights_only=True)
-    damage(state)
-    torch.save(state, path)
-    before = folder_digest(run_dir)
-    assert main(["train", "--resume", str(run_dir), "--total-timesteps", "1024"]) == 2
-    one_line_error(capsys, "is damaged", message)
-    assert folder_digest(run_dir) == before
+    resume_after_damage(run_dir, damage, capsys, "is damaged", message)
 
 
 # --- 3. no non-finite checkpoint --------------------------------------------------------------------
