@@ -100,3 +100,14 @@ def wandb_history(records) -> list[dict]:
     """The history rows (wandb.log calls) among W&B records, as {name: value}."""
     return [{(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item}
             for r in records if r.WhichOneof("record_type") == "history"]
+
+
+def two_iteration_cartpole(tmp_path_factory, name: str):
+    """A finished 2-iteration CartPole run with a checkpoint at each iteration, in a fresh folder (for a
+    module-scoped fixture; copy it before changing it)."""
+    from fastppo.cli import main
+
+    run_dir = tmp_path_factory.mktemp("runs") / name
+    assert main(["train", "--env-id", "CartPole-v1", "--device", "cpu", "--run-dir", str(run_dir),
+                 "--total-timesteps", "1024", "--save-every", "1"]) == 0
+    return run_dir

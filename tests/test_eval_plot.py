@@ -7,18 +7,15 @@ import os
 
 import numpy as np
 import pytest
+from helpers import two_iteration_cartpole
 
 from fastppo.cli import main
 from fastppo.logger import RecentReturns
 
-CARTPOLE = ["train", "--env-id", "CartPole-v1", "--device", "cpu"]
-
 
 @pytest.fixture(scope="module")
 def cartpole_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("runs") / "cartpole"
-    assert main([*CARTPOLE, "--run-dir", str(run_dir), "--total-timesteps", "1024", "--save-every", "1"]) == 0
-    return run_dir
+    return two_iteration_cartpole(tmp_path_factory, "cartpole")
 
 
 def test_eval_prints_full_game_scores_on_cartpole(cartpole_run, capsys):

@@ -21,6 +21,7 @@ from helpers import (
     read_finished_wandb_records,
     read_metrics,
     subprocess_env,
+    two_iteration_cartpole,
     wait_for_lines,
     wandb_history,
     without_timings,
@@ -47,9 +48,7 @@ def wandb_home(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
     """A finished 2-iteration CartPole run with a checkpoint at each iteration."""
-    run_dir = tmp_path_factory.mktemp("runs") / "short"
-    assert main([*CARTPOLE, "--run-dir", str(run_dir), "--total-timesteps", "1024", "--save-every", "1"]) == 0
-    return run_dir
+    return two_iteration_cartpole(tmp_path_factory, "short")
 
 
 # --- checkpoints ------------------------------------------------------------------------------

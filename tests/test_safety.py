@@ -18,7 +18,7 @@ import sys
 
 import pytest
 import torch
-from helpers import folder_digest, read_metrics, subprocess_env, wait_for_lines
+from helpers import folder_digest, read_metrics, subprocess_env, two_iteration_cartpole, wait_for_lines
 
 import fastppo.checkpoint
 import fastppo.logger
@@ -40,9 +40,7 @@ def one_line_error(capsys, *parts: str) -> str:
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """A finished 2-iteration CartPole run with a checkpoint at each iteration (copy it before changing it)."""
-    run_dir = tmp_path_factory.mktemp("runs") / "cartpole"
-    assert main([*CARTPOLE, "--run-dir", str(run_dir), "--total-timesteps", "1024", "--save-every", "1"]) == 0
-    return run_dir
+    return two_iteration_cartpole(tmp_path_factory, "cartpole")
 
 
 def copy_run(src, dst):
