@@ -8,7 +8,11 @@ The envs are a fake pool with EnvPool's API (sync ``step``, async ``send``/``rec
 returns preallocated tensors, so what is timed is fastppo's own per-step work: the score
 accounting, the staging and the index copies into the rollout, and Python. Two observation shapes
 separate the fixed cost of a step from the bytes it moves: (4,) floats (almost nothing to copy) and
-Pong's (4, 84, 84) uint8 (28 KB per env). Prints a table and writes JSON under bench/results/.
+Pong's (4, 84, 84) uint8 (28 KB per env). Besides the host microseconds per step it counts the torch
+operators the collector dispatches per step (every ATen call, kernels and views alike, counted by a
+``TorchDispatchMode`` in one extra rollout that is not timed): on CUDA each costs a launch or at
+least a trip through the dispatcher, so the count is the machine-independent measure of the
+host work. Prints a table and writes JSON under bench/results/.
 """
 
 from __future__ import annotations
@@ -16,12 +20,14 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import tyro
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -43,7 +49,9 @@ class Args:
     device: str = "cpu"
     """cpu or cuda"""
     out: str = str(ROOT / "bench" / "results")
-    """folder for host_overhead_<device>.json"""
+    """folder for the JSON file"""
+    name: str | None = None
+    """the JSON file's stem (None: host_overhead_<device>)"""
 
 
 class FreePool:
@@ -104,8 +112,21 @@ class FreeActor(Actor):
         return self.out[obs.shape[0]][2] if obs.shape[0] in self.out else torch.zeros(obs.shape[0], device=self.device)
 
 
-def measure(mode: str, info: EnvInfo, num_envs: int, args: Args, device: torch.device) -> float:
-    """Seconds per env step (one step of every env in sync mode, one recv in async mode)."""
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen operators dispatched inside the block, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def measure(mode: str, info: EnvInfo, num_envs: int, args: Args, device: torch.device) -> tuple[float, Counter]:
+    """Seconds per env step (one step of every env in sync mode, one recv in async mode), and the torch
+    operators dispatched per step, by name (from one more rollout, not timed)."""
     actor = FreeActor(info.num_actions, device)
     if mode == "sync":
         collector = Collector(FreePool(num_envs, num_envs, info), info, device)
@@ -123,7 +144,10 @@ def measure(mode: str, info: EnvInfo, num_envs: int, args: Args, device: torch.d
         collector.collect(actor, buf)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / (args.rollouts * steps_per_rollout)
+    seconds = (time.perf_counter() - t0) / (args.rollouts * steps_per_rollout)
+    with OpCounter() as counter:
+        collector.collect(actor, buf)
+    return seconds, Counter({k: v / steps_per_rollout for k, v in counter.ops.items()})
 
 
 def error(args: Args) -> str | None:
@@ -132,6 +156,8 @@ def error(args: Args) -> str | None:
         return f"--num-envs must be even counts >= 2, got {list(args.num_envs)}"
     if args.num_steps < 2 or args.rollouts < 1:
         return f"--num-steps must be >= 2 and --rollouts >= 1, got {args.num_steps} and {args.rollouts}"
+    if args.name is not None and (not args.name or "/" in args.name or args.name in (".", "..")):
+        return f"--name must be a file name (no folder), got {args.name!r}"
     if args.device not in ("cpu", "cuda") or (args.device == "cuda" and not torch.cuda.is_available()):
         return f"--device {args.device!r} is not available here"
     return None
@@ -146,21 +172,22 @@ def main(args: Args) -> dict:
     for name, info in shapes.items():
         for mode in ("sync", "async"):
             for n in args.num_envs:
-                s = measure(mode, info, n, args, device)
+                s, ops = measure(mode, info, n, args, device)
                 envs_per_step = n if mode == "sync" else n // 2
                 rows.append({"obs": name, "mode": mode, "num_envs": n, "envs_per_step": envs_per_step,
-                             "us_per_step": s * 1e6, "ns_per_env_step": s * 1e9 / envs_per_step})
+                             "us_per_step": s * 1e6, "ns_per_env_step": s * 1e9 / envs_per_step,
+                             "ops_per_step": sum(ops.values()), "ops": dict(ops.most_common())})
     print(f"host overhead per step, free envs and a free policy, device {device} "
           f"(step = all envs in sync mode, one recv of num_envs / 2 in async mode)")
-    print(f"{'obs':<18} {'mode':<6} {'num_envs':>8} {'us/step':>9} {'ns/env-step':>12}")
+    print(f"{'obs':<18} {'mode':<6} {'num_envs':>8} {'us/step':>9} {'ns/env-step':>12} {'ops/step':>9}")
     for r in rows:
         print(f"{r['obs']:<18} {r['mode']:<6} {r['num_envs']:>8} {r['us_per_step']:>9.1f} "
-              f"{r['ns_per_env_step']:>12.1f}")
+              f"{r['ns_per_env_step']:>12.1f} {r['ops_per_step']:>9.1f}")
     result = {"settings": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()},
               "machine": machine(), "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"host_overhead_{device.type}.json"
+    path = out / f"{args.name or f'host_overhead_{device.type}'}.json"
     path.write_text(json.dumps(result, indent=1))
     print(f"wrote {path}")
     return result

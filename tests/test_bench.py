@@ -130,6 +130,8 @@ def test_host_overhead_bench_smoke(tmp_path):
     rows = json.loads((tmp_path / "host_overhead_cpu.json").read_text())["rows"]
     assert len(rows) == 2 * 2 * 2  # two observation shapes, sync and async, two env counts
     assert all(r["us_per_step"] > 0 for r in rows)
+    # the collector's own torch operators, by name; they add up to the count per step
+    assert all(r["ops_per_step"] > 0 and sum(r["ops"].values()) == pytest.approx(r["ops_per_step"]) for r in rows)
     bad = subprocess.run([sys.executable, str(script), "--num-envs", "5", "--out", str(tmp_path)],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
