@@ -482,10 +482,18 @@ def validate(cfg: Config) -> None:
 
 
 def device_named(name: str) -> torch.device:
-    """The device a --device value names (auto = cuda when available)."""
+    """The device a --device value names (auto = cuda when available), a CUDA device with its index.
+
+    "cuda" becomes cuda:<current device> (cuda:0 unless the process chose another): everything fastppo
+    passes a device to gets one with an index, because some of torch's CUDA calls refuse one without
+    (``torch.cuda.set_device(torch.device("cuda"))`` raises in a new thread).
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def training_device(cfg: Config) -> torch.device:

@@ -503,6 +503,8 @@ class BackgroundCollection:
     """
 
     def __init__(self, collector: Collector | AsyncCollector, device: torch.device):
+        if device.type == "cuda" and device.index is None:  # the thread's set_device needs the index
+            raise ValueError(f"BackgroundCollection needs a CUDA device with its index, got {device}")
         self.collector = collector
         self.device = device
         # High priority: acting kernels go ahead of the update's queued ones, since EnvPool waits
