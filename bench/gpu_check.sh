@@ -3,10 +3,17 @@
 #
 #   bash bench/gpu_check.sh [OUT_DIR]        # OUT_DIR defaults to <repository>/bench/results/gpu_check
 #
-# Runs the GPU tests, the kernel benchmark, the host-overhead benchmark and the `fastppo bench`
-# sweep on Pong-v5, each under a time limit (10 minutes in all at most), and prints a short table
-# last. The log, JSON and PNG files land in OUT_DIR; each JSON file names the card it ran on (its
-# "machine" record): commit them under bench/results/.
+# Stages in order of value, each under its own time limit (8 minutes in all at most on a 16-core
+# machine), each writing its results into OUT_DIR as it finishes, so a check cut short keeps what it
+# measured:
+#   1. gpu_tests      the CUDA tests and the kernels, compiled (in parallel processes with pytest-xdist)
+#   2. fastppo_bench  the default sweep on Pong-v5: EnvPool's ceiling, envs + inference, training
+#   3. host_overhead  the collectors' host microseconds and torch operators per step on CUDA
+#   4. pong_to_score  `fastppo train --env-id Pong-v5 --preset fast --target-return 20 --max-seconds 240`
+#                     through bench/learning.py (its curve against steps and seconds, JSON + PNG)
+#   5. bench_kernels  fused kernels against torch (forward, backward) on a few shapes
+# then a closing table. Every JSON file names the card, the CPU, versions and fastppo's commit (where
+# the tree is not a git checkout, set FASTPPO_COMMIT): commit them under bench/results/.
 set -uo pipefail
 OUT_DIR=$(realpath -m "${1:-$(dirname "$0")/results/gpu_check}")  # a relative OUT_DIR is the caller's
 cd "$(dirname "$0")/.."
@@ -33,27 +40,37 @@ run() {  # run NAME SECONDS CMD...: time-limited, output appended to the log, st
   start=$(date +%s)
   timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
   rc=${PIPESTATUS[0]}
-  summary+=("$(printf '%-16s %-8s %4ss' "$name" "$([ "$rc" = 0 ] && echo ok || echo "FAIL($rc)")" $(( $(date +%s) - start )))")
+  summary+=("$(printf '%-16s %-9s %4ss' "$name" "$([ "$rc" = 0 ] && echo ok || echo "FAIL($rc)")" $(( $(date +%s) - start )))")
 }
 
 python -c "import torch, envpool; print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'envpool', envpool.__version__)" 2>&1 | tee -a "$LOG"
-nproc | tee -a "$LOG"
-run kernel_tests 100 python -m pytest -q -x tests/test_kernels.py tests/test_gaussian_kernels.py
-run perf_tests 100 python -m pytest -q -m "not slow" tests/test_async.py tests/test_overlap.py tests/test_bench.py
-run bench_kernels 90 python bench/bench_kernels.py --out "$OUT_DIR"
-run host_overhead 40 python bench/host_overhead.py --device cuda --out "$OUT_DIR"
-run fastppo_bench 270 python -m fastppo bench --env-id Pong-v5 --num-envs 64 256 1024 4096 --seconds 6 --warmup 2 \
+echo "cores: $(nproc)" | tee -a "$LOG"
+XDIST=()
+python -c "import xdist" 2>/dev/null && XDIST=(-n 8)
+run gpu_tests 60 python -m pytest -q "${XDIST[@]}" -m "gpu or not slow" --junitxml="$OUT_DIR/gpu_tests.xml" \
+  tests/test_cuda_path.py tests/test_async.py tests/test_overlap.py tests/test_kernels.py tests/test_gaussian_kernels.py
+run fastppo_bench 130 python -m fastppo bench --env-id Pong-v5 --seconds 3 --warmup 1 \
   --out-dir "$OUT_DIR" --name "bench_Pong-v5_$CARD"
+run host_overhead 20 python bench/host_overhead.py --device cuda --num-envs 64 256 1024 --rollouts 2 --out "$OUT_DIR"
+run pong_to_score 270 python bench/learning.py --env-id Pong-v5 --preset fast --target-return 20 --max-seconds 240 \
+  --device cuda --out-dir "$OUT_DIR" --name "learning_Pong-v5_fast_$CARD"
+run bench_kernels 30 python bench/bench_kernels.py --out "$OUT_DIR"
 
 echo "=== summary" | tee -a "$LOG"
 printf '%s\n' "${summary[@]}" | tee -a "$LOG"
 python - "$OUT_DIR" <<'PY' 2>&1 | tee -a "$LOG"
 import glob, json, sys
-for path in sorted(glob.glob(f"{sys.argv[1]}/bench_Pong*.json")):
+out = sys.argv[1]
+for path in sorted(glob.glob(f"{out}/bench_Pong*.json")):
     r = json.load(open(path))
-    print(path, r["machine"]["gpu"], r["machine"]["commit"])
-    print(f"{'num_envs':>8} {'EnvPool':>9} {'env+inf':>9} {'train':>9} {'%':>5}")
+    print(path, r["machine"]["gpu"], r["machine"]["commit"], f"sweep {r.get('seconds', 0):.0f}s")
+    print(f"{'num_envs':>8} {'EnvPool':>9} {'env+inf':>9} {'%':>5} {'train':>9} {'%':>5} {'iters':>5}")
     for p in r["points"]:
-        print(f"{p['num_envs']:>8} {p['ceiling']:>9,.0f} {p['inference']:>9,.0f} {p['training']:>9,.0f} "
-              f"{p['training_pct_of_ceiling']:>4.0f}%")
+        print(f"{p['num_envs']:>8} {p['ceiling']:>9,.0f} {p['inference']:>9,.0f} {100 * p['inference'] / p['ceiling']:>4.0f}% "
+              f"{p['training']:>9,.0f} {p['training_pct_of_ceiling']:>4.0f}% {p['training_iterations']:>5}")
+for path in sorted(glob.glob(f"{out}/learning_*.json")):
+    r = json.load(open(path))
+    for run in r.get("runs", [r]):
+        print(path, "seed", run.get("seed"), "reached", run.get("reached"), "steps", run.get("steps"),
+              "seconds", round(run.get("seconds", 0)), "final return", run.get("final_return"))
 PY

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from fastppo.bench import machine  # noqa: E402
 from fastppo.envs import EnvInfo  # noqa: E402
-from fastppo.policy import Actor  # noqa: E402
+from fastppo.policy import Actor, pack_acting  # noqa: E402
 from fastppo.rollout import AsyncCollector, Collector  # noqa: E402
 
 
@@ -92,7 +92,8 @@ class FreePool:
 
 
 class FreeActor(Actor):
-    """An Actor whose choice costs nothing: zero actions, log-probs, values and logits (its dist), preallocated."""
+    """An Actor whose choice costs nothing: zero actions, log-probs, values and logits (its dist), and their
+    packed acting row, preallocated."""
 
     def __init__(self, num_actions: int, device: torch.device):
         identity = torch.nn.Identity()
@@ -100,16 +101,23 @@ class FreeActor(Actor):
         super().__init__(identity)
         self.num_actions, self.device, self.out = num_actions, device, {}
 
-    def __call__(self, obs: torch.Tensor):
-        b = obs.shape[0]
+    def _outputs(self, b: int) -> tuple[torch.Tensor, ...]:
         if b not in self.out:
             z = torch.zeros(b, device=self.device)
-            self.out[b] = (torch.zeros(b, dtype=torch.int64, device=self.device), z, z,
-                           torch.zeros(b, self.num_actions, device=self.device))
+            outputs = (torch.zeros(b, dtype=torch.int64, device=self.device), z, z,
+                       torch.zeros(b, self.num_actions, device=self.device))
+            self.out[b] = (*outputs, pack_acting(*outputs))
         return self.out[b]
 
+    def __call__(self, obs: torch.Tensor):
+        return self._outputs(obs.shape[0])[:4]
+
+    def row(self, obs: torch.Tensor):
+        outputs = self._outputs(obs.shape[0])
+        return outputs[4], outputs[0]
+
     def value(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.out[obs.shape[0]][2] if obs.shape[0] in self.out else torch.zeros(obs.shape[0], device=self.device)
+        return self._outputs(obs.shape[0])[2]
 
 
 class OpCounter(TorchDispatchMode):

@@ -117,9 +117,10 @@ class BenchConfig:
     num_envs: tuple[int, ...] | None = None
     """the sweep: one measured point per value (None: 64 256 1024 4096 on CUDA, 4 8 16 on CPU)"""
     seconds: float | None = None
-    """measured seconds per point and mode, after the warm-up (None: 10 on CUDA, 2 on CPU)"""
+    """measured seconds per point and mode, after the warm-up; training measures at least 3
+    iterations, longer where they take more (None: 5 on CUDA, 2 on CPU)"""
     warmup: float | None = None
-    """warm-up seconds per point and mode, not measured (None: 3 on CUDA, 0.5 on CPU)"""
+    """warm-up seconds per point and mode, not measured (None: 2 on CUDA, 0.5 on CPU)"""
     batch_fraction: float = 0.5
     """envs per EnvPool recv as a fraction of num_envs, with --async-envs (train's --env-batch-size)"""
     out_dir: str = "bench/results"
@@ -154,8 +155,7 @@ def point_config(bench: BenchConfig, num_envs: int, env_id: str, given: set[str]
     cfg.env_id = env_id
     cfg.num_envs = num_envs
     cfg.env_batch_size = async_batch(cfg, bench) if cfg.async_envs else None
-    cfg.total_timesteps = num_envs * cfg.num_steps * 1_000_000  # max_seconds ends the run long before
-    cfg.max_seconds = bench.warmup + bench.seconds
+    cfg.total_timesteps = num_envs * cfg.num_steps * 1_000_000  # the training run sets its own (see training)
     return cfg
 
 
@@ -175,8 +175,8 @@ def resolve_bench(bench: BenchConfig, given: set[str] | None = None) -> Sweep:
     bench = dataclasses.replace(
         bench,
         num_envs=tuple(bench.num_envs or ((64, 256, 1024, 4096) if cuda else (4, 8, 16))),
-        seconds=bench.seconds if bench.seconds is not None else (10.0 if cuda else 2.0),
-        warmup=bench.warmup if bench.warmup is not None else (3.0 if cuda else 0.5),
+        seconds=bench.seconds if bench.seconds is not None else (5.0 if cuda else 2.0),
+        warmup=bench.warmup if bench.warmup is not None else (2.0 if cuda else 0.5),
     )
     if not (math.isfinite(bench.seconds) and bench.seconds > 0):
         raise ConfigError(f"--seconds must be a positive number, got {bench.seconds}")
@@ -292,29 +292,53 @@ def envs_and_inference(prepared, bench: BenchConfig) -> tuple[float, dict, int]:
     return steps / elapsed, {k: v / total for k, v in phases.items()}, used
 
 
-def training(prepared, bench: BenchConfig) -> tuple[float, dict, int]:
-    """Agent steps/s of trainer.train after the warm-up (its --max-seconds is --warmup + --seconds), from
-    its own perf/iteration; phase fractions; iterations measured."""
+MIN_TRAINING_ITERATIONS = 3
+
+
+def training_iterations(cfg: Config, bench: BenchConfig, rate: float) -> tuple[int, int]:
+    """(warm-up, measured) iterations of a point's training run, from an estimate of its steps/s: the
+    first iteration and --warmup seconds' worth are warm-up; --seconds' worth, at least
+    MIN_TRAINING_ITERATIONS, are measured. A count, not a clock, ends the run: a point whose iterations
+    take longer than expected is still measured over whole iterations, never over one."""
+    per_second = max(rate, 1e-9) / cfg.batch_size  # iterations per second
+    warmup = 1 + math.ceil(bench.warmup * per_second)
+    return warmup, max(MIN_TRAINING_ITERATIONS, math.ceil(bench.seconds * per_second))
+
+
+def training(prepared, bench: BenchConfig, rate: float) -> tuple[float, dict, int]:
+    """Agent steps/s of trainer.train after its warm-up, from its own perf/iteration, over the iterations
+    training_iterations gives for the estimated rate (steps/s of envs + inference); phase fractions;
+    iterations measured."""
     from fastppo.trainer import train
 
     cfg = prepared.cfg
+    warmup, measured = training_iterations(cfg, bench, rate)
+    run = replace(cfg, run_dir=None, total_timesteps=(warmup + measured) * cfg.global_batch_size, max_seconds=None)
     with tempfile.TemporaryDirectory() as tmp:
-        run_dir = os.path.join(tmp, "run")
+        run.run_dir = os.path.join(tmp, "run")
         with contextlib.redirect_stdout(io.StringIO()):
-            train(replace(cfg, run_dir=run_dir))
-        lines = read_metrics(run_dir)
-    # drop the warm-up: the first iteration always, then iterations until --warmup seconds have passed
-    kept, spent = [], 0.0
-    for i, m in enumerate(lines):
-        if i == 0 or spent < bench.warmup:
-            spent += m["perf/iteration"]
-        else:
-            kept.append(m)
-    kept = kept or lines[-1:]
+            train(run)
+        kept = read_metrics(run.run_dir)[warmup:]
     wall = sum(m["perf/iteration"] for m in kept)
     steps = len(kept) * cfg.global_batch_size
     phases = {p: sum(m[f"perf/{p}"] for m in kept) / wall for p in PHASES}
     return steps / wall, phases, len(kept)
+
+
+def fastppo_commit() -> str:
+    """The commit of the fastppo checkout this module runs from ('-dirty' with uncommitted changes), or
+    $FASTPPO_COMMIT where it is not a git checkout (a copied tree, an installed package), else
+    "unknown". Only the checkout whose top folder holds this package counts: an installed fastppo
+    inside another repository (a venv in a project) must not report that project's commit."""
+    try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        if Path(top).resolve() == ROOT.resolve():
+            return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
+                                  text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return os.environ.get("FASTPPO_COMMIT") or "unknown"
 
 
 def machine() -> dict:
@@ -325,18 +349,16 @@ def machine() -> dict:
     for name in ("envpool", "triton"):
         with contextlib.suppress(ImportError):
             versions[name] = __import__(name).__version__
-    try:
-        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
-                                text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    from fastppo import __version__
+
+    versions["fastppo"] = __version__
     return {
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "cpu": cpu,
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "versions": versions,
-        "commit": commit,
+        "commit": fastppo_commit(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
 
@@ -364,16 +386,21 @@ def run_bench(bench: BenchConfig, given: set[str] | None = None) -> dict:
     warnings.filterwarnings("ignore", message=".*precision lowered by casting.*")  # gymnasium, on every make
     points = []
     result = {"machine": machine(), "device": str(sweep.device), "settings": settings(sweep), "points": points}
+    sweep_started = time.perf_counter()
     for prepared in sweep.points:
+        started = time.perf_counter()
         cfg, info = prepared.cfg, prepared.info
         point = {"num_envs": cfg.num_envs, "batch_size": cfg.recv_batch_size}
         point["envpool_sync"] = envpool_ceiling(cfg, info, bench, None)
         point["envpool_async"] = envpool_ceiling(cfg, info, bench, async_batch(cfg, bench))
         point["ceiling"] = point["envpool_async"] if cfg.async_envs else point["envpool_sync"]
         point["inference"], point["inference_phases"], point["torch_threads"] = envs_and_inference(prepared, bench)
-        point["training"], point["training_phases"], point["training_iterations"] = training(prepared, bench)
+        point["training"], point["training_phases"], point["training_iterations"] = training(
+            prepared, bench, point["inference"])
+        point["seconds"] = time.perf_counter() - started
         point["training_pct_of_ceiling"] = 100.0 * point["training"] / point["ceiling"]
         points.append(point)
+        result["seconds"] = time.perf_counter() - sweep_started  # the whole sweep's wall time so far
         print(f"num_envs {cfg.num_envs}: EnvPool {point['ceiling']:,.0f}  envs+inference "
               f"{point['inference']:,.0f}  training {point['training']:,.0f} steps/s "
               f"({point['training_pct_of_ceiling']:.0f}%)", flush=True)

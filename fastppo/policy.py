@@ -239,6 +239,17 @@ def act(
     return action, logprob, value.float(), dist
 
 
+def pack_acting(action: torch.Tensor, logprob: torch.Tensor, value: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
+    """What acting records for each observation as one float32 row, (B, W): the action (an int64 action as
+    its two 32-bit words, bit for bit; a Box action's D floats), log-prob, value, dist.
+
+    It is the acting part of a rollout row (``rollout.RowLayout``), so a collector stores a whole acting
+    step with one copy instead of four.
+    """
+    a = action if action.is_floating_point() else action.view(torch.float32).view(action.shape[0], -1)
+    return torch.cat([a.view(action.shape[0], -1), logprob.unsqueeze(1), value.unsqueeze(1), dist], 1)
+
+
 class Actor:
     """Chooses actions for a batch of observations: (action, log-prob, value, dist), no gradients.
 
@@ -252,6 +263,9 @@ class Actor:
     with the same draw and ``generator`` as the eager path: a graphed step draws exactly what the
     eager one would, and capturing draws nothing, so the random streams (and an exact resume, and
     the overlap thread's own generator) are the same with or without ``cudagraphs``.
+
+    The collectors call :meth:`row`, which also returns the four outputs packed into one row
+    (:func:`pack_acting`, computed inside the graph when graphed).
     """
 
     def __init__(
@@ -268,6 +282,7 @@ class Actor:
         self.generator = generator
         self.cudagraphs = cudagraphs
         self.graph_batch_sizes = set(graph_batch_sizes)
+        # batch size -> (static obs, static noise, graph, (action, log-prob, value, dist, packed row))
         self.graphs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}
 
     def __call__(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -276,13 +291,29 @@ class Actor:
         Graphed outputs are static buffers, overwritten by the next call of the same batch size:
         copy them (into the rollout) before calling again, as the collectors do.
         """
-        if self.cudagraphs and obs.is_cuda and obs.shape[0] in self.graph_batch_sizes:
-            static_obs, static_noise, graph, outputs = self.graphs.get(obs.shape[0]) or self._capture(obs)
-            static_obs.copy_(obs)
-            draw_noise(self.kind, static_noise.shape, static_noise.device, self.generator, out=static_noise)
-            graph.replay()
-            return outputs
+        graphed = self._replay(obs)
+        if graphed is not None:
+            return graphed[:4]
         return act(self.forward, obs, self.generator, kind=self.kind)
+
+    def row(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """obs (B, ...) -> (the acting row (B, W) float32 of :func:`pack_acting`, action); static buffers when
+        graphed, as for ``__call__``."""
+        graphed = self._replay(obs)
+        if graphed is not None:
+            return graphed[4], graphed[0]
+        outputs = act(self.forward, obs, self.generator, kind=self.kind)
+        return pack_acting(*outputs), outputs[0]
+
+    def _replay(self, obs: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """The graphed step's outputs for obs, or None where this batch is not graphed."""
+        if not (self.cudagraphs and obs.is_cuda and obs.shape[0] in self.graph_batch_sizes):
+            return None
+        static_obs, static_noise, graph, outputs = self.graphs.get(obs.shape[0]) or self._capture(obs)
+        static_obs.copy_(obs)
+        draw_noise(self.kind, static_noise.shape, static_noise.device, self.generator, out=static_noise)
+        graph.replay()
+        return outputs
 
     def value(self, obs: torch.Tensor) -> torch.Tensor:
         """V(obs) (B,) float32, no gradients."""
@@ -290,7 +321,7 @@ class Actor:
             return self.forward(obs)[1].float()
 
     def _capture(self, obs: torch.Tensor):
-        static_obs = obs.clone()
+        static_obs = obs.clone(memory_format=torch.contiguous_format)  # obs may be a strided view of a rollout row
         side = torch.cuda.Stream(obs.device)
         side.wait_stream(torch.cuda.current_stream(obs.device))
         with torch.cuda.stream(side):  # warm-up outside the capture (cuBLAS/cuDNN workspaces, compile)
@@ -299,10 +330,11 @@ class Actor:
             static_noise = draw_noise(self.kind, noise_shape(self.kind, *dist.shape), obs.device,
                                       torch.Generator(obs.device))
             for _ in range(2):
-                act(self.forward, static_obs, noise=static_noise, kind=self.kind)
+                pack_acting(*act(self.forward, static_obs, noise=static_noise, kind=self.kind))
         torch.cuda.current_stream(obs.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             outputs = act(self.forward, static_obs, noise=static_noise, kind=self.kind)
+            outputs = (*outputs, pack_acting(*outputs))
         self.graphs[obs.shape[0]] = (static_obs, static_noise, graph, outputs)
         return self.graphs[obs.shape[0]]

@@ -1,19 +1,29 @@
 """Rollout storage on the training device and the collection loop that fills it.
 
-Storage is allocated once, time-major ``[T, N, ...]``; observations keep the env's dtype (uint8
-for Atari, so 4096 envs x 128 steps of 4x84x84 frames is 14.8 GB rather than 59 GB in float32).
+Storage is allocated once, time-major: a rollout of T steps of N envs is one byte tensor
+``store`` (T + 1, N, W), one row of W bytes per env and step, and every field (observations,
+actions, log-probs, ...) is a view of it (:class:`RowLayout` says where each lies). Observations keep
+the env's dtype (uint8 for Atari, so 4096 envs x 128 steps of 4x84x84 frames is 14.8 GB rather than
+59 GB in float32).
 
-Row t of every buffer describes one transition of each env: the observation seen (normalised with
-``--norm-obs``), the action chosen for it (with its log-prob, value and action-distribution
-parameters under the behaviour policy, recorded when the action was chosen), and what the env
-returned (the reward scaled with ``--norm-reward``). ``values`` has a row T for the bootstrap value.
+Row t of env n holds, in its first bytes (the *arrival* part, written when the env's step result
+arrives), the observation seen at t (normalised with ``--norm-obs``), whether it is a real one
+(``valid``: False on EnvPool's autoreset step) and the result of the transition before it (reward
+scaled with ``--norm-reward``, terminated, truncated); in its last bytes (the *acting* part, written
+when the action is chosen), the action and its log-prob, value and action-distribution parameters
+under the behaviour policy. So ``rewards[t]`` is row t + 1's, and row T (the bootstrap row) holds
+the observation and value after the last transition. Each part of a row is written by one copy:
+per env step the collectors make one host-to-device transfer (every host array of the step packed
+into one pinned buffer, :class:`Stager`), one copy of the arrival rows into the storage, one forward
+pass and one copy of the acting rows (:func:`fastppo.policy.pack_acting`); the only host sync is the
+copy of the chosen actions to the host, which EnvPool needs.
 
-Two collectors fill a buffer:
+Two collectors fill a rollout:
 
 * :class:`Collector` steps a synchronous pool: every env, every step (CleanRL, the default).
 * :class:`AsyncCollector` uses EnvPool's ``send``/``recv``: each ``recv`` returns the
-  ``batch_size`` envs that finished first, in any order. Each env has its own time cursor and its
-  step lands in its own column; see the class for how a rollout ends and carries over.
+  ``batch_size`` envs that finished first, in any order; each column of a rollout is a segment of T
+  consecutive steps of one env, and the rollout is the first N segments completed (see the class).
 
 The trainer sees neither: it asks a :class:`Collection` for the next rollout (``next()``), hands it
 the learner's weights after each update (``refresh(policy)``), takes its part of a checkpoint
@@ -21,18 +31,16 @@ the learner's weights after each update (``refresh(policy)``), takes its part of
 acting with the learner itself; :class:`OverlapCollection` (``--overlap``) collects rollout k+1 in a
 background thread (on CUDA, its own stream; :class:`BackgroundCollection`) with a frozen copy of the
 weights while the trainer updates on rollout k. :func:`make_collection` picks one from the config.
-
-Data path on CUDA: EnvPool's numpy arrays are copied into pinned host buffers, then copied to the
-device with ``non_blocking=True`` (:class:`Stager`); the only host sync per step is the copy of the
-chosen actions to the host, which EnvPool needs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import threading
-from dataclasses import dataclass, field, fields
+from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -44,13 +52,6 @@ from fastppo.perf import PhaseTimer, copy_weights, learner_forward
 from fastppo.policy import Actor
 
 
-def observe(norms: Normalizers, obs: torch.Tensor, update: bool = True) -> torch.Tensor:
-    """The observation the policy sees: with --norm-obs normalised, after updating the statistics."""
-    if norms.obs is None:
-        return obs
-    return norms.obs(obs) if update else norms.obs.normalize(obs)
-
-
 def action_log_dtype(info: EnvInfo) -> np.dtype:
     """The action log's dtype: one byte per discrete action when it fits, float32 for continuous ones."""
     if info.continuous:
@@ -58,8 +59,114 @@ def action_log_dtype(info: EnvInfo) -> np.dtype:
     return np.dtype(np.uint8 if info.num_actions <= 256 else np.int32)
 
 
+def _pad8(n: int) -> int:
+    return -(-n // 8) * 8
+
+
+def torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return torch.from_numpy(np.zeros(0, dtype=dtype)).dtype
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Where each field of a rollout row lies in its W bytes (offsets in bytes, both parts 8-aligned):
+
+    ``[obs | reward | terminated truncated valid prev_valid | pad]`` the arrival part, then
+    ``[action | logprob | value | dist | pad]`` the acting part. ``reward``, ``terminated`` and
+    ``truncated`` are the result of the transition before the row's observation; ``prev_valid``
+    whether that transition was a real one (it drives the reward scaler's running return). Floats are
+    ``float_dtype`` (float32; float64 for the tests' reference rollouts); a discrete action is int64.
+    """
+
+    obs_shape: tuple[int, ...]
+    obs_dtype: torch.dtype
+    action_shape: tuple[int, ...]
+    dist_size: int
+    float_dtype: torch.dtype = torch.float32
+
+    @classmethod
+    def of(cls, info: EnvInfo, float_dtype: torch.dtype = torch.float32) -> RowLayout:
+        return cls(tuple(info.obs_shape), torch_dtype(info.obs_dtype), info.action_shape, info.dist_size, float_dtype)
+
+    @property
+    def float_size(self) -> int:
+        return self.float_dtype.itemsize
+
+    @property
+    def obs_bytes(self) -> int:
+        return math.prod(self.obs_shape) * self.obs_dtype.itemsize
+
+    @property
+    def reward_off(self) -> int:
+        return _pad8(self.obs_bytes)
+
+    @property
+    def flags_off(self) -> int:
+        return self.reward_off + self.float_size
+
+    @property
+    def arrival_bytes(self) -> int:
+        return _pad8(self.flags_off + 4)
+
+    @property
+    def action_bytes(self) -> int:
+        return 8 if not self.action_shape else math.prod(self.action_shape) * self.float_size
+
+    @property
+    def acting_bytes(self) -> int:
+        """Bytes of :func:`fastppo.policy.pack_acting`'s row: action, log-prob, value, dist."""
+        return self.action_bytes + (2 + self.dist_size) * self.float_size
+
+    @property
+    def width(self) -> int:
+        return self.arrival_bytes + _pad8(self.acting_bytes)
+
+    def views(self, store: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every field of store (R, K, W) uint8 as a (R, K, ...) view; the arrival fields only when the rows
+        hold only the arrival part (W = arrival_bytes: the collectors' staged steps)."""
+        R, K = store.shape[:2]
+        fs, a = self.float_size, self.arrival_bytes
+
+        def field(off: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+            v = store[..., off : off + nbytes].view(dtype)  # (R, K, n), rows W bytes apart
+            return v.view(R, K, *shape) if shape else v[..., 0]
+
+        out = {"obs": field(0, self.obs_bytes, self.obs_dtype, self.obs_shape),
+               "reward": field(self.reward_off, fs, self.float_dtype, ())}
+        for i, name in enumerate(("terminated", "truncated", "valid", "prev_valid")):
+            out[name] = store[..., self.flags_off + i].view(torch.bool)
+        if store.shape[-1] == self.width:
+            out.update(
+                actions=field(a, self.action_bytes, self.float_dtype if self.action_shape else torch.int64,
+                              self.action_shape),
+                logprobs=field(a + self.action_bytes, fs, self.float_dtype, ()),
+                values=field(a + self.action_bytes + fs, fs, self.float_dtype, ()),
+                dist=field(a + self.action_bytes + 2 * fs, self.dist_size * fs, self.float_dtype, (self.dist_size,)))
+        return out
+
+    def host_views(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The arrival fields of rows (..., W) uint8 on the host (numpy views): obs, reward, flags (..., 4)."""
+        obs_np, flt = (torch.empty(0, dtype=d).numpy().dtype for d in (self.obs_dtype, self.float_dtype))
+        lead = rows.shape[:-1]
+        return {"obs": rows[..., : self.obs_bytes].view(obs_np).reshape(*lead, *self.obs_shape),
+                "reward": rows[..., self.reward_off : self.reward_off + self.float_size].view(flt)[..., 0],
+                "flags": rows[..., self.flags_off : self.flags_off + 4]}
+
+    def words(self, store: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """store (R, K, W) as (R * K, ...) rows for the collectors' index copies: whole rows and the arrival
+        part in int64 words, the acting part in float32 words (:func:`fastppo.policy.pack_acting`'s)."""
+        rows = store.view(-1, self.width)
+        a = self.arrival_bytes
+        return (rows.view(torch.int64), rows[:, :a].view(torch.int64),
+                rows[:, a : a + self.acting_bytes].view(torch.float32))
+
+
 @dataclass
 class Rollout:
+    """T steps of N envs: views of ``store`` (T + 1, N, W) (see :class:`RowLayout`) plus GAE's outputs."""
+
+    store: torch.Tensor  # (T + 1, N, W) uint8
+    layout: RowLayout
     obs: torch.Tensor  # (T, N, *obs_shape), the env's dtype (uint8 frames, int64 state indices) or float32
     actions: torch.Tensor  # (T, N) int64, or (T, N, D) float32 unclipped Gaussian samples
     logprobs: torch.Tensor  # (T, N) log pi_old(a|s)
@@ -69,9 +176,9 @@ class Rollout:
     terminated: torch.Tensor  # (T, N) bool
     truncated: torch.Tensor  # (T, N) bool
     valid: torch.Tensor  # (T, N) bool; False on EnvPool's autoreset step
+    next_obs: torch.Tensor  # (N, *obs_shape), the observation after row T - 1 (for values[T])
     advantages: torch.Tensor  # (T, N), filled by advantage.compute_advantages
     returns: torch.Tensor  # (T, N)
-    next_obs: torch.Tensor  # (N, *obs_shape), the observation after row T - 1 (for values[T])
     # host side: (returns, lengths) of the games that ended while this rollout was collected
     games: tuple[list[float], list[int]] = ((), ())
 
@@ -79,67 +186,26 @@ class Rollout:
     def allocate(cls, info: EnvInfo, num_steps: int, num_envs: int, device: torch.device,
                  dtype: torch.dtype = torch.float32) -> Rollout:
         """Zeroed storage for T steps of N envs; `dtype` is the float fields' (float64 for tests)."""
-        T, N = num_steps, num_envs
-        obs_dtype = torch.from_numpy(np.zeros(0, dtype=info.obs_dtype)).dtype
+        layout = RowLayout.of(info, dtype)
+        store = torch.zeros((num_steps + 1, num_envs, layout.width), dtype=torch.uint8, device=device)
+        return cls.of(store, layout)
 
-        def f32(*shape: int) -> torch.Tensor:
-            return torch.zeros(shape, dtype=dtype, device=device)
-
-        def flag() -> torch.Tensor:
-            return torch.zeros((T, N), dtype=torch.bool, device=device)
-
-        return cls(
-            obs=torch.zeros((T, N, *info.obs_shape), dtype=obs_dtype, device=device),
-            actions=torch.zeros((T, N, *info.action_shape), dtype=dtype if info.continuous else torch.int64,
-                                device=device),
-            logprobs=f32(T, N),
-            dist=f32(T, N, info.dist_size),
-            values=f32(T + 1, N),
-            rewards=f32(T, N),
-            terminated=flag(),
-            truncated=flag(),
-            valid=flag(),
-            advantages=f32(T, N),
-            returns=f32(T, N),
-            next_obs=torch.zeros((N, *info.obs_shape), dtype=obs_dtype, device=device),
-        )
+    @classmethod
+    def of(cls, store: torch.Tensor, layout: RowLayout) -> Rollout:
+        T = store.shape[0] - 1
+        v = layout.views(store)
+        return cls(store, layout, obs=v["obs"][:T], actions=v["actions"][:T], logprobs=v["logprobs"][:T],
+                   dist=v["dist"][:T], values=v["values"], rewards=v["reward"][1:], terminated=v["terminated"][1:],
+                   truncated=v["truncated"][1:], valid=v["valid"][:T], next_obs=v["obs"][T],
+                   advantages=torch.zeros((T, store.shape[1]), dtype=layout.float_dtype, device=store.device),
+                   returns=torch.zeros((T, store.shape[1]), dtype=layout.float_dtype, device=store.device))
 
     @property
     def num_steps(self) -> int:
         return self.obs.shape[0]
 
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors())
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)]
-
-
-@dataclass
-class SpillRollout(Rollout):
-    """A Rollout whose fields are views of rows [0, T] of longer storage, (T + S, N, ...).
-
-    The async collector writes an env's steps past row T - 1 into rows T.. (the spill) while slower
-    envs finish the rollout; the next rollout starts by copying the spill to its rows [0, S).
-    ``next_obs`` is row T of ``full["obs"]`` and ``values[T]`` row T of ``full["values"]``.
-    """
-
-    full: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    @classmethod
-    def allocate_spill(cls, info: EnvInfo, num_steps: int, num_envs: int, spill_rows: int,
-                       device: torch.device) -> SpillRollout:
-        T, S, N = num_steps, spill_rows, num_envs
-        base = Rollout.allocate(info, T + S, N, device)  # every per-row field has T + S rows
-        full = {name: getattr(base, name) for name in STEP_FIELDS}
-        full["values"] = base.values[: T + S]
-        views = {name: t[:T] for name, t in full.items()}
-        views["values"] = full["values"][: T + 1]
-        return cls(**views, advantages=base.advantages[:T], returns=base.returns[:T], next_obs=full["obs"][T],
-                   full=full)
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [*self.full.values(), self.advantages, self.returns]
+        return sum(t.untyped_storage().nbytes() for t in (self.store, self.advantages, self.returns))
 
 
 def dist_kind(buf: Rollout) -> str:
@@ -162,65 +228,36 @@ def flatten(buf: Rollout) -> dict[str, torch.Tensor]:
     }
 
 
-SPILL_ROWS = 16  # rows past T an async env may run ahead into while the slowest envs finish the rollout
-
-# The per-step fields an env's transition writes (advantages and returns are computed later).
-STEP_FIELDS = ("obs", "actions", "logprobs", "dist", "values", "rewards", "terminated", "truncated", "valid")
-
-
-class Stager:
-    """numpy -> device tensors for the collectors.
-
-    On CUDA each array is copied into a pinned host buffer kept per name (a host memcpy), then to
-    the device with ``non_blocking=True``: the host does not wait for the copy. Before a buffer is
-    refilled, the event recorded after its last copy is waited on; by then the per-step action sync
-    has normally passed it, so the wait costs nothing. On CPU the array is wrapped, not copied.
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.pinned: dict[str, tuple[torch.Tensor, torch.cuda.Event]] = {}
-
-    def __call__(self, name: str, array: np.ndarray) -> torch.Tensor:
-        src = torch.from_numpy(np.ascontiguousarray(array))
-        if not self.cuda:
-            return src
-        entry = self.pinned.get(name)
-        if entry is None or entry[0].shape != src.shape or entry[0].dtype != src.dtype:
-            entry = (torch.empty(src.shape, dtype=src.dtype, pin_memory=True), torch.cuda.Event())
-            self.pinned[name] = entry
-        host, copied = entry
-        copied.synchronize()  # the previous non-blocking copy out of this buffer has finished
-        host.copy_(src)
-        out = host.to(self.device, non_blocking=True)
-        copied.record()
-        return out
-
-
-def as_words(t: torch.Tensor) -> torch.Tensor:
-    """t (B, ...) contiguous, as (B, W) of the widest integer type that tiles a row: the same memory.
+def as_words(t: torch.Tensor) -> torch.Tensor | None:
+    """t (B, ...) whose rows are each contiguous (rows may lie apart, as in a rollout's storage), as (B, W)
+    of the widest integer type that tiles a row: the same memory. None when rows are not contiguous.
 
     Index copies of whole rows then move up to 8 bytes per element instead of 1: on CPU, scattering
     128 uint8 Pong observations (28 KB each) into the rollout took 3.3 ms as uint8 and 0.5 ms as
     int64 (one thread, bench/host_overhead.py measures the collectors).
     """
-    rows = t.view(t.shape[0], -1)
-    row_bytes = rows.shape[1] * t.element_size()
+    try:
+        rows = t.view(t.shape[0], -1)
+    except RuntimeError:  # the dims after the first do not merge: rows are not contiguous
+        return None
+    if rows.shape[1] > 1 and rows.stride(1) != 1:
+        return None
+    size = t.element_size()
+    row_bytes, stride_bytes, offset_bytes = rows.shape[1] * size, rows.stride(0) * size, t.storage_offset() * size
     for dtype in (torch.int64, torch.int32, torch.int16):
-        size = dtype.itemsize
-        if size > t.element_size() and row_bytes % size == 0 and t.storage_offset() * t.element_size() % size == 0:
+        wide = dtype.itemsize
+        if wide > size and row_bytes % wide == 0 and stride_bytes % wide == 0 and offset_bytes % wide == 0:
             return rows.view(torch.uint8).view(dtype)
     return rows
 
 
 def gather_rows(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """t[idx] for t (B, ...), copied as words when t is contiguous (see as_words).
+    """t[idx] for t (B, ...), copied as words when t's rows are contiguous (see as_words).
 
     Gathering a minibatch of 256 uint8 Pong observations out of 1024 took 6.6 ms as uint8 and
     1.3 ms as int64 on CPU (one thread).
     """
-    words = as_words(t) if t.is_contiguous() else None
+    words = as_words(t)
     if words is None or words.dtype == t.dtype:
         return t[idx]
     return words[idx].view(t.dtype).view(idx.shape[0], *t.shape[1:])
@@ -230,11 +267,101 @@ def _as_actor(policy: nn.Module | Actor, generator: torch.Generator | None) -> A
     return policy if isinstance(policy, Actor) else Actor(policy, generator=generator)
 
 
+ARRIVAL_FIELDS = ("obs", "reward", "terminated", "prev_valid")  # what normalize_arrival reads and writes
+DEVICE_VIEWS = ("arrival", *ARRIVAL_FIELDS, "index")  # a Stager block's device views, cut to b envs
+
+
+def arrival_fields(layout: RowLayout, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The fields normalize_arrival reads and writes, of rows (1, b, >= arrival_bytes) uint8: (b, ...) views."""
+    views = layout.views(rows[..., : layout.arrival_bytes])
+    return {name: views[name][0] for name in ARRIVAL_FIELDS}
+
+
+def pack_arrival(host: dict[str, np.ndarray], obs: np.ndarray, reward: np.ndarray, terminated: np.ndarray,
+                 truncated: np.ndarray, valid: np.ndarray, prev_valid: np.ndarray) -> None:
+    """Write one step of b envs into the first b of the host arrival rows `host` (RowLayout.host_views): the
+    observations convert to the storage's dtype on the way."""
+    b = len(reward)
+    np.copyto(host["obs"][:b], obs, casting="same_kind")
+    host["reward"][:b] = reward
+    flags = host["flags"]
+    flags[:b, 0], flags[:b, 1], flags[:b, 2], flags[:b, 3] = terminated, truncated, valid, prev_valid
+
+
+class Stager:
+    """The host arrays of one env step -> one transfer to the training device.
+
+    A block holds ``batch`` arrival rows (:class:`RowLayout`'s first part: observation, reward,
+    flags), then ``indices`` int64 vectors of ``batch`` entries (where the rows go, env ids, ...). The
+    host packs a step into a block with a few numpy copies (:func:`pack_arrival`), and on CUDA the whole
+    block goes to the device in one non-blocking copy from pinned memory; on CPU the block is used
+    where it is. Blocks alternate in a ring of two, so the host never waits on a copy: a block is
+    refilled two steps after its copy was queued, and every step in between synchronised on its
+    actions, which come after that copy on the same stream (the event check below is a guard that then
+    costs nothing).
+    """
+
+    def __init__(self, layout: RowLayout, batch: int, device: torch.device, indices: int = 0):
+        self.layout, self.batch, self.device = layout, batch, device
+        self.cuda = device.type == "cuda"
+        self.blocks = [self._block(indices) for _ in range(2 if self.cuda else 1)]
+        self.next = 0
+
+    def _block(self, indices: int) -> dict:
+        L, B = self.layout, self.batch
+        nbytes = B * L.arrival_bytes + indices * B * 8
+        host = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=self.cuda)
+        dev = torch.zeros(nbytes, dtype=torch.uint8, device=self.device) if self.cuda else host
+        h = host.numpy()
+        rows = dev[: B * L.arrival_bytes].view(1, B, L.arrival_bytes)
+        block = {"host": host, "dev": dev, "event": torch.cuda.Event() if self.cuda else None,
+                 "np": L.host_views(h[: B * L.arrival_bytes].reshape(B, L.arrival_bytes)),
+                 "np_index": h[B * L.arrival_bytes :].view(np.int64).reshape(indices, B),
+                 "arrival": rows[0].view(torch.int64),
+                 "index": dev[B * L.arrival_bytes :].view(torch.int64).view(indices, B)}
+        block.update(arrival_fields(L, rows))
+        return block
+
+    def __call__(self, obs: np.ndarray, reward: np.ndarray, terminated: np.ndarray, truncated: np.ndarray,
+                 valid: np.ndarray, prev_valid: np.ndarray, indices: tuple[np.ndarray, ...] = ()) -> dict:
+        """Pack one step of b <= batch envs; returns the block: device views ``arrival`` (b, words), ``obs``,
+        ``reward``, ``terminated``, ``prev_valid`` (b, ...) and ``index`` (indices, batch) (vector i's
+        first len(indices[i]) entries are set)."""
+        block = self.blocks[self.next]
+        self.next = (self.next + 1) % len(self.blocks)
+        b = len(reward)
+        if block["event"] is not None:
+            block["event"].synchronize()  # its last copy has finished (see the class: it always has by now)
+        pack_arrival(block["np"], obs, reward, terminated, truncated, valid, prev_valid)
+        for i, values in enumerate(indices):
+            block["np_index"][i, : len(values)] = values
+        if self.cuda:
+            block["dev"].copy_(block["host"], non_blocking=True)
+            block["event"].record()
+        if b == self.batch:
+            return block
+        return {k: (v[:, :b] if k == "index" else v[:b]) if k in DEVICE_VIEWS else v for k, v in block.items()}
+
+
+def normalize_arrival(norms: Normalizers, block: dict, update: bool = True,
+                      env_ids: torch.Tensor | None = None) -> None:
+    """--norm-obs / --norm-reward on a staged step, in place: its observations normalised (after updating the
+    statistics, unless `update` is False), its rewards scaled with the running return of the envs
+    env_ids (all envs in order when None)."""
+    if norms.obs is not None:
+        obs = block["obs"]
+        obs.copy_(norms.obs(obs) if update else norms.obs.normalize(obs))
+    if norms.reward is not None and update:
+        reward = block["reward"]
+        reward.copy_(norms.reward(reward, block["terminated"], block["prev_valid"], env_ids=env_ids))
+
+
 class Collector:
     """Steps a synchronous EnvPool pool and writes each step into a Rollout (CleanRL's loop).
 
-    Carries what must survive from one rollout to the next: the current observation (on the
-    device) and whether each env's next step is EnvPool's reset step.
+    Row t of env n is step t of env n. Carries what must survive from one rollout to the next: the
+    last row's arrival part (the observation after the rollout and whether it is a real one), which
+    becomes row 0 of the next rollout.
 
     ``action_log`` holds every action sent to the envs since their reset, one host array per rollout,
     (T, N) (uint8 when the action space allows) or (T, N, D) float32 for continuous actions: EnvPool
@@ -254,18 +381,29 @@ class Collector:
         self.device = device
         self.generator = generator
         self.timer = timer or PhaseTimer(device)
-        self.stage = Stager(device)
         self.norms = norms or Normalizers(None, None)
+        self.layout = RowLayout.of(info)
         obs, _ = envs.reset()
-        self.num_envs = len(obs)
-        self.stats = EpisodeStats(self.num_envs, info.is_atari)
+        self.num_envs = N = len(obs)
+        self.stage = Stager(self.layout, N, device)
+        self.stats = EpisodeStats(N, info.is_atari)
+        self.valid = np.ones(N, dtype=bool)  # whether each env's current observation is a real one
         # The reset's observation is normalised by the first collect(), once a resume has loaded the
         # statistics (a resume that replays nothing would otherwise act on it normalised by fresh ones).
-        self.next_obs = torch.from_numpy(obs).to(device)
-        self.next_is_raw = True
-        self.next_is_reset = torch.zeros(self.num_envs, dtype=torch.bool, device=device)
+        self.carry = torch.zeros((N, self.layout.arrival_bytes // 8), dtype=torch.int64, device=device)
+        self._carry(obs, np.zeros(N, dtype=bool), update=None)
         self.action_dtype = action_log_dtype(info)
         self.action_log: list[np.ndarray] = []
+
+    def _carry(self, obs: np.ndarray, done: np.ndarray, update: bool | None) -> None:
+        """Row 0 of the next rollout: obs, valid unless done; normalised (None: later, by collect)."""
+        self.valid = ~done
+        block = self.stage(obs, np.zeros(self.num_envs, np.float32), done, np.zeros_like(done), self.valid,
+                           np.zeros_like(done))
+        if update is not None:
+            normalize_arrival(Normalizers(self.norms.obs, None), block, update=update)
+        self.carry.copy_(block["arrival"])
+        self.carry_raw = update is None
 
     def replay(self, actions: np.ndarray) -> None:
         """Step the freshly reset envs with actions (S, N[, D]), as collect() did, without a policy.
@@ -281,9 +419,7 @@ class Collector:
             self.stats.update(reward, terminated, truncated, info)
             done = terminated | truncated
         if obs is not None:
-            self.next_obs = observe(self.norms, torch.from_numpy(obs).to(self.device), update=False)
-            self.next_is_raw = False
-            self.next_is_reset = torch.from_numpy(done).to(self.device)
+            self._carry(obs, done, update=False)
         self.stats.pop()
         self.action_log = [np.ascontiguousarray(actions, dtype=self.action_dtype)]
 
@@ -308,22 +444,26 @@ class Collector:
     def collect(self, policy: nn.Module | Actor, buf: Rollout) -> None:
         """Fill buf with num_steps steps of every env, acting with policy (a module or an Actor)."""
         actor = _as_actor(policy, self.generator)
-        timer = self.timer
-        if self.next_is_raw:
-            self.next_obs = observe(self.norms, self.next_obs)
-            self.next_is_raw = False
-        sent = np.empty((buf.num_steps, self.num_envs, *self.info.action_shape), dtype=self.action_dtype)
+        timer, T = self.timer, buf.num_steps
+        _, arrival, acting = self.layout.words(buf.store)
+        arrival, acting = arrival.view(T + 1, self.num_envs, -1), acting.view(T + 1, self.num_envs, -1)
+        fields = self.layout.views(buf.store)  # (T + 1, N, ...)
+        obs_rows = fields["obs"]
+        # On CPU each step is packed straight into its storage row: the observations are copied once.
+        host = None if self.stage.cuda else self.layout.host_views(buf.store.numpy())
+        normalized = self.norms.obs is not None or self.norms.reward is not None
+        arrival[0].copy_(self.carry)
+        if self.carry_raw:
+            if self.norms.obs is not None:
+                obs_rows[0].copy_(self.norms.obs(obs_rows[0]))
+            self.carry_raw = False
+        sent = np.empty((T, self.num_envs, *self.info.action_shape), dtype=self.action_dtype)
         if self.record:
             self.action_log.append(sent)
-        for t in range(buf.num_steps):
-            buf.obs[t] = self.next_obs
-            buf.valid[t] = ~self.next_is_reset
+        for t in range(T):
             with timer.phase("inference"):
-                action, logprob, value, dist = actor(self.next_obs)
-                buf.actions[t] = action
-                buf.logprobs[t] = logprob
-                buf.values[t] = value
-                buf.dist[t] = dist
+                row, action = actor.row(obs_rows[t])
+                acting[t].copy_(row)
                 # Host-device sync, deliberate: EnvPool needs the actions on the host.
                 host_action = action.cpu().numpy()
             sent[t] = host_action
@@ -331,164 +471,150 @@ class Collector:
                 obs, reward, terminated, truncated, info = self.envs.step(host_action)
             self.stats.update(reward, terminated, truncated, info)
             with timer.phase("h2d"):
-                reward = self.stage("reward", reward)
-                term = self.stage("terminated", terminated)
-                trunc = self.stage("truncated", truncated)
-                if self.norms.reward is not None:
-                    reward = self.norms.reward(reward, term, buf.valid[t])
-                buf.rewards[t] = reward
-                buf.terminated[t] = term
-                buf.truncated[t] = trunc
-                self.next_is_reset = term | trunc
-                self.next_obs = observe(self.norms, self.stage("obs", obs))
-        buf.next_obs.copy_(self.next_obs)
+                prev_valid, self.valid = self.valid, ~(terminated | truncated)
+                if host is not None:
+                    pack_arrival({k: v[t + 1] for k, v in host.items()}, obs, reward, terminated, truncated,
+                                 self.valid, prev_valid)
+                    if normalized:
+                        normalize_arrival(self.norms, {k: fields[k][t + 1] for k in ARRIVAL_FIELDS})
+                else:
+                    block = self.stage(obs, reward, terminated, truncated, self.valid, prev_valid)
+                    normalize_arrival(self.norms, block)
+                    arrival[t + 1].copy_(block["arrival"])
         with timer.phase("inference"):
-            buf.values[buf.num_steps] = actor.value(self.next_obs)
+            buf.values[T] = actor.value(buf.next_obs)
+        self.carry.copy_(arrival[T])
 
 
 class AsyncCollector:
-    """Steps an async EnvPool pool (``send``/``recv``, ``batch_size < num_envs``) into SpillRollouts.
+    """Steps an async EnvPool pool (``send``/``recv``, ``batch_size < num_envs``) into Rollouts.
 
     Each ``recv`` returns ``batch_size`` envs, whichever finished first, in any order. For each env
-    the recv holds the result of its previous transition (reward, terminated, truncated) and the
-    observation of its next one. Env n has a time cursor ``cursor[n]``, the row of column n where
-    its next observation lands; on a recv, for the returned env ids (vectorised, no loop over envs):
+    it holds the result of its previous transition and the observation of its next one; every env
+    returned is acted on and sent its next action at once, so the pool never runs short of envs in
+    flight, whatever the envs' relative speeds (a recv with fewer envs in flight than its batch
+    would hang EnvPool).
 
-    1. the result goes to row ``cursor - 1`` (the transition whose action was sent last);
-    2. the observation goes to row ``cursor``, valid unless the result ended the episode (EnvPool's
-       autoreset step ignores the action and is masked, as in the sync loop);
-    3. the actor chooses actions for them; action, log-prob, value and distribution are stored at row
-       ``cursor`` as they are chosen, the cursor moves on, and the actions are sent.
+    Each env writes its steps into a *segment*, one column of a staging store of T + 1 rows and
+    ``num_envs + batch_size`` columns (slots): row r of the env's slot is its r-th step in the
+    segment (vectorised over the recv's envs, no loop over envs: a cursor and a slot per env). When
+    an env's observation lands on row T (the bootstrap row), its segment is complete: T transitions
+    with their results, and the observation and value of row T. The column is copied into the
+    rollout being collected, and the env goes on in a free slot whose row 0 is a copy of row T
+    (its action was chosen and sent with row T). A rollout is the first N segments completed, in the
+    order they complete; segments completed in the same recv beyond the N-th wait in their slots
+    and open the next rollout. So a rollout always has N columns of T consecutive steps (N * T
+    transitions, each in exactly one rollout, in time order within its column), but a fast env may
+    fill several columns of a rollout and a slow one none; nothing waits for the slowest env.
 
-    A rollout is complete when every env has rows 0..T (T transitions with their results, and the
-    observation and value of row T, which bootstraps GAE). EnvPool's ``recv`` blocks until
-    ``batch_size`` envs report, so envs that are done cannot simply wait for the slowest one: fewer
-    than ``batch_size`` envs in flight would hang the pool. They keep stepping into the spill rows
-    T..T+S-1, acting with the same policy. Row T of an env is thus row 0 of its next rollout: the
-    next :meth:`collect` copies rows [T, T+S) to [0, S) (of the next buffer, or of the same one
-    after the update) and moves every cursor back by T. An env that fills its spill is held (its
-    last observation is stored, no action is sent) until the next rollout acts on it; if so many
-    envs are held that fewer than ``batch_size`` remain in flight, collection stops with an error
-    rather than hanging (raise --num-steps, or lower --env-batch-size).
-
-    Consequence for on-policy-ness: the first steps of an env in rollout k + 1 (row 0, and any spill
-    rows) were chosen by the policy that collected rollout k, before its update. Their behaviour
-    log-probs are the ones stored, so PPO's importance ratio stays correct (see --overlap).
+    Consequence for on-policy-ness: a segment's steps may be chosen by the policies of several
+    iterations (a slow env's segment spans updates). Each step's behaviour log-prob is stored as it
+    is chosen, so PPO's importance ratio stays correct (see --overlap).
     """
 
     def __init__(self, envs, info: EnvInfo, device: torch.device, num_envs: int, batch_size: int,
                  generator: torch.Generator | None = None, timer: PhaseTimer | None = None,
-                 spill_rows: int = SPILL_ROWS, norms: Normalizers | None = None):
+                 norms: Normalizers | None = None):
         self.envs = envs
         self.info = info
         self.device = device
         self.num_envs = num_envs
         self.batch_size = batch_size
+        self.slots = num_envs + batch_size  # one in progress per env, and the completions of one recv
         self.generator = generator
-        self.spill_rows = spill_rows
         self.timer = timer or PhaseTimer(device)
-        self.stage = Stager(device)
         self.norms = norms or Normalizers(None, None)
+        self.layout = RowLayout.of(info)
+        # rows (flat store rows), env ids, then completions: source and target rows of the row T -> row 0
+        # copy, and the slots emitted into the rollout with their columns there
+        self.stage = Stager(self.layout, batch_size, device, indices=6)
         self.stats = EpisodeStats(num_envs, info.is_atari)
-        self.cursor = np.zeros(num_envs, dtype=np.int64)  # row of the env's next observation
+        self.slot = np.arange(num_envs)  # the slot each env writes its segment into
+        self.cursor = np.zeros(num_envs, dtype=np.int64)  # row of the env's next observation in its slot
         self.pending = np.zeros(num_envs, dtype=bool)  # an action was sent; its result is due at row cursor - 1
-        self.held = np.zeros(num_envs, dtype=bool)  # observation stored at row cursor, no action sent
-        self.in_flight = 0
-        self.last: SpillRollout | None = None
+        self.valid = np.ones(num_envs, dtype=bool)  # whether the env's last observation was a real one
+        self.free = deque(range(num_envs, self.slots))
+        self.ready: list[int] = []  # slots of segments completed beyond the last rollout's N
+        self.staging: torch.Tensor | None = None  # (T + 1, slots, W) uint8
+        self.started = False
 
     def state(self) -> dict:
         """No action log: the order in which async envs step cannot be replayed (a resume restarts them)."""
         return {"actions": None}
 
-    def allocate(self, num_steps: int, num_buffers: int = 1) -> list[SpillRollout]:
-        """Buffers of T + S rows, S = min(T, spill_rows); needs T >= 2 (the spill holds row T and more)."""
-        if num_steps < 2:
-            raise ValueError(f"async collection needs num_steps >= 2, got {num_steps}")
-        spill = min(num_steps, self.spill_rows)
-        return [SpillRollout.allocate_spill(self.info, num_steps, self.num_envs, spill, self.device)
-                for _ in range(num_buffers)]
+    def allocate(self, num_steps: int, num_buffers: int = 1) -> list[Rollout]:
+        """Rollouts of T steps of N envs (and, the first time, the staging store of the segments)."""
+        if self.staging is None:
+            self.staging = torch.zeros((num_steps + 1, self.slots, self.layout.width), dtype=torch.uint8,
+                                       device=self.device)
+        elif self.staging.shape[0] != num_steps + 1:
+            raise ValueError(f"this collector's segments have {self.staging.shape[0] - 1} steps, not {num_steps}")
+        return [Rollout.allocate(self.info, num_steps, self.num_envs, self.device) for _ in range(num_buffers)]
 
-    def collect(self, policy: nn.Module | Actor, buf: SpillRollout) -> None:
+    def collect(self, policy: nn.Module | Actor, buf: Rollout) -> None:
         actor = _as_actor(policy, self.generator)
-        T, N = buf.num_steps, self.num_envs
-        # (R * N, ...) views of the storage: row r of env n is element r * N + n
-        flat = {name: t.flatten(0, 1) for name, t in buf.full.items()}
-        if self.last is None:
+        if self.staging is None or self.staging.shape[0] != buf.store.shape[0]:
+            raise ValueError("allocate the rollouts of an AsyncCollector with its allocate()")
+        whole, arrival, acting = self.layout.words(self.staging)
+        rows = (self.staging.view(torch.int64), buf.store.view(torch.int64))  # (T + 1, slots or N, W / 8)
+        self.emitted = 0
+        if self.ready:  # the segments completed beyond the last rollout's N open this one
+            ready, self.ready = self.ready, []
+            self._emit(rows, torch.tensor(ready, device=self.device),
+                       torch.arange(len(ready), device=self.device), ready)
+        if not self.started:
             self.envs.async_reset()
-            self.in_flight = N
-        else:
-            spill = buf.full["obs"].shape[0] - T
-            for name, t in buf.full.items():  # carry: the rows past T of the last rollout start this one
-                t[:spill].copy_(self.last.full[name][T:])
-            self.cursor -= T
-            if self.held.any():
-                ids = np.flatnonzero(self.held)
-                rows = self.stage("held_rows", self.cursor[ids] * N + ids)
-                self._act(actor, flat, ids, rows, flat["obs"][rows])
-                self.held[ids] = False
-        while self.cursor.min() <= T:
-            if self.in_flight < self.batch_size:
-                raise RuntimeError(
-                    f"async collection stalled: {self.held.sum()} envs filled their {buf.full['obs'].shape[0] - T} "
-                    f"spill rows while others lag, leaving {self.in_flight} in flight (< batch size "
-                    f"{self.batch_size}); raise --num-steps or lower --env-batch-size")
+            self.started = True
+        while self.emitted < self.num_envs:
             with self.timer.phase("env_wait", host=True):
                 obs, reward, terminated, truncated, info = self.envs.recv()
-            self.in_flight -= len(obs)
-            self._on_recv(actor, flat, T, obs, reward, terminated, truncated, info)
-        self.last = buf
+            self._on_recv(actor, whole, arrival, acting, rows, obs, reward, terminated, truncated, info)
 
-    def _on_recv(self, actor: Actor, flat: dict[str, torch.Tensor], T: int, obs, reward, terminated, truncated,
-                 info) -> None:
-        N, R = self.num_envs, flat["obs"].shape[0] // self.num_envs
+    def _emit(self, rows: tuple[torch.Tensor, torch.Tensor], slots: torch.Tensor, columns: torch.Tensor,
+              host_slots) -> None:
+        """Copy completed segments (their slots' columns) into the rollout's next columns; free the slots."""
+        staging, out = rows
+        out.index_copy_(1, columns, staging.index_select(1, slots))
+        self.free.extend(host_slots)
+        self.emitted += len(host_slots)
+
+    def _on_recv(self, actor: Actor, whole, arrival, acting, rows, obs, reward, terminated, truncated, info) -> None:
+        K, N, T = self.slots, self.num_envs, self.staging.shape[0] - 1
         ids = info["env_id"].astype(np.int64)
-        cursor = self.cursor[ids]
         self.stats.update(reward, terminated, truncated, info, env_ids=ids)
+        slot, cursor = self.slot[ids], self.cursor[ids]
+        prev_valid = self.pending[ids] & self.valid[ids]  # the result ends a real transition (none after a reset)
+        valid = ~(terminated | truncated)  # the observation after an episode's end is EnvPool's reset step
+        self.valid[ids] = valid
+        # envs whose new row is row T: their segment is complete, and they go on in a fresh slot
+        full = np.flatnonzero(cursor == T)
+        old = slot[full]
+        new = np.array([self.free.popleft() for _ in full], dtype=np.int64)
+        take = min(len(full), N - self.emitted)
+        columns = np.arange(self.emitted, self.emitted + take)
         with self.timer.phase("h2d"):
-            # 1. results of the previous transition (none for the first recv after async_reset)
-            done = np.flatnonzero(self.pending[ids])
-            if len(done):
-                sel = slice(None) if len(done) == len(ids) else done
-                prev = self.stage("prev_rows", (cursor[sel] - 1) * N + ids[sel])
-                rew = self.stage("reward", reward[sel]).float()
-                term = self.stage("terminated", terminated[sel])
-                if self.norms.reward is not None:
-                    rew = self.norms.reward(rew, term, flat["valid"][prev], env_ids=self.stage("prev_ids", ids[sel]))
-                flat["rewards"].index_copy_(0, prev, rew)
-                flat["terminated"].index_copy_(0, prev, term)
-                flat["truncated"].index_copy_(0, prev, self.stage("truncated", truncated[sel]))
-            # 2. the new observation, masked when it follows an episode's end (EnvPool's reset step)
-            rows = self.stage("rows", cursor * N + ids)
-            obs_d = observe(self.norms, self.stage("obs", obs))
-            as_words(flat["obs"]).index_copy_(0, rows, as_words(obs_d))
-            flat["valid"].index_copy_(0, rows, self.stage("valid", ~(terminated | truncated)))
-        self.pending[ids] = False
-        # 3. act, except for envs whose new row is the last one of the spill: they wait for the next rollout
-        room = cursor < R - 1
-        if room.all():
-            self._act(actor, flat, ids, rows, obs_d)
-        else:
-            act = np.flatnonzero(room)
-            self.held[ids[~room]] = True
-            if len(act):
-                sel = self.stage("act_sel", act)
-                self._act(actor, flat, ids[act], rows[sel], obs_d[sel])
-
-    def _act(self, actor: Actor, flat: dict[str, torch.Tensor], ids: np.ndarray, rows: torch.Tensor,
-             obs: torch.Tensor) -> None:
+            block = self.stage(obs, reward, terminated, truncated, valid, prev_valid,
+                               (cursor * K + slot, ids, T * K + old, new, old[:take], columns))
+            index = block["index"]
+            normalize_arrival(self.norms, block, env_ids=index[1])
+            arrival.index_copy_(0, index[0], block["arrival"])
         with self.timer.phase("inference"):
-            action, logprob, value, dist = actor(obs)
-            flat["actions"].index_copy_(0, rows, action)
-            flat["logprobs"].index_copy_(0, rows, logprob)
-            flat["values"].index_copy_(0, rows, value)
-            flat["dist"].index_copy_(0, rows, dist)
+            row, action = actor.row(block["obs"])
+            acting.index_copy_(0, index[0], row)
             # Host-device sync, deliberate: EnvPool needs the actions on the host.
             action = action.cpu().numpy()
         self.cursor[ids] += 1
         self.pending[ids] = True
+        if len(full):
+            m = len(full)
+            whole.index_copy_(0, index[3, :m], whole.index_select(0, index[2, :m]))  # row T -> the new slot's row 0
+            self.slot[ids[full]] = new
+            self.cursor[ids[full]] = 1
+            if take:
+                self._emit(rows, index[4, :take], index[5, :take], old[:take].tolist())
+            self.ready.extend(old[take:].tolist())
         with self.timer.phase("env_wait", host=True):
             self.envs.send(action, ids.astype(np.int32))
-        self.in_flight += len(ids)
 
 
 class BackgroundCollection:
@@ -639,7 +765,9 @@ def make_collection(cfg, envs, info: EnvInfo, device: torch.device, policy: nn.M
         collector = AsyncCollector(envs, info, device, cfg.num_envs, cfg.recv_batch_size, timer=timer, norms=norms)
     else:
         collector = Collector(envs, info, device, timer=timer, norms=norms, record=not cfg.overlap)
-    graphs = dict(cudagraphs=cfg.cudagraphs, graph_batch_sizes=(cfg.recv_batch_size,))
+    # --cudagraphs None (auto): graphed acting wherever it can be, on CUDA
+    graphs = dict(cudagraphs=device.type == "cuda" if cfg.cudagraphs is None else cfg.cudagraphs,
+                  graph_batch_sizes=(cfg.recv_batch_size,))
     if not cfg.overlap:
         return InlineCollection(collector, Actor(policy, forward, **graphs), cfg.num_steps)
     behaviour = copy.deepcopy(policy).requires_grad_(False)  # theta', refreshed in place after each update
@@ -648,14 +776,11 @@ def make_collection(cfg, envs, info: EnvInfo, device: torch.device, policy: nn.M
     return OverlapCollection(collector, actor, behaviour, cfg.num_steps, rollouts, device)
 
 
-def storage_bytes(info: EnvInfo, num_steps: int, num_envs: int, buffers: int = 1, spill: bool = False) -> int:
-    """Bytes of the rollout storage the collectors allocate: `buffers` buffers, with the async spill rows.
-
-    The buffers are allocated on the meta device, which sizes them exactly and allocates nothing.
-    """
-    meta = torch.device("meta")
-    if spill:
-        buf = SpillRollout.allocate_spill(info, num_steps, num_envs, min(num_steps, SPILL_ROWS), meta)
-    else:
-        buf = Rollout.allocate(info, num_steps, num_envs, meta)
-    return buffers * buf.nbytes()
+def storage_bytes(info: EnvInfo, num_steps: int, num_envs: int, buffers: int = 1, async_batch: int | None = None
+                  ) -> int:
+    """Bytes of the rollout storage the collectors allocate: `buffers` rollouts, and with async envs
+    (`async_batch` envs per recv) the staging store of their segments."""
+    row = RowLayout.of(info).width
+    rollout = (num_steps + 1) * num_envs * row + 2 * num_steps * num_envs * 4  # the store, advantages, returns
+    staging = 0 if async_batch is None else (num_steps + 1) * (num_envs + async_batch) * row
+    return buffers * rollout + staging

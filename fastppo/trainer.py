@@ -483,7 +483,7 @@ def select_ops(cfg: Config, device: torch.device) -> kernels.Ops:
 def check_memory(cfg: Config, info: EnvInfo, device: torch.device) -> None:
     """ConfigError when the rollout storage (and EnvPool's buffers) cannot fit, naming the bytes."""
     rollout = storage_bytes(info, cfg.num_steps, cfg.num_envs, buffers=2 if cfg.overlap else 1,
-                            spill=cfg.async_envs)
+                            async_batch=cfg.recv_batch_size if cfg.async_envs else None)
     envs = 3 * cfg.num_envs * info.obs_bytes  # EnvPool's state queue holds a few observations per env
     if device.type == "cuda":
         checks = [(rollout, torch.cuda.mem_get_info(device)[0], f"free on {device}"),

@@ -1,11 +1,14 @@
-"""Async collection (EnvPool send/recv): columns assembled in time order whatever order envs return in.
+"""Async collection (EnvPool send/recv): segments of T consecutive steps, whatever order and speed envs run at.
 
-FakeAsyncPool has EnvPool's async API and autoreset semantics and returns envs out of order; every
-observation names its env and its index in that env's life, so each column of the rollout can be
-checked against the env's own record of what happened.
+FakeAsyncPool has EnvPool's async API and autoreset semantics and returns envs out of order (or, with
+per-env step durations, in the order a clock says they finish); every observation names its env and
+its index in that env's life, so each column of a rollout can be checked against the env's own record
+of what happened, and the columns of successive rollouts against the env's whole life.
 """
 
 from __future__ import annotations
+
+import heapq
 
 import numpy as np
 import pytest
@@ -14,7 +17,7 @@ import torch.nn.functional as F
 
 from fastppo.envs import EnvInfo, env_info, make_envs
 from fastppo.policy import make_policy
-from fastppo.rollout import AsyncCollector, SpillRollout, as_words, gather_rows
+from fastppo.rollout import AsyncCollector, Rollout, as_words, gather_rows
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
@@ -29,19 +32,23 @@ class FakeAsyncPool:
     [n, k, step in episode]. The reward of a step is n + 0.01 * k + action; episodes end after a
     per-env pseudo-random length, by termination or truncation. Autoreset as EnvPool: the step after
     an episode's end ignores its action and returns reward 0, terminated = truncated = False and the
-    next episode's first observation. recv returns batch_size of the envs whose step is done, picked
-    at random among the `window` oldest (out of order, none overdue by more than 2 recvs); the 5th step of
-    a `slow` env (a long reset, say) is only returned once it has waited `slow_recvs` recvs, or when
-    no other env could fill the batch. Fewer than batch_size envs in flight is a hang in EnvPool: an
-    error here.
+    next episode's first observation.
+
+    Which envs a recv returns: with ``durations`` (time units per step of each env, jittered by up to
+    +-50% per step), the batch_size envs that finish first on a clock, as EnvPool's threads would
+    return them; otherwise batch_size of the envs whose step is done, picked at random among the
+    `window` oldest (out of order, none overdue by more than 2 recvs); the 5th step of a `slow` env (a
+    long reset, say) is only returned once it has waited `slow_recvs` recvs, or when no other env
+    could fill the batch. Fewer than batch_size envs in flight is a hang in EnvPool: an error here.
     """
 
     def __init__(self, num_envs: int, batch_size: int, seed: int = 0, window: int | None = None,
-                 slow: tuple[int, ...] = (), slow_recvs: int = 0):
+                 slow: tuple[int, ...] = (), slow_recvs: int = 0, durations: np.ndarray | None = None):
         self.num_envs, self.batch_size = num_envs, batch_size
         self.rng = np.random.default_rng(seed)
         self.window = window or batch_size + 3
         self.slow, self.slow_recvs = set(slow), slow_recvs
+        self.durations, self.clock, self.finish = durations, 0.0, []  # (finish time, env) heap, with durations
         self.k = np.zeros(num_envs, dtype=np.int64)  # observations produced so far
         self.ep_step = np.zeros(num_envs, dtype=np.int64)
         self.ep_len = self.rng.integers(3, 9, num_envs)
@@ -58,21 +65,30 @@ class FakeAsyncPool:
     def _obs(self, n: int) -> np.ndarray:
         return np.array([n, self.k[n], self.ep_step[n]], dtype=np.float32)
 
+    def _started(self, n: int) -> None:
+        if self.durations is not None:
+            step = self.durations[n] * self.rng.uniform(0.5, 1.5)
+            heapq.heappush(self.finish, (self.clock + step, n))
+        else:
+            self.queue.append((n, self.recvs))
+
+    def in_flight(self) -> set[int]:
+        return {n for _, n in self.finish} | {n for n, _ in self.queue}
+
     def async_reset(self) -> None:
         for n in range(self.num_envs):
             self.ready[n] = (self._obs(n), 0.0, False, False)
-            self.queue.append((n, -1))
+            self._started(n)
 
     def send(self, actions: np.ndarray, env_ids: np.ndarray) -> None:
         assert len(actions) == len(env_ids)
         for a, n in zip(actions.tolist(), env_ids.tolist(), strict=True):
-            assert n not in dict(self.queue), f"env {n} got an action while one is in flight"
+            assert n not in self.in_flight(), f"env {n} got an action while one is in flight"
             self._step(n, a)
-            self.queue.append((n, self.recvs))
+            self._started(n)
 
     def _step(self, n: int, action: int) -> None:
-        for key, value in zip(("action",), (action,), strict=True):
-            self.log[key][n].append(value)
+        self.log["action"][n].append(action)
         if self.ended[n]:  # EnvPool's reset step: the action is ignored
             reward, term, trunc = 0.0, False, False
             self.ended[n] = False
@@ -94,8 +110,13 @@ class FakeAsyncPool:
         self.k[n] += 1
         self.ready[n] = (self._obs(n), reward, term, trunc)
 
-    def recv(self):
-        self.recvs += 1
+    def _pick(self) -> list[int]:
+        if self.durations is not None:
+            if len(self.finish) < self.batch_size:
+                raise RuntimeError(f"pool would hang: {len(self.finish)} envs in flight, batch {self.batch_size}")
+            done = [heapq.heappop(self.finish) for _ in range(self.batch_size)]
+            self.clock = done[-1][0]
+            return [n for _, n in done]
         eligible = [i for i, (n, sent) in enumerate(self.queue)
                     if n not in self.slow or self.k[n] != 5 or self.recvs - sent > self.slow_recvs][: self.window]
         if len(eligible) < self.batch_size:  # time passes: the slow envs finish too
@@ -107,7 +128,11 @@ class FakeAsyncPool:
         rest = [i for i in eligible if i not in overdue]
         picked = overdue + self.rng.choice(rest, self.batch_size - len(overdue), replace=False).tolist()
         picked.sort(reverse=True)
-        ids = [self.queue.pop(i)[0] for i in picked]
+        return [self.queue.pop(i)[0] for i in picked]
+
+    def recv(self):
+        self.recvs += 1
+        ids = self._pick()
         self.rng.shuffle(ids)
         obs, rew, term, trunc = zip(*(self.ready.pop(n) for n in ids), strict=True)
         self.episode_returns += [self.final_return[n] for n, te, tr in zip(ids, term, trunc, strict=True) if te or tr]
@@ -115,23 +140,27 @@ class FakeAsyncPool:
         return (np.stack(obs), np.array(rew, dtype=np.float32), np.array(term), np.array(trunc), info)
 
 
-def check_rollout(pool: FakeAsyncPool, policy: torch.nn.Module, buf: SpillRollout, first_k: np.ndarray) -> None:
-    """Every column n of buf holds env n's transitions first_k[n] .. first_k[n] + T - 1, in order."""
+def check_rollout(pool: FakeAsyncPool, policy: torch.nn.Module, buf: Rollout) -> list[tuple[int, int]]:
+    """Every column of buf holds one env's transitions k0 .. k0 + T - 1, in order, with their results,
+    masks, behaviour log-probs, values and logits, and the bootstrap row; returns (env, k0) per column."""
     T, N = buf.rewards.shape
-    for n in range(N):
-        k = np.arange(first_k[n], first_k[n] + T)
-        col = buf.obs[:, n]
-        assert (col[:, 0] == n).all(), f"env {n}: another env's observation in its column"
-        assert col[:, 1].tolist() == k.tolist(), f"env {n}: observations out of time order"
-        assert buf.actions[:, n].tolist() == [pool.log["action"][n][i] for i in k]
-        assert buf.rewards[:, n].tolist() == pytest.approx([pool.log["reward"][n][i] for i in k])
-        assert buf.terminated[:, n].tolist() == [pool.log["terminated"][n][i] for i in k]
-        assert buf.truncated[:, n].tolist() == [pool.log["truncated"][n][i] for i in k]
+    segments = []
+    for j in range(N):
+        col = buf.obs[:, j]
+        n, k0 = int(col[0, 0]), int(col[0, 1])
+        k = np.arange(k0, k0 + T)
+        assert (col[:, 0] == n).all(), f"column {j}: another env's observation in env {n}'s segment"
+        assert col[:, 1].tolist() == k.tolist(), f"column {j} (env {n}): observations out of time order"
+        assert buf.actions[:, j].tolist() == [pool.log["action"][n][i] for i in k]
+        assert buf.rewards[:, j].tolist() == pytest.approx([pool.log["reward"][n][i] for i in k])
+        assert buf.terminated[:, j].tolist() == [pool.log["terminated"][n][i] for i in k]
+        assert buf.truncated[:, j].tolist() == [pool.log["truncated"][n][i] for i in k]
         # the step after an episode's end is EnvPool's reset step: invalid
         ended_before = [i > 0 and (pool.log["terminated"][n][i - 1] or pool.log["truncated"][n][i - 1]) for i in k]
-        assert buf.valid[:, n].tolist() == [not e for e in ended_before]
-        # bootstrap row: the observation after the T-th step, and its value
-        assert buf.next_obs[n, 1].item() == first_k[n] + T
+        assert buf.valid[:, j].tolist() == [not e for e in ended_before]
+        # bootstrap row: the env's observation after the T-th step
+        assert buf.next_obs[j].tolist()[:2] == [n, k0 + T]
+        segments.append((n, k0))
     with torch.no_grad():
         logits, values = policy(buf.obs.flatten(0, 1))
         _, boot = policy(buf.next_obs)
@@ -140,54 +169,82 @@ def check_rollout(pool: FakeAsyncPool, policy: torch.nn.Module, buf: SpillRollou
     torch.testing.assert_close(buf.values[:T], values.view(T, N))
     torch.testing.assert_close(buf.values[T], boot)
     torch.testing.assert_close(buf.dist, logits.view(T, N, -1))
+    return segments
 
 
-@pytest.mark.parametrize("num_envs,batch_size,num_steps,spill,pool_kw", [
-    (11, 4, 37, 16, {}),
-    (8, 4, 12, 5, dict(window=8)),
-    (6, 2, 9, 4, dict(slow=(0, 1, 2), slow_recvs=10)),
-], ids=["odd-sizes-shuffled", "tiny-spill-random-order", "slow-env-held"])
-def test_async_columns_in_time_order(num_envs, batch_size, num_steps, spill, pool_kw):
-    """Three consecutive rollouts: columns in time order with the stored results, masks, behaviour
-    log-probs, values, logits and the bootstrap row; the carry between rollouts loses no step."""
+def check_every_step_once(segments: list[tuple[int, int]], num_envs: int, num_steps: int) -> dict[int, int]:
+    """Over the rollouts so far, each env's segments start at 0, T, 2T, ...: in time order, every transition
+    in exactly one rollout, none lost or duplicated. Returns the number of segments of each env."""
+    starts: dict[int, list[int]] = {n: [] for n in range(num_envs)}
+    for n, k0 in segments:
+        starts[n].append(k0)
+    for n, ks in starts.items():
+        assert ks == [i * num_steps for i in range(len(ks))], f"env {n}: segments start at {ks}"
+    return {n: len(ks) for n, ks in starts.items()}
+
+
+@pytest.mark.parametrize("num_envs,batch_size,num_steps,pool_kw", [
+    (11, 4, 37, {}),
+    (8, 4, 12, dict(window=8)),
+    (6, 2, 9, dict(slow=(0, 1, 2), slow_recvs=10)),
+    (5, 5, 1, {}),
+], ids=["odd-sizes-shuffled", "random-order", "slow-resets", "one-step-whole-batch"])
+def test_async_segments_in_time_order(num_envs, batch_size, num_steps, pool_kw):
+    """Consecutive rollouts: each column a segment of one env in time order with the stored results, masks,
+    behaviour log-probs, values, logits and the bootstrap row; every step in exactly one rollout."""
     torch.manual_seed(0)
     policy = make_policy(INFO)
     pool = FakeAsyncPool(num_envs, batch_size, **pool_kw)
-    collector = AsyncCollector(pool, INFO, torch.device("cpu"), num_envs, batch_size, spill_rows=spill)
+    collector = AsyncCollector(pool, INFO, torch.device("cpu"), num_envs, batch_size)
     (buf,) = collector.allocate(num_steps)
-    first_k = np.zeros(num_envs, dtype=np.int64)
-    held = []
-    for _ in range(3):
+    segments = []
+    for _ in range(4):
         collector.collect(policy, buf)
-        check_rollout(pool, policy, buf, first_k)
-        first_k += num_steps
-        held.append(int(collector.held.sum()))  # envs that filled their spill: acted on by the next rollout
-    assert any(held) == (spill < 16), held
+        segments += check_rollout(pool, policy, buf)
+    assert len(segments) == 4 * num_envs
+    check_every_step_once(segments, num_envs, num_steps)
     returns, _ = collector.stats.pop()
     assert returns == pytest.approx(pool.episode_returns)
 
 
 def test_async_two_buffers_carry_across():
-    """With two buffers (--overlap), each rollout carries its spill into the other buffer."""
+    """With two buffers (--overlap), rollouts alternate between them and the segments still follow on."""
     torch.manual_seed(0)
     policy = make_policy(INFO)
     pool = FakeAsyncPool(9, 3, seed=2)
     collector = AsyncCollector(pool, INFO, torch.device("cpu"), 9, 3)
     bufs = collector.allocate(10, 2)
-    first_k = np.zeros(9, dtype=np.int64)
+    segments = []
     for i in range(4):
         collector.collect(policy, bufs[i % 2])
-        check_rollout(pool, policy, bufs[i % 2], first_k)
-        first_k += 10
+        segments += check_rollout(pool, policy, bufs[i % 2])
+    check_every_step_once(segments, 9, 10)
 
 
-def test_stall_is_an_error_not_a_hang():
-    """An env slower than the spill can absorb: collection stops with an error instead of hanging."""
-    pool = FakeAsyncPool(4, 3, slow=(0,), slow_recvs=50)
-    collector = AsyncCollector(pool, INFO, torch.device("cpu"), 4, 3, spill_rows=2)
-    (buf,) = collector.allocate(4)
-    with pytest.raises(RuntimeError, match="async collection stalled"):
-        collector.collect(make_policy(INFO), buf)
+@pytest.mark.parametrize("slow_factor,slow_envs", [(10, 8), (50, 1), (1000, 3)],
+                         ids=["half-10x-slower", "one-50x-slower", "three-1000x-slower"])
+def test_async_never_stalls_whatever_the_env_speeds(slow_factor, slow_envs):
+    """Envs whose step times differ by 10x to 1000x: thousands of recvs, no error, and every rollout is
+    still made of whole segments in time order, every step in exactly one of them. The fast envs fill
+    most columns; a very slow env may fill none in a rollout (its segment waits for it)."""
+    N, B, T, rollouts = 16, 8, 6, 100
+    durations = np.ones(N)
+    durations[:slow_envs] = slow_factor
+    torch.manual_seed(0)
+    policy = make_policy(INFO)
+    pool = FakeAsyncPool(N, B, seed=3, durations=durations)
+    collector = AsyncCollector(pool, INFO, torch.device("cpu"), N, B)
+    bufs = collector.allocate(T, 2)
+    segments = []
+    for i in range(rollouts):
+        collector.collect(policy, bufs[i % 2])
+        segments += check_rollout(pool, policy, bufs[i % 2])
+    assert pool.recvs >= 1000
+    per_env = check_every_step_once(segments, N, T)
+    fast, slow = min(per_env[n] for n in range(slow_envs, N)), max(per_env[n] for n in range(slow_envs))
+    assert fast > slow  # nothing waited for the slow envs
+    returns, _ = collector.stats.pop()
+    assert returns == pytest.approx(pool.episode_returns)
 
 
 def test_envpool_async_cartpole_masks_and_scores():
@@ -214,21 +271,21 @@ def test_envpool_async_cartpole_masks_and_scores():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("cudagraphs", [False, True], ids=["eager", "cudagraphs"])
 def test_async_columns_on_cuda(cudagraphs):
-    """The CUDA data path (pinned staging, non-blocking copies, index_copy_ on the device, graphed
-    acting) assembles the same columns."""
+    """The CUDA data path (packed pinned blocks, non-blocking copies, index copies on the device, graphed
+    acting) assembles the same segments."""
     from fastppo.policy import Actor
 
     torch.manual_seed(0)
     policy = make_policy(INFO).cuda()
     pool = FakeAsyncPool(11, 4)
-    collector = AsyncCollector(pool, INFO, torch.device("cuda"), 11, 4)
+    collector = AsyncCollector(pool, INFO, torch.device("cuda", 0), 11, 4)
     (buf,) = collector.allocate(37)
     actor = Actor(policy, cudagraphs=cudagraphs, graph_batch_sizes=(4,))
-    first_k = np.zeros(11, dtype=np.int64)
+    segments = []
     for _ in range(3):
         collector.collect(actor, buf)
-        check_rollout(pool, policy, buf, first_k)
-        first_k += 37
+        segments += check_rollout(pool, policy, buf)
+    check_every_step_once(segments, 11, 37)
     assert bool(actor.graphs) == cudagraphs
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastppo.bench import BenchConfig, BenchTraining, point_config, resolve_bench
+from fastppo.bench import BenchConfig, BenchTraining, point_config, resolve_bench, training_iterations
 from fastppo.cli import main
-from fastppo.config import given_fields
+from fastppo.config import Config, given_fields
 
 TINY = ["--device", "cpu", "--env-id", "CartPole-v1", "--num-steps", "4", "--num-minibatches", "2",
         "--update-epochs", "1"]
@@ -47,6 +47,35 @@ def test_bench_smoke(tmp_path, capsys):
         assert point["ceiling"] == point["envpool_async"]
         assert set(point["training_phases"]) == {"env_wait", "h2d", "inference", "gae", "update", "logging"}
         assert point["torch_threads"] == 1  # --torch-threads 0 on the MLP: 1 thread, as train uses
+        assert point["training_iterations"] >= 3 and point["seconds"] > 0
+    assert result["seconds"] >= sum(p["seconds"] for p in result["points"]) - 1e-6
+    assert result["machine"]["commit"] != "unknown" and "fastppo" in result["machine"]["versions"]
+
+
+def test_training_is_measured_over_whole_iterations_three_at_least():
+    cfg = Config(num_envs=8, num_steps=32)  # 256 steps per iteration
+    bench = BenchConfig(seconds=5.0, warmup=2.0)
+    assert training_iterations(cfg, bench, rate=256.0) == (1 + 2, 5)  # an iteration a second
+    assert training_iterations(cfg, bench, rate=25.6) == (1 + 1, 3)  # 10 s an iteration: still 3 measured
+    assert training_iterations(cfg, bench, rate=25600.0) == (1 + 200, 500)
+
+
+def test_the_commit_is_fastppos_own(tmp_path, monkeypatch):
+    """The JSON's commit is this checkout's; a tree that is not fastppo's checkout (a copy, an installed
+    package inside some other repository) says $FASTPPO_COMMIT or "unknown", never another repo's."""
+    import fastppo.bench as bench_module
+
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=bench_module.ROOT, capture_output=True,
+                          text=True).stdout.strip()
+    assert bench_module.fastppo_commit().startswith(head[:7])
+    other = tmp_path / "project"
+    (other / "site-packages").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(other)], check=True)
+    monkeypatch.setattr(bench_module, "ROOT", other / "site-packages")
+    monkeypatch.delenv("FASTPPO_COMMIT", raising=False)
+    assert bench_module.fastppo_commit() == "unknown"
+    monkeypatch.setenv("FASTPPO_COMMIT", "abc1234")
+    assert bench_module.fastppo_commit() == "abc1234"
 
 
 def test_bench_of_a_continuous_env(tmp_path, capsys):
@@ -64,7 +93,7 @@ def test_each_point_is_a_config_with_the_bench_defaults_and_the_preset_rule():
     bench = BenchConfig(num_envs=(8,), seconds=1.0, warmup=0.5)
     cfg = point_config(bench, 8, "CartPole-v1", given_fields(bench.training), "discrete")
     assert (cfg.num_steps, cfg.async_envs, cfg.overlap, cfg.env_batch_size, cfg.num_envs) == (32, True, True, 4, 8)
-    assert cfg.max_seconds == 1.5 and cfg.total_timesteps >= 1000 * cfg.batch_size and cfg.run_dir is None
+    assert cfg.max_seconds is None and cfg.total_timesteps >= 1000 * cfg.batch_size and cfg.run_dir is None
     # a preset fills the fields not given (the bench's defaults included); explicit ones win, as in train
     bench = BenchConfig(batch_fraction=0.25, seconds=1.0, warmup=0.0,
                         training=BenchTraining(preset="fast", update_epochs=4))
@@ -97,7 +126,7 @@ def test_resolve_bench_resolves_every_point_as_train_does(tmp_path):
     (["--warmup", "inf"], "--warmup must be a number >= 0, got inf"),
     (["--batch-fraction", "0"], "--batch-fraction must be in (0, 1], got 0.0"),
     (["--num-envs", "4", "4"], "--num-envs lists a value twice: 4 4"),
-    (["--cudagraphs"], "--cudagraphs needs CUDA; the training device is cpu"),
+    (["--cudagraphs", "True"], "--cudagraphs needs CUDA; the training device is cpu"),
     (["--learning-rate", "-1"], "--learning-rate must be positive, got -1.0"),
     (["--env-id", "CartPole-v9"], "unknown --env-id 'CartPole-v9'"),
     (["--name", "a/b"], "--name must be a file name (no folder), got 'a/b'"),

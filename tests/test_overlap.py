@@ -107,7 +107,7 @@ def test_cartpole_learns_to_450_with_overlap(tmp_path, capsys):
 
 
 def test_cudagraphs_on_cpu_is_a_one_line_error(tmp_path, capsys):
-    code = main(["train", "--env-id", "CartPole-v1", "--device", "cpu", "--cudagraphs",
+    code = main(["train", "--env-id", "CartPole-v1", "--device", "cpu", "--cudagraphs", "True",
                  "--run-dir", str(tmp_path / "r")])
     assert code == 2
     assert capsys.readouterr().err == "fastppo: error: --cudagraphs needs CUDA; the training device is cpu\n"
@@ -151,7 +151,8 @@ def test_overlap_on_cuda_stream(tmp_path):
     """--overlap on CUDA (collection on its own stream) with --async-envs and --cudagraphs."""
     run_dir = tmp_path / "r"
     code = main(["train", "--env-id", "CartPole-v1", "--device", "cuda", "--total-timesteps", "4096", "--num-envs",
-                 "8", "--num-steps", "64", "--async-envs", "--overlap", "--cudagraphs", "--run-dir", str(run_dir)])
+                 "8", "--num-steps", "64", "--async-envs", "--overlap", "--cudagraphs", "True",
+                 "--run-dir", str(run_dir)])
     assert code == 0
     assert len(read_metrics(run_dir)) == 8
 
