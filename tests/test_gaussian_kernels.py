@@ -286,19 +286,21 @@ def test_gaussian_ppo_loss_exact_ties_at_clip_bounds(D: int) -> None:
     M = T * N
     g = torch.Generator().manual_seed(10 + D)
     d = gloss_data(M, D, seed=10 + D, mask="random")
-    tie = (torch.arange(M) % 4) < 2
+    dev = d["mean"].device  # everything built below lives there too; the generator draws on the CPU
+    tie = (torch.arange(M, device=dev) % 4) < 2
     d["mean"] = torch.where(tie[:, None], d["actions"], d["mean"])
     d["log_std"] = torch.where(tie[:, None], 0.0, d["log_std"])
-    r = away_from(0.5 + 1.1 * torch.rand(M, generator=g, dtype=torch.float64), (1.0,))
+    r = away_from(0.5 + 1.1 * torch.rand(M, generator=g, dtype=torch.float64), (1.0,)).to(dev)
     logp64 = reference.gaussian_log_prob(d["mean"].double(), d["log_std"].double(), d["actions"].double())
-    logp32_tie = -(torch.tensor(float(D)) * torch.tensor(reference.LOG_SQRT_2PI, dtype=torch.float32))
+    logp32_tie = -(torch.tensor(float(D), device=dev) * torch.tensor(reference.LOG_SQRT_2PI, dtype=torch.float32,
+                                                                     device=dev))
     d32 = dict(d, old_logp=torch.where(tie, logp32_tie, (logp64 - r.log()).float()))
     d64 = dict(d, old_logp=torch.where(tie, logp64, d32["old_logp"].double()))  # ratio exactly 1 in float64
-    values = torch.randint(-16, 17, (M,), generator=g) / 8.0
-    step = torch.tensor([0.25, -0.25, 0.5, -0.5]).repeat(M // 4 + 1)[:M]
+    values = (torch.randint(-16, 17, (M,), generator=g) / 8.0).to(dev)
+    step = torch.tensor([0.25, -0.25, 0.5, -0.5], device=dev).repeat(M // 4 + 1)[:M]
     old_values = values - step
     v_clipped = old_values + step.clamp(-0.25, 0.25)
-    returns = torch.where(tie, torch.randint(-16, 17, (M,), generator=g) / 8.0, (values + v_clipped) / 2)
+    returns = torch.where(tie, (torch.randint(-16, 17, (M,), generator=g) / 8.0).to(dev), (values + v_clipped) / 2)
     for x in (d32, d64):
         x.update(values=values, old_values=old_values, returns=returns)
     kw = dict(CLIP, clip_coef=0.0, vf_clip_coef=0.25)

@@ -247,7 +247,7 @@ def test_gae_blocks_chunks_and_stats(impl: str) -> None:
     for b in range(stats.shape[0]):
         cols = slice(4 * b, 4 * b + 4)
         x = adv_ref[:, cols][mask[:, cols]]
-        expected = torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64), x.mean(),
+        expected = torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device), x.mean(),
                                 ((x - x.mean()) ** 2).sum()])
         assert_close64(stats[b], expected, f"stats of block {b}", scale=expected.abs().max().item())
 
