@@ -40,6 +40,7 @@ from test_kernels import (  # noqa: E402  (tests/ is on sys.path under pytest)
     make_flags,
     make_mask,
     make_old_values,
+    run_inductor_lowering,
     strided_copy,
     to_device,
 )
@@ -444,6 +445,25 @@ def test_ops_trace_under_torch_compile() -> None:
         torch.testing.assert_close(a, b)
 
 
+def test_inductor_lowers_the_compiled_gaussian_ops() -> None:
+    """Both Gaussian ops, with a bool mask and flags and a shared stride-0 log-std, through Inductor's
+    lowering on CPU (tests/test_kernels.py's _INDUCTOR_LOWERING_CHECK says how far and why)."""
+    out = run_inductor_lowering("""
+from fastppo.kernels import gaussian_loss as GS
+T, n, D = 5, 3, 2
+M = T * n
+log_std = torch.zeros(1, D, requires_grad=True)
+lower("gaussian_ppo_loss", GS.gaussian_ppo_loss, torch.randn(M, D, requires_grad=True), log_std.expand(M, D),
+      torch.randn(M, D), torch.randn(M), torch.randn(M), torch.randn(M, requires_grad=True), torch.randn(M),
+      torch.randn(M), mask=flags(M), clip_coef=0.2, vf_coef=0.5, ent_coef=0.01)
+lower("gae_gaussian_ppo_loss", GS.gae_gaussian_ppo_loss, torch.randn(T, n, D, requires_grad=True), log_std,
+      torch.randn(T, n, D), torch.randn(T, n), torch.randn(T + 1, n, requires_grad=True), torch.randn(T, n),
+      torch.randn(T, n), flags(T, n), flags(T, n), mask=flags(T, n), gamma=0.99, gae_lambda=0.95, clip_coef=0.2,
+      vf_coef=0.5, ent_coef=0.01)
+""")
+    assert out.split("\n")[:-1] == ["lowered gaussian_ppo_loss", "lowered gae_gaussian_ppo_loss"], out
+
+
 def _error_cases():
     d = gloss_data(8, 3, log_std_kind="shared")
     mean, ls, lx = d["mean"], d["log_std"].expand(8, 3), [d[k] for k in LOSS_ARGS]
@@ -531,7 +551,7 @@ bf16 = {k: "*bf16" for k in ("mean_ptr", "log_std_ptr", "actions_ptr", "old_mean
 for on, ptrs, block_d in (((0, 1, 2), {}, 8), ((3, 4, 5, 6), bf16, 1), ((4,), {}, 32)):
     build(GL._gaussian_ppo_loss_kernel,
           dict({f: i in on for i, f in enumerate(flags)}, BLOCK_M=2048 // block_d, BLOCK_D=block_d, BLOCK_G=64),
-          dict(ptrs, mask_ptr="*u8"))
+          dict(ptrs, mask_ptr="*i1"))
 """
 
 
