@@ -20,7 +20,7 @@ s_i = valid_i / n and g_i = rho_i dpg_i/drho_i (+ beta (rho_i - 1) for the k3 pe
     dloss/dls_id = s_i [ g_i (z_id^2 - 1) - c_ent + beta dKL_i/dls_id ]      (beta terms: exact KL only)
     dloss/dv_i   = s_i c_v (dvl_i/dv_i) / 2
 
-with torch's subgradients at ties (max: half to each side; clamp: passes at the bounds), so the
+with the reference's gradients at ties (max: half to each side; clip: passes at its bounds), so the
 gradient matches autograd of the reference exactly, not only almost everywhere. A state-independent
 log-std arrives as an expanded (M, D) view (stride 0 on dim 0): it is read through its strides, its
 gradient is written per sample, and autograd's expand backward sums it over the samples.

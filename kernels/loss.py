@@ -18,7 +18,7 @@ the same pass and stored, so backward is a scale by grad_output (s_i = valid_i /
     g_i         = rho_i dpg_i/drho_i (+ beta (rho_i - 1) for the k3 penalty)
     dloss/dv_i  = s_i c_v (dvl_i/dv_i) / 2
 
-with torch's subgradients at ties (max: half to each side; clamp: passes at the bounds), so the
+with the reference's gradients at ties (max: half to each side; clip: passes at its bounds), so the
 gradient matches autograd of the reference exactly, not only almost everywhere.
 
 Launches: (1) when there is a mask or norm_adv, a pre-reduction of the advantages to per-block
@@ -135,7 +135,7 @@ def surrogate(logratio, adv_raw, valid, n_valid, adv_mean, adv_m2, clip_coef, kl
         pg_loss2 = -adv * tl.clamp(ratio, 1.0 - clip_coef, 1.0 + clip_coef, propagate_nan=NAN)
         pg = tl.maximum(pg_loss1, pg_loss2, propagate_nan=NAN)
         w1 = tl.where(pg_loss1 > pg_loss2, 1.0, tl.where(pg_loss1 == pg_loss2, 0.5, 0.0))
-        inside = (ratio >= 1.0 - clip_coef) & (ratio <= 1.0 + clip_coef)  # clamp passes gradient
+        inside = (ratio >= 1.0 - clip_coef) & (ratio <= 1.0 + clip_coef)  # clip passes the gradient (reference.clip)
         dpg_dratio = -adv * (w1 + tl.where(inside, 1.0 - w1, 0.0))
         clipped = tl.where(tl.abs(ratio - 1.0) > clip_coef, 1.0, 0.0)
     else:

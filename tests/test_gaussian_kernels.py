@@ -274,15 +274,18 @@ def test_gaussian_ppo_loss(case: str, D: int, log_std_kind: str) -> None:
 
 @pytest.mark.parametrize("D", DIMS)
 def test_gaussian_ppo_loss_exact_ties_at_clip_bounds(D: int) -> None:
-    """Ties that float32 and float64 both hit exactly, where torch's subgradient conventions decide.
+    """Ties that float32 and float64 both hit exactly, where the tie convention decides (see
+    kernels/reference.py: a clip passes its gradient at its bounds, max splits a tie evenly).
 
     Policy, rows 0 and 1 mod 4: actions = mean and log_std = 0, so logp = -D log sqrt(2 pi) exactly in
     each precision; old_logp is that value in the precision of the implementation under test, so the
-    ratio is exactly 1, and with clip_coef = 0 it sits on both clip bounds (max tie, clamp at its
-    bounds passes the gradient). The other rows are ordinary samples, all clipped.
-    Value (vf_clip_coef = 1/4, dyadic values): rows 0/1 step exactly +-1/4 (on a clamp bound); rows 2/3
+    ratio is exactly 1, and with clip_coef = 0 it sits on both clip bounds. The other rows are ordinary
+    samples, all clipped.
+    Value (vf_clip_coef = 1/4, dyadic values): rows 0/1 step exactly +-1/4 (on a clip bound); rows 2/3
     step +-1/2 with the return halfway between the value and the clipped value, so
-    (v - R)^2 == (v_clipped - R)^2 while only the unclipped branch has a gradient (max tie: half).
+    (v - R)^2 == (v_clipped - R)^2 while only the unclipped branch has a gradient.
+    The kernel must match the reference, and the reference's gradients at the ties are checked against
+    the convention written out, so neither follows whatever torch's clamp does at its bounds.
     """
     M = T * N
     g = torch.Generator().manual_seed(10 + D)
@@ -310,6 +313,17 @@ def test_gaussian_ppo_loss_exact_ties_at_clip_bounds(D: int) -> None:
     compare_gloss(got, ref)
     valid = d["mask"]
     assert float(got[1]["clipfrac"]) == pytest.approx(float((~tie & valid).sum() / valid.sum()))
+
+    # The convention, written out. s = d(masked mean)/d(sample), A_hat the normalised advantage. At the
+    # policy ties dloss/dratio = -A_hat (both branches' gradient: half from each side of the max, the
+    # clipped one passing it at its bound), so with z = 0: dloss/dmean = 0, dloss/dlog_std = s (A_hat - c_ent).
+    # Value: rows 0/1 get both branches' (equal) gradient, rows 2/3 half of the unclipped one.
+    s = valid.double() / valid.sum()
+    adv_hat = reference.normalize_advantages(d["advantages"].double(), valid)
+    _, _, g_mean, g_log_std, g_values = ref
+    assert not g_mean[tie].any()
+    torch.testing.assert_close(g_log_std[tie], (s * (adv_hat - kw["ent_coef"]))[tie, None].expand(-1, D))
+    torch.testing.assert_close(g_values, kw["vf_coef"] * s * torch.where(tie, 1.0, 0.5) * (values - returns).double())
 
 
 @pytest.mark.parametrize("variant", ["all_low", "low_mean_shared_fp32_log_std"])
