@@ -79,11 +79,6 @@ def wrap(kernel: Callable) -> Callable:
     return kernel if INTERPRETED else torch.library.wrap_triton(kernel)
 
 
-def flag_view(flag: torch.Tensor) -> torch.Tensor:
-    """bool -> uint8 view (zero copy) so every flag loads as a number compared with 0."""
-    return flag.view(torch.uint8) if flag.dtype == torch.bool else flag
-
-
 # ----------------------------------------------------------------------------------------------
 # Shared statistics helpers: (count, mean, M2 = sum of squared deviations) triples.
 # ----------------------------------------------------------------------------------------------
@@ -325,12 +320,14 @@ def launch_gae(
     unused = torch.empty(1, dtype=torch.float32, device=device) if not (store_returns and stats) else None
     ret = empty_output((T, N), torch.float32, device) if store_returns else unused
     st = empty_output((grid[0], 3), torch.float32, device) if stats else unused
-    term, trunc = flag_view(terminated), flag_view(truncated)
-    m = flag_view(mask) if mask is not None else term  # dummy pointer if unused
-    args = (rewards, values, term, trunc, m, adv, ret, st, T, N,
+    # Flags go to the kernels as they are, bool included: Triton loads a bool pointer as bytes compared
+    # with 0. A uint8 view of them here would put aten.view.dtype of a bool tensor in the graph that
+    # torch.compile hands to Inductor, which cannot lower it up to torch 2.11 (torch.iinfo(torch.bool)).
+    m = mask if mask is not None else terminated  # dummy pointer if unused
+    args = (rewards, values, terminated, truncated, m, adv, ret, st, T, N,
             rewards.stride(0), rewards.stride(1), values.stride(0), values.stride(1),
-            term.stride(0), term.stride(1), trunc.stride(0), trunc.stride(1), m.stride(0), m.stride(1),
-            gamma, gae_lambda)
+            terminated.stride(0), terminated.stride(1), truncated.stride(0), truncated.stride(1),
+            m.stride(0), m.stride(1), gamma, gae_lambda)
     flags = dict(STORE_RET=store_returns, STATS=stats, HAS_MASK=mask is not None)
     if impl == "loop":
         wrap(_gae_loop_kernel)[grid](*args, BLOCK_N=block_n, **flags, num_warps=1 if block_n <= 32 else 4)

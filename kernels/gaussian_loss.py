@@ -20,7 +20,7 @@ s_i = valid_i / n and g_i = rho_i dpg_i/drho_i (+ beta (rho_i - 1) for the k3 pe
     dloss/dls_id = s_i [ g_i (z_id^2 - 1) - c_ent + beta dKL_i/dls_id ]      (beta terms: exact KL only)
     dloss/dv_i   = s_i c_v (dvl_i/dv_i) / 2
 
-with torch's subgradients at ties (max: half to each side; clamp: passes at the bounds), so the
+with the reference's gradients at ties (max: half to each side; clip: passes at its bounds), so the
 gradient matches autograd of the reference exactly, not only almost everywhere. A state-independent
 log-std arrives as an expanded (M, D) view (stride 0 on dim 0): it is read through its strides, its
 gradient is written per sample, and autograd's expand backward sums it over the samples.
@@ -54,7 +54,6 @@ from fastppo.kernels.gae import (
     IMPLS,
     check_gae_inputs,
     empty_output,
-    flag_view,
     register_op,
     wrap,
 )
@@ -218,9 +217,9 @@ def launch_gaussian_ppo_loss(
     device = mean.device
     has_mask = mask is not None
     has_old = old_mean is not None
-    mask_v = flag_view(mask) if has_mask else old_logp  # dummy pointer if unused
+    mask_arg = mask if has_mask else old_logp  # dummy pointer if unused
     if adv_stats is None and (has_mask or norm_adv):
-        adv_stats = launch_adv_stats(advantages, mask_v, has_mask)
+        adv_stats = launch_adv_stats(advantages, mask_arg, has_mask)
     n_stats = check_adv_stats_blocks(adv_stats)
 
     block_d = triton.next_power_of_2(D)
@@ -233,14 +232,14 @@ def launch_gaussian_ppo_loss(
     ols = old_log_std if has_old else log_std
     ret = returns if returns is not None else values
     wrap(_gaussian_ppo_loss_kernel)[grid](
-        mean, log_std, actions, om, ols, old_logp, advantages, values, old_values, ret, mask_v,
+        mean, log_std, actions, om, ols, old_logp, advantages, values, old_values, ret, mask_arg,
         adv_stats if adv_stats is not None else advantages,
         grad_mean, grad_log_std, grad_values, partial,
         M, D, n_stats,
         mean.stride(0), mean.stride(1), log_std.stride(0), log_std.stride(1), actions.stride(0), actions.stride(1),
         om.stride(0), om.stride(1), ols.stride(0), ols.stride(1),
         old_logp.stride(0), advantages.stride(0), values.stride(0), old_values.stride(0), ret.stride(0),
-        mask_v.stride(0),
+        mask_arg.stride(0),
         0.0 if clip_coef is None else clip_coef, 0.0 if vf_clip_coef is None else vf_clip_coef,
         vf_coef, ent_coef, kl_coef,
         BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_G=triton.next_power_of_2(n_stats),

@@ -18,7 +18,7 @@ the same pass and stored, so backward is a scale by grad_output (s_i = valid_i /
     g_i         = rho_i dpg_i/drho_i (+ beta (rho_i - 1) for the k3 penalty)
     dloss/dv_i  = s_i c_v (dvl_i/dv_i) / 2
 
-with torch's subgradients at ties (max: half to each side; clamp: passes at the bounds), so the
+with the reference's gradients at ties (max: half to each side; clip: passes at its bounds), so the
 gradient matches autograd of the reference exactly, not only almost everywhere.
 
 Launches: (1) when there is a mask or norm_adv, a pre-reduction of the advantages to per-block
@@ -46,7 +46,6 @@ import triton.language as tl
 from fastppo.kernels.gae import (
     MAX_STATS_BLOCKS,
     empty_output,
-    flag_view,
     reduce_stats,
     register_op,
     wrap,
@@ -136,7 +135,7 @@ def surrogate(logratio, adv_raw, valid, n_valid, adv_mean, adv_m2, clip_coef, kl
         pg_loss2 = -adv * tl.clamp(ratio, 1.0 - clip_coef, 1.0 + clip_coef, propagate_nan=NAN)
         pg = tl.maximum(pg_loss1, pg_loss2, propagate_nan=NAN)
         w1 = tl.where(pg_loss1 > pg_loss2, 1.0, tl.where(pg_loss1 == pg_loss2, 0.5, 0.0))
-        inside = (ratio >= 1.0 - clip_coef) & (ratio <= 1.0 + clip_coef)  # clamp passes gradient
+        inside = (ratio >= 1.0 - clip_coef) & (ratio <= 1.0 + clip_coef)  # clip passes the gradient (reference.clip)
         dpg_dratio = -adv * (w1 + tl.where(inside, 1.0 - w1, 0.0))
         clipped = tl.where(tl.abs(ratio - 1.0) > clip_coef, 1.0, 0.0)
     else:
@@ -346,15 +345,15 @@ def check_loss_inputs(
     return A
 
 
-def launch_adv_stats(advantages: torch.Tensor, mask_v: torch.Tensor, has_mask: bool) -> torch.Tensor:
+def launch_adv_stats(advantages: torch.Tensor, mask_arg: torch.Tensor, has_mask: bool) -> torch.Tensor:
     """Pre-reduce the (M,) advantages to per-block (count, mean, M2) triples over the valid samples
-    (mask_v: the flag_view of the mask, any (M,) tensor when has_mask is False). Returns (G, 3) fp32."""
+    (mask_arg: the mask, any (M,) tensor when has_mask is False). Returns (G, 3) fp32."""
     M = advantages.shape[0]
     block_s = max(1024, triton.next_power_of_2(triton.cdiv(M, 64)))
     block_s = min(block_s, triton.next_power_of_2(M))
     adv_stats = empty_output((triton.cdiv(M, block_s), 3), torch.float32, advantages.device)
     wrap(_adv_stats_kernel)[(adv_stats.shape[0],)](
-        advantages, mask_v, adv_stats, M, advantages.stride(0), mask_v.stride(0),
+        advantages, mask_arg, adv_stats, M, advantages.stride(0), mask_arg.stride(0),
         BLOCK=block_s, HAS_MASK=has_mask, num_warps=4)
     return adv_stats
 
@@ -408,9 +407,9 @@ def launch_ppo_loss(
     M, A = logits.shape
     device = logits.device
     has_mask = mask is not None
-    mask_v = flag_view(mask) if has_mask else actions  # dummy pointer if unused
+    mask_arg = mask if has_mask else actions  # dummy pointer if unused
     if adv_stats is None and (has_mask or norm_adv):
-        adv_stats = launch_adv_stats(advantages, mask_v, has_mask)
+        adv_stats = launch_adv_stats(advantages, mask_arg, has_mask)
     n_stats = check_adv_stats_blocks(adv_stats)
 
     block_a = triton.next_power_of_2(A)
@@ -422,12 +421,12 @@ def launch_ppo_loss(
     ret = returns if returns is not None else values  # dummy pointer if unused
     use_kl = kl_coef != 0.0
     wrap(_ppo_loss_kernel)[grid](
-        logits, ol, actions, old_logp, advantages, values, old_values, ret, mask_v,
+        logits, ol, actions, old_logp, advantages, values, old_values, ret, mask_arg,
         adv_stats if adv_stats is not None else advantages,  # dummy pointer if unused (read-only)
         grad_logits, grad_values, partial,
         M, A, n_stats,
         logits.stride(0), logits.stride(1), ol.stride(0), ol.stride(1), actions.stride(0), old_logp.stride(0),
-        advantages.stride(0), values.stride(0), old_values.stride(0), ret.stride(0), mask_v.stride(0),
+        advantages.stride(0), values.stride(0), old_values.stride(0), ret.stride(0), mask_arg.stride(0),
         0.0 if clip_coef is None else clip_coef, 0.0 if vf_clip_coef is None else vf_clip_coef,
         vf_coef, ent_coef, kl_coef,
         BLOCK_M=block_m, BLOCK_A=block_a, BLOCK_G=triton.next_power_of_2(n_stats),

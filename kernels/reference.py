@@ -3,7 +3,13 @@
 These are at once the CPU path of the trainer, the oracle the Triton kernels are tested against,
 and the baseline the kernel benchmark measures. Every function here has a Triton twin with the same
 signature and semantics in this package (the small Gaussian helpers gaussian_log_prob,
-gaussian_entropy and gaussian_kl are the building blocks of the Gaussian losses and have none).
+gaussian_entropy and gaussian_kl are the building blocks of the Gaussian losses and have none, nor
+has clip).
+
+Gradients at ties, the convention the kernels follow too: a clipped term passes its gradient at the
+clip bounds (``clip``: 1 on the closed interval), and max(a, b) splits it evenly at a == b (torch.max).
+Where the clipped objective is differentiable at a bound (at ratio = 1 + eps with A < 0, say, the
+max is -A ratio on both sides) this gives its true gradient.
 
 Shapes: T = steps per rollout, N = envs, M = samples in a minibatch, A = number of actions,
 D = dimensions of a continuous (diagonal-Gaussian) action.
@@ -18,6 +24,14 @@ import torch.nn.functional as F
 
 ADV_EPS = 1e-8  # CleanRL's epsilon in (A - mean) / (std + eps)
 LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+def clip(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """torch.clamp(x, lo, hi) (NaN stays NaN) whose gradient is 1 on the closed interval [lo, hi], 0 outside.
+
+    Not torch.clamp's own gradient: torch 2.14 changed that to 0 at the bounds (2.13 and before: 1).
+    """
+    return torch.where((x >= lo) & (x <= hi), x, x.detach().clamp(lo, hi))
 
 
 def _as_float(flag: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -302,7 +316,7 @@ def _pg_value_loss(
         clipfrac = torch.zeros((), dtype=dtype, device=newlogprob.device)
     else:
         pg_loss1 = -adv * ratio
-        pg_loss2 = -adv * torch.clamp(ratio, 1.0 - clip_coef, 1.0 + clip_coef)
+        pg_loss2 = -adv * clip(ratio, 1.0 - clip_coef, 1.0 + clip_coef)
         pg_loss = masked_mean(torch.max(pg_loss1, pg_loss2), mask)
         if kl_coef:
             kl_term = kl_exact if kl_exact is not None else k3
@@ -317,7 +331,7 @@ def _pg_value_loss(
         v_loss = 0.5 * masked_mean(v_loss_unclipped, mask)
     else:
         old_values = old_values.to(dtype)
-        v_clipped = old_values + torch.clamp(values - old_values, -vf_clip_coef, vf_clip_coef)
+        v_clipped = old_values + clip(values - old_values, -vf_clip_coef, vf_clip_coef)
         v_loss_clipped = (v_clipped - returns) ** 2
         v_loss = 0.5 * masked_mean(torch.max(v_loss_unclipped, v_loss_clipped), mask)
 

@@ -40,6 +40,7 @@ from test_kernels import (  # noqa: E402  (tests/ is on sys.path under pytest)
     make_flags,
     make_mask,
     make_old_values,
+    run_inductor_lowering,
     strided_copy,
     to_device,
 )
@@ -273,32 +274,37 @@ def test_gaussian_ppo_loss(case: str, D: int, log_std_kind: str) -> None:
 
 @pytest.mark.parametrize("D", DIMS)
 def test_gaussian_ppo_loss_exact_ties_at_clip_bounds(D: int) -> None:
-    """Ties that float32 and float64 both hit exactly, where torch's subgradient conventions decide.
+    """Ties that float32 and float64 both hit exactly, where the tie convention decides (see
+    kernels/reference.py: a clip passes its gradient at its bounds, max splits a tie evenly).
 
     Policy, rows 0 and 1 mod 4: actions = mean and log_std = 0, so logp = -D log sqrt(2 pi) exactly in
     each precision; old_logp is that value in the precision of the implementation under test, so the
-    ratio is exactly 1, and with clip_coef = 0 it sits on both clip bounds (max tie, clamp at its
-    bounds passes the gradient). The other rows are ordinary samples, all clipped.
-    Value (vf_clip_coef = 1/4, dyadic values): rows 0/1 step exactly +-1/4 (on a clamp bound); rows 2/3
+    ratio is exactly 1, and with clip_coef = 0 it sits on both clip bounds. The other rows are ordinary
+    samples, all clipped.
+    Value (vf_clip_coef = 1/4, dyadic values): rows 0/1 step exactly +-1/4 (on a clip bound); rows 2/3
     step +-1/2 with the return halfway between the value and the clipped value, so
-    (v - R)^2 == (v_clipped - R)^2 while only the unclipped branch has a gradient (max tie: half).
+    (v - R)^2 == (v_clipped - R)^2 while only the unclipped branch has a gradient.
+    The kernel must match the reference, and the reference's gradients at the ties are checked against
+    the convention written out, so neither follows whatever torch's clamp does at its bounds.
     """
     M = T * N
     g = torch.Generator().manual_seed(10 + D)
     d = gloss_data(M, D, seed=10 + D, mask="random")
-    tie = (torch.arange(M) % 4) < 2
+    dev = d["mean"].device  # everything built below lives there too; the generator draws on the CPU
+    tie = (torch.arange(M, device=dev) % 4) < 2
     d["mean"] = torch.where(tie[:, None], d["actions"], d["mean"])
     d["log_std"] = torch.where(tie[:, None], 0.0, d["log_std"])
-    r = away_from(0.5 + 1.1 * torch.rand(M, generator=g, dtype=torch.float64), (1.0,))
+    r = away_from(0.5 + 1.1 * torch.rand(M, generator=g, dtype=torch.float64), (1.0,)).to(dev)
     logp64 = reference.gaussian_log_prob(d["mean"].double(), d["log_std"].double(), d["actions"].double())
-    logp32_tie = -(torch.tensor(float(D)) * torch.tensor(reference.LOG_SQRT_2PI, dtype=torch.float32))
+    logp32_tie = -(torch.tensor(float(D), device=dev) * torch.tensor(reference.LOG_SQRT_2PI, dtype=torch.float32,
+                                                                     device=dev))
     d32 = dict(d, old_logp=torch.where(tie, logp32_tie, (logp64 - r.log()).float()))
     d64 = dict(d, old_logp=torch.where(tie, logp64, d32["old_logp"].double()))  # ratio exactly 1 in float64
-    values = torch.randint(-16, 17, (M,), generator=g) / 8.0
-    step = torch.tensor([0.25, -0.25, 0.5, -0.5]).repeat(M // 4 + 1)[:M]
+    values = (torch.randint(-16, 17, (M,), generator=g) / 8.0).to(dev)
+    step = torch.tensor([0.25, -0.25, 0.5, -0.5], device=dev).repeat(M // 4 + 1)[:M]
     old_values = values - step
     v_clipped = old_values + step.clamp(-0.25, 0.25)
-    returns = torch.where(tie, torch.randint(-16, 17, (M,), generator=g) / 8.0, (values + v_clipped) / 2)
+    returns = torch.where(tie, (torch.randint(-16, 17, (M,), generator=g) / 8.0).to(dev), (values + v_clipped) / 2)
     for x in (d32, d64):
         x.update(values=values, old_values=old_values, returns=returns)
     kw = dict(CLIP, clip_coef=0.0, vf_clip_coef=0.25)
@@ -307,6 +313,17 @@ def test_gaussian_ppo_loss_exact_ties_at_clip_bounds(D: int) -> None:
     compare_gloss(got, ref)
     valid = d["mask"]
     assert float(got[1]["clipfrac"]) == pytest.approx(float((~tie & valid).sum() / valid.sum()))
+
+    # The convention, written out. s = d(masked mean)/d(sample), A_hat the normalised advantage. At the
+    # policy ties dloss/dratio = -A_hat (both branches' gradient: half from each side of the max, the
+    # clipped one passing it at its bound), so with z = 0: dloss/dmean = 0, dloss/dlog_std = s (A_hat - c_ent).
+    # Value: rows 0/1 get both branches' (equal) gradient, rows 2/3 half of the unclipped one.
+    s = valid.double() / valid.sum()
+    adv_hat = reference.normalize_advantages(d["advantages"].double(), valid)
+    _, _, g_mean, g_log_std, g_values = ref
+    assert not g_mean[tie].any()
+    torch.testing.assert_close(g_log_std[tie], (s * (adv_hat - kw["ent_coef"]))[tie, None].expand(-1, D))
+    torch.testing.assert_close(g_values, kw["vf_coef"] * s * torch.where(tie, 1.0, 0.5) * (values - returns).double())
 
 
 @pytest.mark.parametrize("variant", ["all_low", "low_mean_shared_fp32_log_std"])
@@ -442,6 +459,25 @@ def test_ops_trace_under_torch_compile() -> None:
         torch.testing.assert_close(a, b)
 
 
+def test_inductor_lowers_the_compiled_gaussian_ops() -> None:
+    """Both Gaussian ops, with a bool mask and flags and a shared stride-0 log-std, through Inductor's
+    lowering on CPU (tests/test_kernels.py's _INDUCTOR_LOWERING_CHECK says how far and why)."""
+    out = run_inductor_lowering("""
+from fastppo.kernels import gaussian_loss as GS
+T, n, D = 5, 3, 2
+M = T * n
+log_std = torch.zeros(1, D, requires_grad=True)
+lower("gaussian_ppo_loss", GS.gaussian_ppo_loss, torch.randn(M, D, requires_grad=True), log_std.expand(M, D),
+      torch.randn(M, D), torch.randn(M), torch.randn(M), torch.randn(M, requires_grad=True), torch.randn(M),
+      torch.randn(M), mask=flags(M), clip_coef=0.2, vf_coef=0.5, ent_coef=0.01)
+lower("gae_gaussian_ppo_loss", GS.gae_gaussian_ppo_loss, torch.randn(T, n, D, requires_grad=True), log_std,
+      torch.randn(T, n, D), torch.randn(T, n), torch.randn(T + 1, n, requires_grad=True), torch.randn(T, n),
+      torch.randn(T, n), flags(T, n), flags(T, n), mask=flags(T, n), gamma=0.99, gae_lambda=0.95, clip_coef=0.2,
+      vf_coef=0.5, ent_coef=0.01)
+""")
+    assert out.split("\n")[:-1] == ["lowered gaussian_ppo_loss", "lowered gae_gaussian_ppo_loss"], out
+
+
 def _error_cases():
     d = gloss_data(8, 3, log_std_kind="shared")
     mean, ls, lx = d["mean"], d["log_std"].expand(8, 3), [d[k] for k in LOSS_ARGS]
@@ -529,7 +565,7 @@ bf16 = {k: "*bf16" for k in ("mean_ptr", "log_std_ptr", "actions_ptr", "old_mean
 for on, ptrs, block_d in (((0, 1, 2), {}, 8), ((3, 4, 5, 6), bf16, 1), ((4,), {}, 32)):
     build(GL._gaussian_ppo_loss_kernel,
           dict({f: i in on for i, f in enumerate(flags)}, BLOCK_M=2048 // block_d, BLOCK_D=block_d, BLOCK_G=64),
-          dict(ptrs, mask_ptr="*u8"))
+          dict(ptrs, mask_ptr="*i1"))
 """
 
 

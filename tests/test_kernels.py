@@ -247,7 +247,7 @@ def test_gae_blocks_chunks_and_stats(impl: str) -> None:
     for b in range(stats.shape[0]):
         cols = slice(4 * b, 4 * b + 4)
         x = adv_ref[:, cols][mask[:, cols]]
-        expected = torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64), x.mean(),
+        expected = torch.stack([torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device), x.mean(),
                                 ((x - x.mean()) ** 2).sum()])
         assert_close64(stats[b], expected, f"stats of block {b}", scale=expected.abs().max().item())
 
@@ -474,6 +474,98 @@ def test_ops_trace_under_torch_compile() -> None:
         torch.testing.assert_close(x, y)
 
 
+# torch.compile(backend="inductor") of the compiled (not interpreted) ops on CPU tensors, as far as a
+# machine without a GPU can take it: Dynamo, AOTAutograd decomposing each triton_op into its kernel
+# launches, Inductor's decompositions, post-grad passes and lowering of every node; it stops where
+# code generation starts, which needs a GPU driver. Triton's driver is a stub naming sm_90, so the
+# kernels' mutation analysis runs as on the H200. Inductor up to torch 2.11 lowered a dtype view
+# (aten.view.dtype) by sizing both dtypes with torch.iinfo/finfo, and torch.iinfo rejects torch.bool:
+# the GPU run's "LoweringException: TypeError: torch.bool is not supported by torch.iinfo" when a
+# launcher viewed bool flags as uint8. Later Inductor sizes bool itself, so here the view.dtype
+# lowering is held to the 2.11 rule, and a bool view fails on every torch version.
+# Runs in a fresh process without TRITON_INTERPRET; each check's body calls lower(name, fn, *args).
+_INDUCTOR_LOWERING_CHECK = """
+import torch
+import torch._inductor.config
+import triton
+from torch._inductor import lowering
+from torch._inductor.graph import GraphLowering
+from triton.backends.compiler import GPUTarget
+from fastppo.kernels import gae as G
+assert not G.INTERPRETED
+torch._inductor.config.force_disable_caches = True  # a cached graph would skip the lowering
+
+
+class Sm90Driver:
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+
+triton.runtime.driver.set_active(Sm90Driver())
+view_dtype = lowering.lowerings[torch.ops.aten.view.dtype]
+
+
+def view_dtype_as_in_torch_2_11(x, dtype):
+    for dt in (x.get_dtype(), dtype):
+        (torch.finfo if dt.is_floating_point else torch.iinfo)(dt).bits
+    return view_dtype(x, dtype)
+
+
+lowering.lowerings[torch.ops.aten.view.dtype] = view_dtype_as_in_torch_2_11
+lowered = []
+
+
+def stop_before_codegen(graph):
+    lowered.append(graph)
+    raise RuntimeError("lowered; code generation needs a GPU")
+
+
+GraphLowering.compile_to_module = stop_before_codegen
+
+
+def lower(name, fn, *args, **kwargs):
+    n = len(lowered)
+    try:
+        torch.compile(fn, backend="inductor", fullgraph=True)(*args, **kwargs)
+    except Exception:
+        if len(lowered) == n:
+            raise
+    print("lowered", name)
+
+
+def flags(*shape):
+    return torch.rand(shape) < 0.3
+"""
+
+
+def run_inductor_lowering(body: str) -> str:
+    """Run _INDUCTOR_LOWERING_CHECK then body in a fresh process; returns its stdout."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    out = subprocess.run([sys.executable, "-c", _INDUCTOR_LOWERING_CHECK + body], env=env, capture_output=True,
+                         text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_inductor_lowers_the_compiled_ops() -> None:
+    """gae, ppo_loss and gae_ppo_loss with bool flags and masks through Inductor's lowering (see above)."""
+    out = run_inductor_lowering("""
+from fastppo.kernels import gae_loss as GL, loss as L
+T, n, A = 5, 3, 4
+lower("gae", G.gae, torch.randn(T, n), torch.randn(T + 1, n), flags(T, n), flags(T, n), 0.99, 0.95)
+M = T * n
+lower("ppo_loss", L.ppo_loss, torch.randn(M, A, requires_grad=True), torch.randint(0, A, (M,)), torch.randn(M),
+      torch.randn(M), torch.randn(M, requires_grad=True), torch.randn(M), torch.randn(M), mask=flags(M),
+      clip_coef=0.2, vf_coef=0.5, ent_coef=0.01)
+lower("gae_ppo_loss", GL.gae_ppo_loss, torch.randn(T, n, A, requires_grad=True), torch.randint(0, A, (T, n)),
+      torch.randn(T, n), torch.randn(T + 1, n, requires_grad=True), torch.randn(T, n), torch.randn(T, n),
+      flags(T, n), flags(T, n), mask=flags(T, n), gamma=0.99, gae_lambda=0.95, clip_coef=0.2, vf_coef=0.5,
+      ent_coef=0.01)
+""")
+    assert out.split("\n")[:-1] == ["lowered gae", "lowered ppo_loss", "lowered gae_ppo_loss"], out
+
+
 def _error_cases():
     g = gae_data(4, 3, "random")
     r, v, te, tr = g["rewards"], g["values"], g["terminated"], g["truncated"]
@@ -560,16 +652,17 @@ def build(fn, constexprs, ptrs={}):
     assert "cubin" in k.asm, fn
     print("built", fn.__name__, constexprs)
 
-u8 = {"term_ptr": "*u8", "trunc_ptr": "*u8", "mask_ptr": "*u8"}
-for ret, stats in ((True, False), (False, True)):
-    build(G._gae_loop_kernel, dict(BLOCK_N=32, STORE_RET=ret, STATS=stats, HAS_MASK=stats), u8)
-    build(G._gae_scan_kernel, dict(BLOCK_T=64, BLOCK_N=16, STORE_RET=ret, STATS=stats, HAS_MASK=stats), u8)
-build(L._adv_stats_kernel, dict(BLOCK=1024, HAS_MASK=True), u8)
+# flags and masks: bool tensors arrive as *i1 (the usual case), uint8 ones as *u8
+for ret, stats, flag in ((True, False, "*i1"), (False, True, "*u8")):
+    ptrs = {"term_ptr": flag, "trunc_ptr": flag, "mask_ptr": flag}
+    build(G._gae_loop_kernel, dict(BLOCK_N=32, STORE_RET=ret, STATS=stats, HAS_MASK=stats), ptrs)
+    build(G._gae_scan_kernel, dict(BLOCK_T=64, BLOCK_N=16, STORE_RET=ret, STATS=stats, HAS_MASK=stats), ptrs)
+build(L._adv_stats_kernel, dict(BLOCK=1024, HAS_MASK=True), {"mask_ptr": "*i1"})
 flags = ("HAS_MASK", "NORM_ADV", "CLIP", "VF_CLIP", "HAS_OLD_LOGITS", "USE_KL", "RET_FROM_ADV")
 bf16 = {"logits_ptr": "*bf16", "old_logits_ptr": "*bf16", "grad_logits_ptr": "*bf16"}
 for on, ptrs in (((0, 1, 2), {}), ((3, 4, 5, 6), bf16)):
     build(L._ppo_loss_kernel, dict({f: i in on for i, f in enumerate(flags)}, BLOCK_M=128, BLOCK_A=32, BLOCK_G=64),
-          dict(ptrs, actions_ptr="*i64", mask_ptr="*u8"))
+          dict(ptrs, actions_ptr="*i64", mask_ptr="*i1"))
 for on in (True, False):
     build(L._finalize_kernel, dict(BLOCK_G=1024, HAS_OLD_LOGITS=on, USE_KL=on))
 """

@@ -258,6 +258,17 @@ def test_ppo_loss_gradcheck():
     assert torch.autograd.gradcheck(f, (logits.clone().requires_grad_(), values.clone().requires_grad_()))
 
 
+@pytest.mark.parametrize("lo,hi", [(-0.25, 0.25), (1.0, 1.0)], ids=["interval", "single_point"])
+def test_clip_passes_the_gradient_at_its_bounds(lo, hi):
+    """clip's values are torch.clamp's; its gradient is 1 on the closed interval [lo, hi] and 0 outside
+    (and at NaN) on every torch version, where torch.clamp's own is 0 at the bounds from torch 2.14 on."""
+    x = torch.tensor([lo - 1.0, lo, (lo + hi) / 2, hi, hi + 1.0, math.nan], dtype=torch.float64, requires_grad=True)
+    y = reference.clip(x, lo, hi)
+    torch.testing.assert_close(y, x.detach().clamp(lo, hi), equal_nan=True)
+    y.sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0, 0.0]
+
+
 def test_normalize_advantages_single_valid_entry_is_zero_not_nan():
     out = reference.normalize_advantages(torch.tensor([3.0, 5.0]), torch.tensor([True, False]))
     assert torch.equal(out, torch.zeros(2))
