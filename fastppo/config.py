@@ -15,11 +15,14 @@ import json
 import math
 import os
 import re
+import types
+import typing
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import tyro
+from typeguard import CollectionCheckStrategy, TypeCheckError, check_type
 
 from fastppo.envs import EnvInfo
 
@@ -58,9 +61,12 @@ class Config:
     """stop after the first iteration that ends past this many seconds of training (per launch:
     a resumed run counts from its resume); the run ends normally, with a checkpoint"""
     resume: str | None = None
-    """continue the run in this folder (runs/<name>) from its newest checkpoint; the run's
-    saved config is used, and only the flags in RESUME_FLAGS may be given with it (see
-    README)"""
+    """continue the run in this folder (runs/<name>) from its newest checkpoint, with the folder's
+    config.json. A resume may change only --total-timesteps, --max-seconds, --save-every,
+    --log-every, --log-seconds, --eval-every, --eval-episodes, --capture-video, --track, --wandb-*,
+    --tensorboard, --device, --env-threads, --torch-threads and --dist-timeout: as flags given with
+    --resume, or edited in config.json (a flag wins); a config.json edited in any other field is
+    refused, naming it (see README)"""
 
     # --- logging, tracking, evaluation --------------------------------------------------------
     log_every: int = 1
@@ -356,6 +362,8 @@ def resolve(cfg: Config, info: EnvInfo, world_size: int = 1) -> Config:
     world_size: ranks training together (torchrun's WORLD_SIZE; 1 for a plain run).
     Raises ConfigError (one line, naming the value) on any bad input.
     """
+    check_types(cfg)  # before the defaults are computed from it (1.5 * kl_target of a str...)
+    check_numbers(cfg)
     # filled in, not set by the caller: they do not count as given (config.given_fields)
     fills = {k: v for k, v in KIND_DEFAULTS[env_kind(info)].items() if getattr(cfg, k) is None}
     fills["world_size"] = world_size
@@ -383,12 +391,69 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def validate(cfg: Config) -> None:
-    """Raise ConfigError on the first bad value."""
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # ~3.4e38: the networks, losses and optimizer run in float32
+INT64_MAX = 2**63 - 1  # counters and sizes end up in int64 tensors and numpy arrays
+
+
+@functools.cache
+def _hints() -> dict[str, object]:
+    """Config's field annotations, resolved (Annotated, e.g. tyro.conf.Suppress, stripped)."""
+    return typing.get_type_hints(Config)
+
+
+def describe_type(hint) -> str:
+    """An annotation in words: "int or None", "one of 'ppo', 'trpo'", "tuple[str, ...]"."""
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(hint)))
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(describe_type(arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return "None"
+    return str(hint) if typing.get_args(hint) else getattr(hint, "__name__", str(hint))
+
+
+def _takes_bool(hint) -> bool:
+    return hint is bool or any(_takes_bool(arg) for arg in typing.get_args(hint))
+
+
+def check_types(cfg: Config, where: str | None = None) -> None:
+    """ConfigError unless every field of cfg has its annotation's type (typeguard, every item of a tuple):
+    Config(algo="sac"), Config(norm_obs="yes") and a config.json's "num_envs": "4" are refused.
+
+    A bool is not taken for a number (Python's bool is an int, but true is no count of envs). `where`
+    names a saved config (its fields are then named as in the file, not as flags).
+    """
+    for name, hint in _hints().items():
+        value = getattr(cfg, name)
+        try:
+            check_type(value, hint, collection_check_strategy=CollectionCheckStrategy.ALL_ITEMS)
+            ok = not isinstance(value, bool) or _takes_bool(hint)
+        except TypeCheckError:
+            ok = False
+        if not ok:
+            field = f"{where}: {name}" if where else f"--{_flag(name)}"
+            raise ConfigError(f"{field} must be {describe_type(hint)}, got {value!r}")
+
+
+def check_numbers(cfg: Config) -> None:
+    """ConfigError for a number no computation of the run can hold: a float that is not finite or
+    beyond float32's range, an int beyond int64's. Each field's own range is validate's."""
     for name in _FIELD_NAMES:
         value = getattr(cfg, name)
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"--{_flag(name)} must be a finite number, got {value}")
+        if isinstance(value, float) and abs(value) > FLOAT32_MAX:
+            raise ConfigError(f"--{_flag(name)} {value:g} is beyond the float32 range fastppo computes in "
+                              f"(|x| <= {FLOAT32_MAX:.3g})")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT64_MAX:
+            raise ConfigError(f"--{_flag(name)} {value} is beyond the int64 range (|x| < 2^63)")
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError on the first bad value: its type (check_types), its range as a number
+    (check_numbers), then the rules of each field and between fields."""
+    check_types(cfg)
+    check_numbers(cfg)
     for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "total_timesteps",
                  "target_return_games"):
         value = getattr(cfg, name)
@@ -613,15 +678,36 @@ def run_identity(config: dict) -> str:
     """
     import hashlib
 
+    return hashlib.sha256(json.dumps(_identity_fields(config), sort_keys=True, default=list).encode()).hexdigest()[:12]
+
+
+def _identity_fields(config: dict) -> dict:
     kept = {k: config.get(k) for k in _FIELD_NAMES if k not in IDENTITY_EXCLUDED}
     kept["world_size"] = config.get("world_size", 1)
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=list).encode()).hexdigest()[:12]
+    return kept
 
 
-def resume_config(saved: dict, given: Config) -> Config:
-    """The config of a resumed run: the saved one, with the RESUME_FLAGS the caller set on `given`.
+def config_difference(a: dict, b: dict) -> str | None:
+    """The first field that defines a run (see run_identity) whose value differs between two config dicts."""
+    a, b = _identity_fields(a), _identity_fields(b)
+    return next((k for k in a if json.dumps(a[k], default=list) != json.dumps(b[k], default=list)), None)
 
-    Raises ConfigError naming the first flag that may not change on resume.
+
+# What a resume reads from the folder's config.json, when it was edited there: the fields a resume may change
+# (the RESUME_FLAGS) and the run's name. Every other field must equal the checkpoint's (config_difference).
+CONFIG_EDITABLE = tuple(n for n in RESUME_FLAGS if n != "resume") + ("exp_name",)
+# Config.to_dict's derived sizes: written to config.json for the reader, never read back.
+DERIVED = ("batch_size", "minibatch_size", "global_batch_size", "num_iterations")
+
+
+def resume_config(saved: dict, folder: dict, given: Config, where: str = "config.json") -> Config:
+    """The config of a resumed run: the checkpoint's (`saved`), with the fields of the folder's config.json
+    (`folder`, read from `where`) that a resume may change (CONFIG_EDITABLE), then the RESUME_FLAGS the
+    caller set on `given`.
+
+    The caller has checked that saved and folder agree on every other field (config_difference). Raises
+    ConfigError naming the first flag that may not change on resume, a config.json key that is no option,
+    or a value of the wrong type.
     """
     explicit = given_fields(given)
     refused = sorted(explicit - set(RESUME_FLAGS))
@@ -629,13 +715,17 @@ def resume_config(saved: dict, given: Config) -> Config:
         allowed = ", ".join(f"--{_flag(n)}" for n in RESUME_FLAGS[1:])
         raise ConfigError(f"--{_flag(refused[0])} cannot be given with --resume (the run keeps its config; "
                           f"allowed: {allowed})")
+    unknown = sorted(set(folder) - set(_FIELD_NAMES) - set(DERIVED))
+    if unknown:
+        raise ConfigError(f"{where!r}: {unknown[0]!r} is not an option of fastppo train; remove it")
     values = {k: v for k, v in saved.items() if k in _FIELD_NAMES}
-    if "wandb_tags" in values:
-        values["wandb_tags"] = tuple(values["wandb_tags"])
-    try:
-        cfg = Config(**values)
-    except TypeError as e:
-        raise ConfigError(f"the run's saved config does not fit this fastppo: {e}") from None
+    values.update({k: folder[k] for k in CONFIG_EDITABLE if k in folder})
+    hints = _hints()
+    for k, v in values.items():  # JSON has no tuples
+        if isinstance(v, list) and tuple in map(typing.get_origin, (hints[k], *typing.get_args(hints[k]))):
+            values[k] = tuple(v)
+    cfg = Config(**values)
+    check_types(cfg, repr(where))
     for name in explicit:
         setattr(cfg, name, getattr(given, name))
     cfg.resume = given.resume

@@ -52,9 +52,12 @@ from fastppo.checkpoint import (
     set_rng_state,
 )
 from fastppo.config import (
+    CONFIG_EDITABLE,
     Config,
     ConfigError,
     check_options_read,
+    check_types,
+    config_difference,
     default_run_dir,
     env_kind,
     read_config,
@@ -515,6 +518,7 @@ def prepare(cfg: Config, world: World | None = None) -> Prepared:
     Raises EnvError / ConfigError (one line each).
     """
     world = world or World()
+    check_types(cfg)
     check_options_read(cfg)
     info = env_info(cfg.env_id, cfg.env_kwargs)
     cfg = resolve(apply_preset(cfg, env_kind(info)), info, world.size)
@@ -537,27 +541,31 @@ def prepare_resume(cfg: Config, world: World | None = None) -> Prepared:
     """--resume: lock the run folder (rank 0), load and check its newest checkpoint against the folder,
     and merge the config, changing no file.
 
-    The checkpoint must belong to the folder: its config has the identity (env, algorithm, seed,
-    sizes: config.run_identity) of the folder's config.json, and its model, optimizer state and
-    action log fit that config. Under torchrun every rank reads the same checkpoint (the run folder
-    must be visible to all). Raises CheckpointError / ConfigError / EnvError (one line each).
+    The checkpoint must belong to the folder: its config agrees with the folder's config.json on every
+    field that defines the run (env, algorithm, seed, sizes: config.config_difference), and its model,
+    optimizer state and action log fit that config. The fields a resume may change are taken from
+    config.json (a user may edit them there), then from the caller's flags. Under torchrun every rank
+    reads the same checkpoint (the run folder must be visible to all). Raises CheckpointError /
+    ConfigError / EnvError (one line each).
     """
     world = world or World()
     folder = RunFolder.lock_existing(cfg.resume) if world.rank == 0 else None
     try:
         state = load_resumable(cfg.resume)
         folder_config = read_config(cfg.resume)
-        path = state["path"]
-        if run_identity(state["config"]) != run_identity(folder_config):
+        path, config_path = state["path"], os.path.join(cfg.resume, "config.json")
+        differs = config_difference(state["config"], folder_config)
+        if differs is not None:
+            editable = ", ".join(CONFIG_EDITABLE)
             raise CheckpointError(
-                f"{path!r} belongs to another run ({state['config']['env_id']}, identity "
-                f"{run_identity(state['config'])}) than its folder ({folder_config.get('env_id')}, identity "
-                f"{run_identity(folder_config)}); remove it or resume its own run")
+                f"{path!r} and {config_path!r} disagree on {differs} ({state['config'].get(differs)!r} in the "
+                f"checkpoint, {folder_config.get(differs)!r} in config.json): the checkpoint belongs to another run, "
+                f"or config.json was edited where a resume cannot change it (it may change only {editable})")
         saved_world = state["config"].get("world_size", 1)
         if saved_world != world.size:
             raise ConfigError(f"the run in {cfg.resume!r} was trained by {saved_world} rank(s); resume it with "
                               f"{saved_world} (this launch has {world.size})")
-        cfg = resume_config(state["config"], cfg)
+        cfg = resume_config(state["config"], folder_config, cfg, config_path)
         if cfg.track:
             tracking.tracked_run(cfg.run_dir)  # a damaged W&B record is an error now, not after the envs exist
         info = env_info(cfg.env_id, cfg.env_kwargs)
@@ -650,6 +658,7 @@ def train(cfg: Config) -> dict:
     0 prints and writes the run folder.
     """
     world = World.from_env()
+    check_types(cfg)  # a Config from Python is not parsed: Config(algo="sac") stops here
     if cfg.resume is not None:  # the saved config holds its preset's values (--preset is refused with --resume)
         prepared = prepare_resume(cfg, world)
     else:

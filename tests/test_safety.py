@@ -11,6 +11,7 @@ import errno
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -20,11 +21,13 @@ import pytest
 import torch
 from helpers import folder_digest, read_metrics, subprocess_env, two_iteration_cartpole, wait_for_lines
 
+import fastppo
 import fastppo.checkpoint
 import fastppo.logger
 import fastppo.trainer
 from fastppo.checkpoint import list_checkpoints, load_checkpoint
 from fastppo.cli import main
+from fastppo.config import Config, ConfigError
 
 CARTPOLE = ["train", "--env-id", "CartPole-v1", "--device", "cpu"]
 
@@ -180,9 +183,11 @@ BAD_FLAGS = [
     (["--env-threads", "100000"], "--env-threads 100000 is more than the"),
     (["--torch-threads", "100000"], "--torch-threads 100000 is more than the"),
     (["--num-envs", "20000000", "--num-steps", "128", "--total-timesteps", str(2**62)], "GiB, more than the"),
-    (["--dist-timeout", "1e300"], "--dist-timeout must be in (0, 31536000] seconds, got 1e+300"),
+    (["--dist-timeout", "1e30"], "--dist-timeout must be in (0, 31536000] seconds, got 1e+30"),
     (["--max-episode-steps", str(2**40)], "--max-episode-steps must be in [1, 2^31)"),
     (["--max-seconds", "0"], "--max-seconds must be positive, got 0.0"),
+    (["--learning-rate", "1e39"], "--learning-rate 1e+39 is beyond the float32 range"),  # crashed in the update
+    (["--vf-coef", "-1e300"], "--vf-coef -1e+300 is beyond the float32 range"),
     (["--exp-name", "x" * 300, "--run-dir", None], "the folder name 'CartPole-v1__xxxxxxxxxxx'... is 328 bytes"),
     (["--run-dir", "{tmp}/" + "y" * 256], "is 256 bytes, more than the 255"),
     (["--run-dir", "{tmp}/" + "/".join(["z" * 200] * 21)], "bytes, more than 4095"),
@@ -404,3 +409,55 @@ def test_non_object_metrics_lines_are_skipped_on_resume(finished, tmp_path):
     assert main(["train", "--resume", str(run_dir), "--total-timesteps", "1536"]) == 0
     assert [m["global_step"] for m in read_metrics(run_dir)] == [512, 1024, 1536]
     assert json.loads((run_dir / "config.json").read_text())["total_timesteps"] == 1536
+
+
+# --- 6. every field typed, and what config.json may change ------------------------------------------
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(algo="sac"), "--algo must be one of 'ppo', 'trpo', got 'sac'"),  # trained PPO, wrote "sac"
+    (dict(norm_obs="yes"), "--norm-obs must be bool or None, got 'yes'"),
+    (dict(num_envs=True), "--num-envs must be int or None, got True"),
+    (dict(wandb_tags=("a", 1)), "--wandb-tags must be tuple[str, ...], got ('a', 1)"),
+], ids=["literal", "bool", "bool-for-int", "tuple-item"])
+def test_the_python_api_checks_the_type_of_every_field(tmp_path, fields, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        fastppo.train(Config(env_id="CartPole-v1", device="cpu", run_dir=str(tmp_path / "r"), total_timesteps=512,
+                             **fields))
+    assert not (tmp_path / "r").exists()
+
+
+def edit_config(run_dir, **fields) -> None:
+    path = run_dir / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+
+@pytest.mark.parametrize("config,checkpoint,message", [
+    ({"total_timesteps": "4096"}, {}, "config.json': total_timesteps must be int or None, got '4096'"),
+    ({"num_envs": "4"}, {"num_envs": "4"}, "config.json': num_envs must be int or None, got '4'"),
+    ({"learning_rate": None}, {}, "disagree on learning_rate (0.00025 in the checkpoint, None in config.json)"),
+    ({"gamma": 0.9}, {}, "disagree on gamma (0.99 in the checkpoint, 0.9 in config.json)"),
+    ({"total_timestep": 4096}, {}, "'total_timestep' is not an option of fastppo train"),
+], ids=["editable-type", "type-in-both", "null", "not-editable", "unknown-key"])
+def test_a_resume_names_the_config_field_it_refuses(finished, tmp_path, capsys, config, checkpoint, message):
+    run_dir = copy_run(finished, tmp_path / "run")
+    edit_config(run_dir, **config)
+    path = list_checkpoints(str(run_dir))[-1]
+    state = torch.load(path, weights_only=True)
+    state["config"].update(checkpoint)
+    torch.save(state, path)
+    before = folder_digest(run_dir)
+    assert main(["train", "--resume", str(run_dir)]) == 2
+    one_line_error(capsys, message)
+    assert folder_digest(run_dir) == before
+
+
+def test_a_resume_honours_the_fields_config_json_may_change(finished, tmp_path):
+    """total_timesteps and eval_every edited in config.json were ignored, and overwritten, by a resume."""
+    run_dir = copy_run(finished, tmp_path / "run")
+    edit_config(run_dir, total_timesteps=1536, eval_every=3, eval_episodes=1)
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    lines = read_metrics(run_dir)
+    assert [m["global_step"] for m in lines] == [512, 1024, 1536] and "eval/episodic_return" in lines[-1]
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert (saved["total_timesteps"], saved["eval_every"]) == (1536, 3)
