@@ -84,17 +84,13 @@ def load(path: str | os.PathLike, device: Literal["auto", "cpu", "cuda"] | str =
     Raises CheckpointError (a missing, damaged or non-finite checkpoint), ConfigError (CUDA asked for
     but absent) or EnvError (the env cannot be made with the run's options), each one line.
     """
-    from fastppo.checkpoint import CheckpointError, load_checkpoint, non_finite
+    from fastppo.checkpoint import CheckpointError, load_checkpoint
     from fastppo.config import ConfigError
     from fastppo.policy import make_policy
 
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device cuda: CUDA is not available on this machine (use cpu or auto)")
-    state = load_checkpoint(os.fspath(path))
-    bad = non_finite({"model": state["model"]})
-    if bad is not None:
-        raise CheckpointError(f"{state['path']!r} holds a non-finite {bad} (the run diverged); use an earlier "
-                              f"checkpoint")
+    state = load_checkpoint(os.fspath(path))  # refuses non-finite weights and statistics
     config = state["config"]
     info = _info(config)
     torch_device = device_named(device)

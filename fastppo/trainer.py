@@ -42,6 +42,7 @@ from fastppo.checkpoint import (
     CheckpointError,
     StopOnSignal,
     WriteFailed,
+    bad_actions,
     best_score,
     checkpoint_path,
     last_checkpoint_note,
@@ -342,9 +343,13 @@ def evaluate(cfg: Config, info: EnvInfo, s: Session) -> dict:
     score = out["eval/episodic_return"]
     if score > s.progress.best_eval:
         s.progress.best_eval = score
-        save_best(cfg.run_dir, {"model": s.policy.state_dict(), "config": cfg.to_dict(),
-                                "iteration": s.progress.iteration, "global_step": s.progress.global_step,
-                                "normalizer": norms.state_dict(), "eval_return": score})
+        try:
+            save_best(cfg.run_dir, {"model": s.policy.state_dict(), "config": cfg.to_dict(),
+                                    "iteration": s.progress.iteration, "global_step": s.progress.global_step,
+                                    "normalizer": norms.state_dict(), "eval_return": score})
+        except ValueError as e:  # a value of the state is not finite (checkpoint.bad_value): never a best.pt
+            raise TrainingDiverged(f"{e} at iteration {s.progress.iteration}; stopping, "
+                                   f"{last_checkpoint_note(cfg.run_dir, 'last good')}") from None
     out["eval/best_return"] = s.progress.best_eval
     out["perf/eval_time"] = time.perf_counter() - t
     s.progress.eval_time += out["perf/eval_time"]
@@ -398,16 +403,19 @@ def checkpoint_state(cfg: Config, policy: nn.Module, optimizer: torch.optim.Opti
     return state
 
 
-def save(cfg: Config, state: dict | None, progress: Progress, metrics: dict) -> str:
+def save(cfg: Config, info: EnvInfo, state: dict | None, progress: Progress, metrics: dict) -> str:
     """save_checkpoint on rank 0 (state None elsewhere: see checkpoint_state), then the run's model card
     (logger.write_model_card); the checkpoint's path.
 
-    A state with non-finite parameters is never written (TrainingDiverged: the last checkpoint stays
-    the last good one).
+    A state holding a value that is not finite or out of its range (checkpoint.bad_value, an action
+    outside the env's) is never written (TrainingDiverged: the last checkpoint stays the last good one).
     """
     if state is None:
         return checkpoint_path(cfg.run_dir, progress.iteration)
     try:
+        wrong = bad_actions(state["actions"], info.num_actions, info.continuous)
+        if wrong is not None:
+            raise ValueError(wrong)
         path = save_checkpoint(cfg.run_dir, progress.iteration, state)
     except ValueError as e:  # Host-device sync, deliberate: the finiteness check reads every tensor once per save
         kept = last_checkpoint_note(cfg.run_dir, "last good")
@@ -607,8 +615,9 @@ def make_normalizers(cfg: Config, info: EnvInfo, device: torch.device) -> Normal
 
 
 def check_loadable(state: dict, info: EnvInfo, cfg: Config) -> None:
-    """CheckpointError unless the checkpoint's model, optimizer state, normalisation statistics and
-    per-rank collection state load into this run's networks and collectors."""
+    """CheckpointError unless the checkpoint's model, optimizer state, action log (every action one the
+    env takes), normalisation statistics and per-rank collection state load into this run's networks,
+    envs and collectors."""
     policy = make_policy(info)
     expected = {k: tuple(v.shape) for k, v in policy.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state["model"].items()}
@@ -626,6 +635,9 @@ def check_loadable(state: dict, info: EnvInfo, cfg: Config) -> None:
                 raise ValueError(f"Adam's state of a parameter of shape {tuple(p.shape)} is {sorted(slots)}")
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:
         raise CheckpointError(f"{state['path']!r} is damaged: its optimizer state does not load ({e})") from None
+    wrong = bad_actions(state["actions"], info.num_actions, info.continuous)
+    if wrong is not None:
+        raise CheckpointError(f"{state['path']!r} is damaged: its {wrong}")
     norms = make_normalizers(cfg, info, torch.device("cpu"))
     try:
         norms.load_state_dict(state.get("normalizer", {}))
@@ -871,8 +883,9 @@ def _loop(cfg: Config, prepared: Prepared, s: Session, logger, tracker, stop: St
             if save_due(cfg, iteration, reason):
                 logger.phase("checkpoint")
                 with write_errors(run_dir):
-                    path = save(cfg, checkpoint_state(cfg, s.policy, s.optimizer, progress, s.kl_ctl, s.collection,
-                                                      s.recent, prepared.command), progress, metrics)
+                    path = save(cfg, prepared.info, checkpoint_state(cfg, s.policy, s.optimizer, progress, s.kl_ctl,
+                                                                     s.collection, s.recent, prepared.command),
+                                progress, metrics)
             if reason is not None:
                 break
         if reason == "target_return" and distributed.is_main():

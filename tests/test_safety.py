@@ -24,6 +24,7 @@ from helpers import folder_digest, read_metrics, subprocess_env, two_iteration_c
 import fastppo
 import fastppo.checkpoint
 import fastppo.logger
+import fastppo.normalize
 import fastppo.trainer
 from fastppo.checkpoint import list_checkpoints, load_checkpoint
 from fastppo.cli import main
@@ -167,9 +168,68 @@ def test_eval_and_resume_refuse_a_non_finite_checkpoint(finished, tmp_path, caps
     state["model"]["critic.1.weight"][0, 0] = float("inf")
     torch.save(state, path)
     assert main(["eval", str(run_dir), "--episodes", "1"]) == 2
-    one_line_error(capsys, "holds a non-finite parameter critic.1.weight")
+    one_line_error(capsys, "cannot be used: its parameter critic.1.weight is not finite")
     assert main(["train", "--resume", str(run_dir), "--total-timesteps", "4096"]) == 2
-    one_line_error(capsys, "cannot be resumed from: its parameter critic.1.weight is not finite")
+    one_line_error(capsys, "cannot be used: its parameter critic.1.weight is not finite")
+
+
+@pytest.fixture(scope="module")
+def normalised(tmp_path_factory):
+    """A finished 1-iteration CartPole run with observation and reward normalisation."""
+    run_dir = tmp_path_factory.mktemp("runs") / "normalised"
+    assert main([*CARTPOLE, "--run-dir", str(run_dir), "--total-timesteps", "512", "--norm-obs", "True",
+                 "--norm-reward", "True"]) == 0
+    return run_dir
+
+
+def nan(t: torch.Tensor) -> None:
+    t.view(-1)[0] = float("nan")
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda s: nan(s["normalizer"]["obs"]["mean"]), "observation statistics' mean is not finite"),
+    (lambda s: s["normalizer"]["reward"]["m2"].fill_(float("inf")), "reward statistics' m2 is not finite"),
+    (lambda s: s["normalizer"]["reward"]["m2"].fill_(-1.0), "reward statistics' m2 is negative"),
+    (lambda s: s["normalizer"]["obs"]["count"].fill_(0.0), "observation statistics' count is not positive"),
+    (lambda s: nan(s["collection"][0]["reward_returns"]), "discounted returns of rank 0's envs is not finite"),
+    (lambda s: s.update(recent_returns=[9.0, float("nan")]), "recent returns is not finite"),
+    (lambda s: s.update(elapsed=float("nan")), "elapsed is not finite"),
+    (lambda s: s.update(elapsed=-5.0), "elapsed is negative (-5.0)"),
+    (lambda s: s.update(best_eval=float("nan")), "best_eval is nan"),
+    (lambda s: s["actions"].view(-1)[5].fill_(7), "its action log holds action 7, outside the env's 0..1"),
+], ids=["obs-mean", "reward-m2-inf", "reward-m2-negative", "obs-count", "reward-returns", "recent-returns",
+        "elapsed-nan", "elapsed-negative", "best-eval", "actions"])
+def test_eval_and_resume_refuse_every_value_out_of_range(normalised, tmp_path, capsys, damage, message):
+    """A NaN observation mean was played by eval and trained on by a resume, which later called the file
+    "the last good checkpoint"; an inf M2 was carried into new checkpoints; NaN returns and clocks, and
+    actions the env does not have, resumed silently."""
+    run_dir = copy_run(normalised, tmp_path / "run")
+    path = list_checkpoints(str(run_dir))[-1]
+    state = torch.load(path, weights_only=True)
+    damage(state)
+    torch.save(state, path)
+    before = folder_digest(run_dir)
+    if "action" not in message:  # eval plays no action log
+        assert main(["eval", str(run_dir), "--episodes", "1"]) == 2
+        one_line_error(capsys, message)
+    assert main(["train", "--resume", str(run_dir), "--total-timesteps", "1024"]) == 2
+    one_line_error(capsys, message)
+    assert folder_digest(run_dir) == before
+
+
+def test_statistics_that_turn_inf_are_never_checkpointed(tmp_path, monkeypatch, capsys):
+    real = fastppo.normalize.Normalizers.state_dict
+
+    def state_dict(self):
+        out = real(self)
+        out["reward"]["m2"] = torch.full_like(out["reward"]["m2"], float("inf"))
+        return out
+
+    monkeypatch.setattr(fastppo.normalize.Normalizers, "state_dict", state_dict)
+    run_dir = tmp_path / "run"
+    assert main([*CARTPOLE, "--run-dir", str(run_dir), "--total-timesteps", "512", "--norm-reward", "True"]) == 1
+    one_line_error(capsys, "reward statistics' m2 is not finite at iteration 1", "no checkpoint was written")
+    assert list_checkpoints(str(run_dir)) == []
 
 
 # --- 4. every flag checked before a folder exists ---------------------------------------------------
