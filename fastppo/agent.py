@@ -84,13 +84,16 @@ def load(path: str | os.PathLike, device: Literal["auto", "cpu", "cuda"] | str =
     Raises CheckpointError (a missing, damaged or non-finite checkpoint), ConfigError (CUDA asked for
     but absent) or EnvError (the env cannot be made with the run's options), each one line.
     """
-    from fastppo.checkpoint import CheckpointError, load_checkpoint
-    from fastppo.config import ConfigError
+    from fastppo.checkpoint import CheckpointError, check_belongs, load_checkpoint, run_folder
+    from fastppo.config import ConfigError, read_config
     from fastppo.policy import make_policy
 
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device cuda: CUDA is not available on this machine (use cpu or auto)")
     state = load_checkpoint(os.fspath(path))  # refuses non-finite weights and statistics
+    run = run_folder(state["path"])
+    if os.path.isfile(os.path.join(run, "config.json")):  # a checkpoint in a run folder is that run's, best.pt too
+        check_belongs(state, read_config(run), os.path.join(run, "config.json"))
     config = state["config"]
     info = _info(config)
     torch_device = device_named(device)

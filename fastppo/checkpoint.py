@@ -148,20 +148,46 @@ def save_best(run_dir: str, state: dict) -> str:
     return path
 
 
-def best_score(run_dir: str) -> float:
-    """The evaluation score checkpoints/best.pt holds; -inf when there is none (or it does not read).
+def best_score(run_dir: str, folder_config: dict) -> float:
+    """The evaluation score checkpoints/best.pt holds; -inf when there is none.
 
     A resume starts from the best of this and its checkpoint's score: a best.pt written after that
-    checkpoint, by iterations the resume redoes, is kept and still has to be beaten.
+    checkpoint, by iterations the resume redoes, is kept and still has to be beaten. best.pt is checked
+    as every checkpoint is (load_checkpoint) and must belong to the run (check_belongs against the
+    folder's config.json, `folder_config`) and hold a finite score: CheckpointError (one line) otherwise.
     """
     path = os.path.join(run_dir, CKPT_DIR, BEST)
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         return -math.inf
-    try:
-        score = load_checkpoint(path).get("eval_return")
-    except CheckpointError:
-        return -math.inf
-    return float(score) if isinstance(score, (int, float)) and math.isfinite(score) else -math.inf
+    state = load_checkpoint(path)
+    check_belongs(state, folder_config, os.path.join(run_dir, "config.json"))
+    score = state.get("eval_return")
+    if isinstance(score, bool) or not isinstance(score, (int, float)):
+        raise CheckpointError(f"{path!r} is damaged: its eval_return is {score!r}, not a score")
+    return float(score)
+
+
+def check_belongs(state: dict, folder_config: dict, config_path: str) -> None:
+    """CheckpointError unless a checkpoint's config agrees with its run folder's config.json (read from
+    config_path) on every field that defines the run (config.config_difference), naming the first that
+    differs: a foreign checkpoint, or a config.json edited where a resume cannot change it."""
+    from fastppo.config import CONFIG_EDITABLE, config_difference
+
+    differs = config_difference(state["config"], folder_config)
+    if differs is not None:
+        raise CheckpointError(
+            f"{state['path']!r} and {config_path!r} disagree on {differs} ({state['config'].get(differs)!r} in the "
+            f"checkpoint, {folder_config.get(differs)!r} in config.json): the checkpoint belongs to another run, or "
+            f"config.json was edited where a resume cannot change it (it may change only "
+            f"{', '.join(CONFIG_EDITABLE)})")
+
+
+def run_folder(path: str) -> str:
+    """The run folder of a run folder or of one of its checkpoint files (<run>/checkpoints/*.pt)."""
+    if os.path.isdir(path):
+        return path
+    parent = os.path.dirname(os.path.abspath(path))
+    return os.path.dirname(parent) if os.path.basename(parent) == CKPT_DIR else parent
 
 
 def _write(run_dir: str, path: str, state: dict) -> None:
@@ -242,7 +268,7 @@ CHECKPOINT_PARTS = {
 }
 RESUME_PARTS = {
     "optimizer": (dict,), "rng": (dict,), "kl_coef": (float, int), "elapsed": (float, int),
-    "actions": (torch.Tensor, type(None)), "recent_returns": (list,),
+    "actions": (torch.Tensor, type(None)), "recent_returns": (list,), "best_eval": (float, int),
 }
 
 

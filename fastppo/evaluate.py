@@ -23,7 +23,8 @@ import tyro
 from torch import nn
 
 from fastppo.agent import Agent, load, make_env
-from fastppo.config import ConfigError
+from fastppo.checkpoint import check_belongs, run_folder
+from fastppo.config import ConfigError, read_config
 from fastppo.envs import EnvInfo
 
 EVAL_SEED_OFFSET = 1_000_000  # eval pools never share a seed with the training envs (seed .. seed + N - 1)
@@ -158,14 +159,6 @@ def write_video(frames: list[np.ndarray], path: str, fps: int) -> None:
     imageio.mimwrite(path, frames, fps=fps, codec="libx264", pixelformat="yuv420p", macro_block_size=2)
 
 
-def run_folder(path: str) -> str:
-    """The run folder of a run folder or of one of its checkpoint files (<run>/checkpoints/ckpt_*.pt)."""
-    if os.path.isdir(path):
-        return path
-    parent = os.path.dirname(os.path.abspath(path))
-    return os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else parent
-
-
 def run_eval(ecfg: EvalConfig, stream=None) -> Games:
     """``fastppo eval``: print the scores; write (and log) the video. Raises ConfigError / CheckpointError."""
     import sys
@@ -181,6 +174,10 @@ def run_eval(ecfg: EvalConfig, stream=None) -> Games:
         raise ConfigError("--device cuda: CUDA is not available on this machine (use --device cpu or auto)")
     agent = load(ecfg.checkpoint if ecfg.checkpoint is not None else ecfg.run, ecfg.device, seed=ecfg.seed)
     run_dir = run_folder(ecfg.run)
+    if ecfg.checkpoint is not None and os.path.isfile(os.path.join(run_dir, "config.json")):
+        # its scores and video go to this run (its videos/, its W&B run): another run's model would lie there
+        check_belongs({"config": agent.config, "path": agent.checkpoint}, read_config(run_dir),
+                      os.path.join(run_dir, "config.json"))
     known = tracked_run(run_dir) if ecfg.track else None  # a damaged record is an error before any game
     if ecfg.video:
         check_video(agent.info, "--video")

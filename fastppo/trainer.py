@@ -44,6 +44,7 @@ from fastppo.checkpoint import (
     WriteFailed,
     bad_actions,
     best_score,
+    check_belongs,
     checkpoint_path,
     last_checkpoint_note,
     load_resumable,
@@ -53,12 +54,10 @@ from fastppo.checkpoint import (
     set_rng_state,
 )
 from fastppo.config import (
-    CONFIG_EDITABLE,
     Config,
     ConfigError,
     check_options_read,
     check_types,
-    config_difference,
     default_run_dir,
     env_kind,
     read_config,
@@ -345,8 +344,9 @@ def evaluate(cfg: Config, info: EnvInfo, s: Session) -> dict:
         s.progress.best_eval = score
         try:
             save_best(cfg.run_dir, {"model": s.policy.state_dict(), "config": cfg.to_dict(),
-                                    "iteration": s.progress.iteration, "global_step": s.progress.global_step,
-                                    "normalizer": norms.state_dict(), "eval_return": score})
+                                    "identity": run_identity(cfg.to_dict()), "iteration": s.progress.iteration,
+                                    "global_step": s.progress.global_step, "normalizer": norms.state_dict(),
+                                    "eval_return": score})
         except ValueError as e:  # a value of the state is not finite (checkpoint.bad_value): never a best.pt
             raise TrainingDiverged(f"{e} at iteration {s.progress.iteration}; stopping, "
                                    f"{last_checkpoint_note(cfg.run_dir, 'last good')}") from None
@@ -562,13 +562,9 @@ def prepare_resume(cfg: Config, world: World | None = None) -> Prepared:
         state = load_resumable(cfg.resume)
         folder_config = read_config(cfg.resume)
         path, config_path = state["path"], os.path.join(cfg.resume, "config.json")
-        differs = config_difference(state["config"], folder_config)
-        if differs is not None:
-            editable = ", ".join(CONFIG_EDITABLE)
-            raise CheckpointError(
-                f"{path!r} and {config_path!r} disagree on {differs} ({state['config'].get(differs)!r} in the "
-                f"checkpoint, {folder_config.get(differs)!r} in config.json): the checkpoint belongs to another run, "
-                f"or config.json was edited where a resume cannot change it (it may change only {editable})")
+        check_belongs(state, folder_config, config_path)
+        # best.pt too: a foreign one (its score forged, say) would be kept, logged as eval/best_return, played
+        state["best_eval"] = max(state.get("best_eval", -math.inf), best_score(cfg.resume, folder_config))
         saved_world = state["config"].get("world_size", 1)
         if saved_world != world.size:
             raise ConfigError(f"the run in {cfg.resume!r} was trained by {saved_world} rank(s); resume it with "
@@ -756,7 +752,7 @@ def build(prepared: Prepared, world: World) -> Session:
         session.recent.extend(state["recent_returns"])
         p = session.progress
         p.iteration, p.global_step, p.elapsed_before = state["iteration"], state["global_step"], state["elapsed"]
-        p.best_eval = max(state.get("best_eval", -math.inf), best_score(cfg.run_dir))
+        p.best_eval = state["best_eval"]
         p.start_step = p.global_step
     return session
 

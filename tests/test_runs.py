@@ -176,10 +176,11 @@ def test_a_resume_starts_from_the_best_evaluation_on_disk(tmp_path):
     its score still has to be beaten, so best.pt and eval/best_return keep agreeing."""
     from fastppo.checkpoint import best_score, save_best
 
-    assert best_score(str(tmp_path)) == -float("inf")
-    save_best(str(tmp_path), {"model": {"w": torch.ones(2)}, "config": {"env_id": "CartPole-v1"}, "iteration": 9,
-                              "global_step": 9, "eval_return": 7.5})
-    assert best_score(str(tmp_path)) == 7.5
+    config = {"env_id": "CartPole-v1"}
+    assert best_score(str(tmp_path), config) == -float("inf")
+    save_best(str(tmp_path), {"model": {"w": torch.ones(2)}, "config": config, "iteration": 9, "global_step": 9,
+                              "eval_return": 7.5})
+    assert best_score(str(tmp_path), config) == 7.5
 
 
 def test_a_signal_in_the_last_iteration_ends_a_finished_run(tmp_path, monkeypatch, capsys):

@@ -26,7 +26,7 @@ import fastppo.checkpoint
 import fastppo.logger
 import fastppo.normalize
 import fastppo.trainer
-from fastppo.checkpoint import list_checkpoints, load_checkpoint
+from fastppo.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from fastppo.cli import main
 from fastppo.config import Config, ConfigError
 
@@ -132,6 +132,26 @@ def test_resume_with_damaged_normalisation_state_is_one_line(tmp_path, capsys, d
                  "--norm-reward", "True"]) == 0
     capsys.readouterr()
     resume_after_damage(run_dir, damage, capsys, "is damaged", message)
+
+
+def test_a_best_checkpoint_from_another_run_is_refused(finished, tmp_path, capsys):
+    """best.pt was trusted without the check the other checkpoints get: another run's, with a forged score,
+    was kept by a resume, logged as eval/best_return and played by eval --checkpoint best.pt."""
+    run_dir = copy_run(finished, tmp_path / "run")
+    state = torch.load(list_checkpoints(str(run_dir))[-1], weights_only=True)
+    state["config"]["seed"] = 7  # another run of the same env: its model loads, only its identity differs
+    state["eval_return"] = 1e9
+    best = run_dir / "checkpoints" / "best.pt"
+    torch.save(state, best)
+    before = folder_digest(run_dir)
+    message = "disagree on seed (7 in the checkpoint, 1 in config.json): the checkpoint belongs to another run"
+    assert main(["eval", str(run_dir), "--checkpoint", str(best), "--episodes", "1"]) == 2
+    one_line_error(capsys, "best.pt", message)
+    assert main(["train", "--resume", str(run_dir), "--total-timesteps", "1536", "--eval-every", "1"]) == 2
+    one_line_error(capsys, "best.pt", message)
+    with pytest.raises(CheckpointError, match="belongs to another run"):
+        fastppo.load(best)
+    assert folder_digest(run_dir) == before
 
 
 # --- 3. no non-finite checkpoint --------------------------------------------------------------------
