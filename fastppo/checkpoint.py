@@ -201,7 +201,8 @@ def _write(run_dir: str, path: str, state: dict) -> None:
         raise ValueError(bad)
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if not os.path.isdir(os.path.dirname(path)):
+            os.mkdir(os.path.dirname(path))  # not makedirs: a run folder removed under the run is never re-created
         for stale in glob.glob(os.path.join(run_dir, CKPT_DIR, "*.pt.tmp.*")):
             os.remove(stale)  # left by a process killed mid-save; never a checkpoint
         try:

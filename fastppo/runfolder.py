@@ -9,6 +9,11 @@
   starts. If the start fails or a SIGINT/SIGTERM arrives first, :meth:`RunFolder.abandon` removes
   what the start made (the folder itself when it made it, else only the entries that were not in it
   before), so the same command can simply be run again.
+* Identity. The folder and its lock file are known by their (device, inode) from the moment they are
+  locked. :meth:`RunFolder.check` (before each write of the training loop, and at its end) stops the
+  run with one line when either is gone or is another file now (``rm -rf``, a lazy unmount, a ``mv``
+  and a new folder of the same name): the run never reports success, re-creates the folder, or writes
+  into one that is not its own.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import fcntl
 import os
 import shutil
 
+from fastppo.checkpoint import WriteFailed
 from fastppo.config import ConfigError, check_run_dir
 
 LOCK_FILE = ".lock"
@@ -33,6 +39,7 @@ class RunFolder:
         self.new = new  # a new run (not a resume)
         self.before = before  # what a folder that existed held before this start (the user's: kept)
         self.committed = not new
+        self.identity = _identity(os.stat(path)), _identity(os.fstat(fd))  # the folder's and its lock file's
 
     @classmethod
     def claim_new(cls, path: str, flag: str = "--run-dir") -> RunFolder:
@@ -60,6 +67,16 @@ class RunFolder:
             raise ConfigError(f"--resume {path!r}: no such run folder")
         return cls(path, _lock(path), made=False, new=False)
 
+    def check(self) -> None:
+        """WriteFailed when the folder or its lock file was removed or replaced since it was locked."""
+        try:
+            now = _identity(os.stat(self.path)), _identity(os.stat(os.path.join(self.path, LOCK_FILE)))
+        except OSError:
+            now = None
+        if now != self.identity:
+            raise WriteFailed(f"the run folder {self.path!r} was removed or replaced while this run used it; "
+                              f"stopping without writing there")
+
     def commit(self) -> None:
         """Training starts: from here on the folder holds a run and is never removed."""
         self.committed = True
@@ -84,6 +101,10 @@ class RunFolder:
         if self.fd >= 0:
             os.close(self.fd)  # closing the descriptor drops the lock
             self.fd = -1
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
 
 
 def _lock(path: str) -> int:

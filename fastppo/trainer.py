@@ -786,7 +786,7 @@ def _train(prepared: Prepared, world: World) -> dict:
         try:
             if folder is not None:
                 folder.commit()
-            return _loop(cfg, prepared, session, logger, tracker, stop, device)
+            return _loop(cfg, prepared, session, logger, tracker, stop, device, folder)
         finally:
             session.collection.close()
     finally:
@@ -798,6 +798,7 @@ def _train(prepared: Prepared, world: World) -> dict:
 def start_outputs(cfg: Config, prepared: Prepared, folder: RunFolder):
     """Rank 0: config.json (a resume keeps its metrics up to the checkpoint), metrics logger, W&B."""
     run_dir = cfg.run_dir
+    folder.check()  # still the folder it locked (RunFolder.check)
     steps = cfg.num_iterations * cfg.global_batch_size
     if steps != cfg.total_timesteps:  # said once, so that a shorter run than asked is no surprise
         print(f"fastppo: --total-timesteps {cfg.total_timesteps:,} rounds down to {cfg.num_iterations} iteration(s) of "
@@ -831,8 +832,12 @@ def start_outputs(cfg: Config, prepared: Prepared, folder: RunFolder):
 
 
 def _loop(cfg: Config, prepared: Prepared, s: Session, logger, tracker, stop: StopOnSignal,
-          device: torch.device) -> dict:
-    """The training loop (see the module docstring); returns the last metrics line with "stopped_by"."""
+          device: torch.device, folder: RunFolder | None) -> dict:
+    """The training loop (see the module docstring); returns the last metrics line with "stopped_by".
+
+    folder: rank 0's locked run folder (None on the other ranks), checked before each write and at the
+    end: a run whose folder was removed or replaced under it stops with WriteFailed, never "finished".
+    """
     ops, progress, run_dir = prepared.ops, s.progress, cfg.run_dir
     metrics: dict = {}
     reason: str | None = None
@@ -862,6 +867,8 @@ def _loop(cfg: Config, prepared: Prepared, s: Session, logger, tracker, stop: St
             t_updated = time.perf_counter()
             progress.global_step += cfg.global_batch_size
             check_finite(values, progress, run_dir)
+            if folder is not None:
+                folder.check()
             if cfg.loss == "penalty":
                 s.kl_ctl.update(values["kl"])
             games = distributed.all_games(*buf.games)  # the games of every rank
@@ -878,6 +885,8 @@ def _loop(cfg: Config, prepared: Prepared, s: Session, logger, tracker, stop: St
             reason = stop_reason(cfg, s.recent, progress, stop, device)
             if save_due(cfg, iteration, reason):
                 logger.phase("checkpoint")
+                if folder is not None:
+                    folder.check()
                 with write_errors(run_dir):
                     path = save(cfg, prepared.info, checkpoint_state(cfg, s.policy, s.optimizer, progress, s.kl_ctl,
                                                                      s.collection, s.recent, prepared.command),
@@ -887,6 +896,8 @@ def _loop(cfg: Config, prepared: Prepared, s: Session, logger, tracker, stop: St
         if reason == "target_return" and distributed.is_main():
             print(f"target return {cfg.target_return} reached: mean of the last {cfg.target_return_games} games is "
                   f"{s.recent.mean():.2f} at global step {progress.global_step}", flush=True)
+        if folder is not None:
+            folder.check()
         logger.announce(result_line(cfg, reason, progress, s.recent, stop))
         if reason == "signal":
             signum = stop.signum or signal.SIGTERM  # a rank stopped by another rank's signal

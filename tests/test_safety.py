@@ -541,3 +541,35 @@ def test_a_resume_honours_the_fields_config_json_may_change(finished, tmp_path):
     assert [m["global_step"] for m in lines] == [512, 1024, 1536] and "eval/episodic_return" in lines[-1]
     saved = json.loads((run_dir / "config.json").read_text())
     assert (saved["total_timesteps"], saved["eval_every"]) == (1536, 3)
+
+
+# --- 7. a run whose folder disappears stops -------------------------------------------------------------
+
+
+def remove(run_dir) -> None:
+    shutil.rmtree(run_dir)
+
+
+def replace_folder(run_dir) -> None:
+    os.rename(run_dir, f"{run_dir}.moved")
+    os.mkdir(run_dir)
+
+
+@pytest.mark.parametrize("change", [remove, replace_folder], ids=["rm-rf", "replaced"])
+def test_a_run_whose_folder_is_removed_or_replaced_stops(tmp_path, monkeypatch, capsys, change):
+    """rm -rf RUN mid-run ended "finished", exit 0, with checkpoints/ and README.md re-created and the rest
+    (metrics, config.json, .lock) gone."""
+    run_dir = tmp_path / "run"
+    real = fastppo.trainer.update
+    calls = {"n": 0}
+
+    def update(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # in iteration 2
+            change(run_dir)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fastppo.trainer, "update", update)
+    assert main([*CARTPOLE, "--run-dir", str(run_dir), "--total-timesteps", "1536", "--save-every", "1"]) == 1
+    one_line_error(capsys, f"the run folder {str(run_dir)!r} was removed or replaced while this run used it")
+    assert not run_dir.exists() if change is remove else os.listdir(run_dir) == []
