@@ -573,3 +573,43 @@ def test_a_run_whose_folder_is_removed_or_replaced_stops(tmp_path, monkeypatch, 
     assert main([*CARTPOLE, "--run-dir", str(run_dir), "--total-timesteps", "1536", "--save-every", "1"]) == 1
     one_line_error(capsys, f"the run folder {str(run_dir)!r} was removed or replaced while this run used it")
     assert not run_dir.exists() if change is remove else os.listdir(run_dir) == []
+
+
+# --- 8. EnvPool options within their real ranges ---------------------------------------------------------
+
+
+@pytest.fixture
+def no_envs(monkeypatch):
+    """The options must be refused before any env exists (the old failures were a crash in the first
+    forward pass, a segfault or an abort of the whole process inside EnvPool)."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("an environment was created before the options were checked")
+
+    monkeypatch.setattr(fastppo.trainer, "make_envs", forbidden)
+
+
+@pytest.mark.parametrize("env_id,option,message", [
+    ("Pong-v5", "stack_num=0", "--env-kwargs stack_num=0 must be in [1, 2^31): frames per observation"),
+    ("Pong-v5", "noop_max=-1", "--env-kwargs noop_max=-1 must be in [1, 2^31): EnvPool draws the no-op count"),
+    ("Pong-v5", "frame_skip=0", "--env-kwargs frame_skip=0 must be in [1, 2^31)"),
+    ("MiniGrid-Empty-5x5-v0", "size=0", "EnvPool cannot make MiniGrid-Empty-5x5-v0 with --env-kwargs size=0: "
+                                        "it crashed (SIGABRT)"),
+], ids=["stack-num", "noop-max", "frame-skip", "probed"])
+def test_envpool_options_out_of_their_range_are_one_line_before_any_env(tmp_path, capsys, no_envs, env_id, option,
+                                                                         message):
+    assert main(["train", "--env-id", env_id, "--device", "cpu", "--run-dir", str(tmp_path / "r"), "--env-kwargs",
+                 option]) == 2
+    one_line_error(capsys, message)
+    assert not (tmp_path / "r").exists()
+
+
+def test_an_unknown_atari_task_is_one_line_exit_2(tmp_path):
+    """The emulator exits the process (code 1) on a missing ROM, so the check must come first."""
+    proc = subprocess.run([sys.executable, "-m", "fastppo", "train", "--env-id", "Pong-v5", "--device", "cpu",
+                           "--run-dir", str(tmp_path / "r"), "--env-kwargs", "task=pongg"], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == ("fastppo: error: --env-kwargs task='pongg': EnvPool has no such Atari ROM; close names: "
+                           "pong\n")
+    assert not (tmp_path / "r").exists()
