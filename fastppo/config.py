@@ -634,12 +634,10 @@ def check_run_dir(path: str, flag: str = "--run-dir") -> None:
 
 
 def save_config(cfg: Config, path: str) -> None:
-    """Write config.json atomically (a resume rewrites it when --total-timesteps is raised)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Write config.json atomically (a resume rewrites it)."""
+    from fastppo.logger import write_atomically
+
+    write_atomically(path, json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
 
 
 def read_config(run: str) -> dict:

@@ -121,6 +121,10 @@ def _lock(path: str) -> int:
         os.close(fd)
         raise ConfigError(f"the run folder {path!r} is in use by process {holder} (another fastppo train); "
                           f"wait for it to end or stop it first") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError as e:  # a full disk, say: one line, and the lock goes with the descriptor
+        os.close(fd)
+        raise ConfigError(f"cannot lock the run folder {path!r}: writing {lock_path!r} failed ({e.strerror})") from None
     return fd

@@ -23,8 +23,10 @@ from helpers import folder_digest, read_metrics, subprocess_env, two_iteration_c
 
 import fastppo
 import fastppo.checkpoint
+import fastppo.config
 import fastppo.logger
 import fastppo.normalize
+import fastppo.runfolder
 import fastppo.trainer
 from fastppo.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from fastppo.cli import main
@@ -613,3 +615,32 @@ def test_an_unknown_atari_task_is_one_line_exit_2(tmp_path):
     assert proc.stderr == ("fastppo: error: --env-kwargs task='pongg': EnvPool has no such Atari ROM; close names: "
                            "pong\n")
     assert not (tmp_path / "r").exists()
+
+
+def test_a_new_run_on_a_full_disk_is_one_line_and_leaves_no_folder(tmp_path, monkeypatch, capsys):
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(fastppo.runfolder.os, "pwrite", full)  # the lock file's PID: the first write of a run
+    assert main([*CARTPOLE, "--run-dir", str(tmp_path / "r")]) == 2
+    one_line_error(capsys, "cannot lock the run folder", "No space left on device")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_resume_on_a_full_disk_leaves_no_temporary_file(finished, tmp_path, monkeypatch, capsys):
+    real_open = open
+
+    def full_open(path, *args, **kwargs):
+        f = real_open(path, *args, **kwargs)  # the file is made; its first write finds the disk full
+        if str(path).endswith(".tmp"):
+            f.close()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return f
+
+    run_dir = copy_run(finished, tmp_path / "run")
+    before = folder_digest(run_dir)
+    for module in (fastppo.config, fastppo.logger):  # where config.json and the metrics are rewritten
+        monkeypatch.setattr(module, "open", full_open, raising=False)
+    assert main(["train", "--resume", str(run_dir), "--total-timesteps", "1536"]) == 1
+    one_line_error(capsys, "cannot write to the run folder", "No space left on device")
+    assert folder_digest(run_dir) == before  # no 0-byte config.json.tmp
