@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import os
 import shutil
+import time
 
 from fastppo.checkpoint import WriteFailed
 from fastppo.config import ConfigError, check_run_dir
@@ -103,6 +104,31 @@ class RunFolder:
             self.fd = -1
 
 
+def _holder(fd: int, wait: float = 2.0) -> str:
+    """The PID of the process holding the lock on fd, from the lock file.
+
+    A process that has just taken the lock writes its PID a moment later; until then the file is empty or
+    names an earlier holder that has ended (two launches at the same instant). So the file is read again
+    until it names a live process, for up to `wait` seconds.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if (text.isdigit() and _alive(int(text))) or time.monotonic() > deadline:
+            return text or "unknown"
+        time.sleep(0.01)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        return True
+    return True
+
+
 def _identity(st: os.stat_result) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
@@ -117,13 +143,14 @@ def _lock(path: str) -> int:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        holder = _holder(fd)
         os.close(fd)
         raise ConfigError(f"the run folder {path!r} is in use by process {holder} (another fastppo train); "
                           f"wait for it to end or stop it first") from None
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        pid = f"{os.getpid()}\n".encode()
+        os.pwrite(fd, pid, 0)  # then cut what is left of a longer PID: the file never reads empty
+        os.ftruncate(fd, len(pid))
     except OSError as e:  # a full disk, say: one line, and the lock goes with the descriptor
         os.close(fd)
         raise ConfigError(f"cannot lock the run folder {path!r}: writing {lock_path!r} failed ({e.strerror})") from None

@@ -644,3 +644,30 @@ def test_a_resume_on_a_full_disk_leaves_no_temporary_file(finished, tmp_path, mo
     assert main(["train", "--resume", str(run_dir), "--total-timesteps", "1536"]) == 1
     one_line_error(capsys, "cannot write to the run folder", "No space left on device")
     assert folder_digest(run_dir) == before  # no 0-byte config.json.tmp
+
+
+def test_the_loser_of_two_simultaneous_launches_names_the_winner(tmp_path, monkeypatch, capsys):
+    """The winner of the lock writes its PID a moment after taking it; the loser read the file in between and
+    said "process unknown" (271 of 300 simultaneous launches), or named the folder's earlier holder."""
+    import fcntl
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()  # an earlier holder: its PID is still in the file
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / ".lock").write_text(f"{ended.pid}\n")
+    fd = os.open(run_dir / ".lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the winner, before it wrote its PID
+    real_pread = os.pread
+
+    def pread(*args):
+        text = real_pread(*args)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # the winner writes just after the loser read
+        return text
+
+    monkeypatch.setattr(fastppo.runfolder.os, "pread", pread)
+    try:
+        assert main([*CARTPOLE, "--run-dir", str(run_dir)]) == 2
+        one_line_error(capsys, f"is in use by process {os.getpid()} (another fastppo train)")
+    finally:
+        os.close(fd)
