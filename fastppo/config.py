@@ -24,7 +24,7 @@ import torch
 import tyro
 from typeguard import CollectionCheckStrategy, TypeCheckError, check_type
 
-from fastppo.envs import EnvInfo
+from fastppo.envs import INT32_MAX, EnvInfo
 
 
 class ConfigError(ValueError):
@@ -379,8 +379,19 @@ def resolve(cfg: Config, info: EnvInfo, world_size: int = 1) -> Config:
     return cfg
 
 
-INT32_MAX = 2**31 - 1
 MAX_DIST_TIMEOUT = 365 * 24 * 3600  # torch keeps collective timeouts in milliseconds; a year is plenty
+
+
+def host_memory_available() -> int:
+    """Bytes of host memory available to a new allocation (Linux's MemAvailable)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def available_cpus() -> int:

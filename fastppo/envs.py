@@ -114,7 +114,7 @@ ATARI_MINIMUMS = {
 }
 ATARI_CHECKED = set(ATARI_MINIMUMS) | {"task", "mode", "difficulty", "zero_discount_on_life_loss", "use_fire_reset",
                                       "full_action_space", "use_inter_area_resize", "gray_scale"}
-INT32_MAX = 2**31 - 1
+INT32_MAX = 2**31 - 1  # EnvPool's (C++) ints: seeds, sizes, counts
 
 
 def check_env_options(env_id: str, family: str, kwargs: tuple[tuple[str, object], ...],

@@ -60,6 +60,7 @@ from fastppo.config import (
     check_types,
     default_run_dir,
     env_kind,
+    host_memory_available,
     read_config,
     resolve,
     resume_config,
@@ -505,18 +506,6 @@ def check_memory(cfg: Config, info: EnvInfo, device: torch.device) -> None:
         if need > free:
             raise ConfigError(f"the rollout of --num-envs {cfg.num_envs} x --num-steps {cfg.num_steps} needs "
                               f"{need / 2**30:,.1f} GiB, more than the {free / 2**30:,.1f} GiB {where}")
-
-
-def host_memory_available() -> int:
-    """Bytes of host memory available to a new allocation (Linux's MemAvailable)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def prepare(cfg: Config, world: World | None = None) -> Prepared:

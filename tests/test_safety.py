@@ -24,6 +24,7 @@ from helpers import folder_digest, read_metrics, subprocess_env, two_iteration_c
 import fastppo
 import fastppo.checkpoint
 import fastppo.config
+import fastppo.evaluate
 import fastppo.logger
 import fastppo.normalize
 import fastppo.runfolder
@@ -671,3 +672,19 @@ def test_the_loser_of_two_simultaneous_launches_names_the_winner(tmp_path, monke
         one_line_error(capsys, f"is in use by process {os.getpid()} (another fastppo train)")
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--episodes", str(10**12)], "--episodes 1000000000000 on --num-envs 8 need about 59,604.6 GiB, more than"),
+    (["--episodes", str(10**9), "--num-envs", str(10**9)], "--episodes 1000000000 on --num-envs 1000000000 need"),
+    (["--num-envs", str(2**31)], "--num-envs must be in [1, 2^31), got 2147483648"),
+], ids=["episodes", "num-envs", "int32"])
+def test_eval_refuses_games_that_memory_cannot_hold(finished, monkeypatch, capsys, extra, message):
+    """Absurd --episodes / --num-envs were OOM-killed at 23 GB."""
+
+    def play(*args, **kwargs):
+        raise AssertionError("the games started")
+
+    monkeypatch.setattr(fastppo.evaluate, "play", play)
+    assert main(["eval", str(finished), *extra]) == 2
+    one_line_error(capsys, message)
