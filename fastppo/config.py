@@ -508,8 +508,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"--{_flag(name)} must be in [0, 1], got {getattr(cfg, name)}")
     if not 0.0 <= cfg.repeat_action_probability < 1.0:
         raise ConfigError(f"--repeat-action-probability must be in [0, 1), got {cfg.repeat_action_probability}")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: CUDA is not available on this machine (use --device cpu or auto)")
+    check_device(cfg.device)
     for name in ("max_kl", "cg_iters", "line_search_steps"):
         if not getattr(cfg, name) > 0:
             raise ConfigError(f"--{_flag(name)} must be positive, got {getattr(cfg, name)}")
@@ -569,6 +568,22 @@ def device_named(name: str) -> torch.device:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def check_device(name: str, flag: str = "--device") -> torch.device:
+    """The device `name` names (device_named), or ConfigError (one line) for a name torch does not know, a
+    device other than cpu or cuda, CUDA on a machine without it, or a CUDA index the machine does not have."""
+    try:
+        device = torch.device("cpu" if name == "auto" else name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"{flag} {name!r} is not a device (auto, cpu, cuda or cuda:<index>)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"{flag} {name}: fastppo runs on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{flag} {name}: CUDA is not available on this machine (use cpu or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device_named(name)
 
 
 def training_device(cfg: Config) -> torch.device:
@@ -651,12 +666,16 @@ def save_config(cfg: Config, path: str) -> None:
     write_atomically(path, json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
 
 
+def _not_json(token: str):
+    raise ValueError(f"{token} is not JSON")  # Python's json reads NaN and Infinity; fastppo never writes them
+
+
 def read_config(run: str) -> dict:
     """A run folder's config.json as a dict with a string env_id; ConfigError (one line) otherwise."""
     path = os.path.join(run, "config.json")
     try:
         with open(path) as f:
-            config = json.load(f)
+            config = json.load(f, parse_constant=_not_json)
     except FileNotFoundError:
         raise ConfigError(f"{run!r} has no config.json: not a run folder") from None
     except (OSError, ValueError) as e:

@@ -18,13 +18,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-import torch
 import tyro
 from torch import nn
 
 from fastppo.agent import Agent, load, make_env
 from fastppo.checkpoint import check_belongs, run_folder
-from fastppo.config import INT32_MAX, ConfigError, host_memory_available, read_config
+from fastppo.config import INT32_MAX, ConfigError, check_device, host_memory_available, read_config
 from fastppo.envs import EnvInfo
 
 EVAL_SEED_OFFSET = 1_000_000  # eval pools never share a seed with the training envs (seed .. seed + N - 1)
@@ -189,8 +188,7 @@ def run_eval(ecfg: EvalConfig, stream=None) -> Games:
         raise ConfigError(f"--episodes must be positive, got {ecfg.episodes}")
     if ecfg.num_envs is not None and not 0 < ecfg.num_envs <= INT32_MAX:
         raise ConfigError(f"--num-envs must be in [1, 2^31), got {ecfg.num_envs}")
-    if ecfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: CUDA is not available on this machine (use --device cpu or auto)")
+    check_device(ecfg.device)
     agent = load(ecfg.checkpoint if ecfg.checkpoint is not None else ecfg.run, ecfg.device, seed=ecfg.seed)
     run_dir = run_folder(ecfg.run)
     if ecfg.checkpoint is not None and os.path.isfile(os.path.join(run_dir, "config.json")):

@@ -461,7 +461,7 @@ def test_bad_input_of_eval_plot_and_bench_is_one_line(finished, tmp_path, capsys
     (tmp_path / "text.pt").write_text("hello")
     cases = [
         (["eval", str(run_dir), "--episodes", "0"], "--episodes must be positive"),
-        (["eval", str(run_dir), "--num-envs", "-1"], "--num-envs must be positive"),
+        (["eval", str(run_dir), "--num-envs", "-1"], "--num-envs must be in [1, 2^31), got -1"),
         (["eval", str(tmp_path / "nothing")], "does not exist"),
         (["eval", str(run_dir / "config.json")], "not a torch checkpoint"),
         (["eval", str(tmp_path / "text.pt")], "not a torch checkpoint"),
@@ -688,3 +688,49 @@ def test_eval_refuses_games_that_memory_cannot_hold(finished, monkeypatch, capsy
     monkeypatch.setattr(fastppo.evaluate, "play", play)
     assert main(["eval", str(finished), *extra]) == 2
     one_line_error(capsys, message)
+
+
+# --- 9. the command line's own errors -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--total-timesteps", "1e6"], "--total-timesteps '1e6' is not an integer or None"),
+    (["train", "--num-envs", "abc"], "--num-envs 'abc' is not an integer or None"),
+    (["train", "--norm-obs", "yes"], "--norm-obs 'yes' is not True or False or None"),
+    (["train", "--num-env", "4"], "unknown flag --num-env of fastppo train; close names: --num-envs"),
+    (["train", "--track", "True"], "fastppo train takes no 'True' (after --track, which takes no value)"),
+    (["plot", "runs/x", "--out"], "--out needs a value (text)"),
+    (["bench", "--num-envs", "4", "x"], "--num-envs 'x' is not an integer"),
+], ids=["float-for-int", "word-for-int", "bool", "unknown", "switch-value", "missing", "tuple-item"])
+def test_malformed_flags_are_one_line(argv, message, capsys):
+    """They were tyro's boxes of 5 to 16 lines."""
+    assert main(argv) == 2
+    one_line_error(capsys, message)
+
+
+def test_ctrl_c_while_fastppo_starts_is_one_line():
+    """A Ctrl-C during the start-up imports (torch's take seconds) printed a long KeyboardInterrupt traceback.
+    The signal is sent as torch's import begins."""
+    script = ("import os, runpy, signal, sys\n"
+              "class Interrupt:\n"
+              "    def find_spec(self, name, path=None, target=None):\n"
+              "        if name == 'torch':\n"
+              "            os.kill(os.getpid(), signal.SIGINT)\n"
+              "sys.meta_path.insert(0, Interrupt())\n"
+              "sys.argv = ['fastppo', 'train', '--env-id', 'CartPole-v1']\n"
+              "runpy.run_module('fastppo', run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", script], env=subprocess_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert (proc.returncode, proc.stderr) == (130, "fastppo: interrupted\n")
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda run: fastppo.load(run, device="cuda:99"), "device cuda:99: "),  # no CUDA, or no 100th GPU
+    (lambda run: fastppo.load(run, device="tpu"), "device 'tpu' is not a device (auto, cpu, cuda or cuda:<index>)"),
+    (lambda run: fastppo.load(run, seed="1"), "seed must be an int in [-2^63, 2^63), got '1'"),
+    (lambda run: fastppo.make_env(run, num_envs=0), "num_envs must be an int in [1, 2^31), got 0"),
+], ids=["cuda-index", "device", "seed", "num-envs"])
+def test_the_python_api_refuses_bad_arguments_with_config_error(finished, call, message):
+    """load(device="cuda:3") and make_env(num_envs=0) raised bare AssertionErrors."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        call(finished)
