@@ -406,6 +406,14 @@ FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # ~3.4e38: the networks, lo
 INT64_MAX = 2**63 - 1  # counters and sizes end up in int64 tensors and numpy arrays
 
 
+# The scales of the update's float32 values: the learning rate (Adam's first step divides it by 1 - 0.9), the
+# loss weights, PPO-penalty's beta and TRPO's trust region. Their products with what a working run computes
+# (losses, gradients, activations well below 1e28) must stay within float32's 3.4e38; at 3e38 a CartPole
+# run's first update overflowed (--learning-rate: a traceback in Adam; --vf-coef, --max-kl: NaN).
+SCALES = ("learning_rate", "vf_coef", "ent_coef", "kl_coef", "kl_coef_min", "kl_coef_max", "max_kl")
+SCALE_MAX = 1e10
+
+
 @functools.cache
 def _hints() -> dict[str, object]:
     """Config's field annotations, resolved (Annotated, e.g. tyro.conf.Suppress, stripped)."""
@@ -501,6 +509,10 @@ def validate(cfg: Config) -> None:
     for name in ("ent_coef", "vf_coef", "max_grad_norm", "kl_coef"):
         if not getattr(cfg, name) >= 0:
             raise ConfigError(f"--{_flag(name)} must be >= 0, got {getattr(cfg, name)}")
+    for name in SCALES:
+        if getattr(cfg, name) > SCALE_MAX:
+            raise ConfigError(f"--{_flag(name)} {getattr(cfg, name):g} is more than {SCALE_MAX:g}: it scales the "
+                              f"update's float32 values, and one update would overflow them")
     if cfg.target_kl is not None and not cfg.target_kl > 0:
         raise ConfigError(f"--target-kl must be positive, got {cfg.target_kl}")
     for name in ("gamma", "gae_lambda"):

@@ -271,6 +271,7 @@ BAD_FLAGS = [
     (["--max-seconds", "0"], "--max-seconds must be positive, got 0.0"),
     (["--learning-rate", "1e39"], "--learning-rate 1e+39 is beyond the float32 range"),  # crashed in the update
     (["--vf-coef", "-1e300"], "--vf-coef -1e+300 is beyond the float32 range"),
+    (["--vf-coef", "3e38"], "--vf-coef 3e+38 is more than 1e+10: it scales the update's float32 values"),  # NaN
     (["--exp-name", "x" * 300, "--run-dir", None], "the folder name 'CartPole-v1__xxxxxxxxxxx'... is 328 bytes"),
     (["--run-dir", "{tmp}/" + "y" * 256], "is 256 bytes, more than the 255"),
     (["--run-dir", "{tmp}/" + "/".join(["z" * 200] * 21)], "bytes, more than 4095"),
