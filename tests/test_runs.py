@@ -66,6 +66,7 @@ def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
 def test_checkpoint_killed_between_write_and_rename_keeps_the_previous_one(tmp_path):
     """A process killed (SIGKILL) after writing its temporary file, before the rename."""
     run_dir = tmp_path / "run"
+    run_dir.mkdir()  # a checkpoint never makes its run folder (one removed under a run stays removed)
     script = f"""
 import os, signal, torch
 import fastppo.checkpoint as ck
