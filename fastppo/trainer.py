@@ -739,6 +739,7 @@ class Session:
     collection: Collection
     kl_ctl: AdaptiveKLCoef
     lr_ctl: AdaptiveLR | None  # --lr-schedule adaptive
+    value_norm: ValueNormalizer | None  # --norm-value; the run's Normalizers (the collectors') hold it too
     recent: RecentReturns
     progress: Progress
     timer: PhaseTimer
@@ -780,7 +781,8 @@ def build(prepared: Prepared, world: World) -> Session:
               if cfg.lr_schedule == "adaptive" else None)
     session = Session(policy, forward, distributed.wrap_model(forward, device), optimizer, collection,
                       AdaptiveKLCoef(cfg.kl_coef, cfg.kl_min, cfg.kl_max, cfg.kl_coef_min, cfg.kl_coef_max), lr_ctl,
-                      RecentReturns(cfg.target_return_games), Progress(), PhaseTimer(device), collect_timer)
+                      norms.value, RecentReturns(cfg.target_return_games), Progress(), PhaseTimer(device),
+                      collect_timer)
     if state is not None:
         try:
             restore(state, policy, optimizer, session.kl_ctl, collection, world.rank, lr_ctl)
@@ -886,18 +888,17 @@ def _loop(cfg: Config, prepared: Prepared, s: Session, logger, tracker, stop: St
             t_collected = time.perf_counter()  # collection ends synchronised: each step waits for its actions
             logger.phase("update")
             kl_coef = s.kl_ctl.beta
-            value_norm = s.collection.collector.norms.value
             with s.timer.phase("gae"):
-                buf = raw_values(buf, value_norm)
+                buf = raw_values(buf, s.value_norm)
                 compute_advantages(buf, ops.gae, cfg.gamma, cfg.gae_lambda)
-                if value_norm is not None:
-                    value_norm.update(buf.returns, buf.valid)
+                if s.value_norm is not None:
+                    s.value_norm.update(buf.returns, buf.valid)
             with s.timer.phase("update"):
-                targets = normalized_targets(buf, value_norm)
+                targets = normalized_targets(buf, s.value_norm)
                 if cfg.algo == "trpo":
                     stats = trpo_update(s.policy, s.forward, s.optimizer, targets, cfg)
                 else:
-                    stats = update(s.train_forward, s.optimizer, targets, cfg, ops, kl_coef, value_norm)
+                    stats = update(s.train_forward, s.optimizer, targets, cfg, ops, kl_coef, s.value_norm)
                 stats.update(rollout_stats(buf, s.forward, cfg), params_finite=params_finite(s.policy))
             s.collection.refresh(s.policy)
             with s.timer.phase("logging", host=True):
