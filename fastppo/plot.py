@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import tyro
 
-from fastppo.config import IDENTITY_EXCLUDED, Config, ConfigError, read_config, unread_options
+from fastppo.config import IDENTITY_EXCLUDED, Config, ConfigError, read_config, unread_options, with_added_fields
 from fastppo.logger import read_metrics
 
 
@@ -78,8 +78,8 @@ class Run:
     def setting(self) -> dict:
         """The config fields that make this run's setting: everything but NOT_A_SETTING and the options its
         algorithm does not read; a field missing from an older config.json counts as its default."""
-        config = {**DEFAULTS, **self.config}
-        unused = unread_options(config.get("algo"), config.get("loss"))
+        config = with_added_fields({**DEFAULTS, **self.config})
+        unused = unread_options(config.get("algo"), config.get("loss"), config.get("lr_schedule"))
         return {k: v for k, v in config.items() if k not in NOT_A_SETTING and k not in unused}
 
     def series(self, x: str, y: str) -> tuple[np.ndarray, np.ndarray]:

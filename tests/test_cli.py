@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -13,10 +14,11 @@ import pytest
 import torch
 from helpers import read_metrics, without_timings
 
+import fastppo.config
 import fastppo.trainer
 from fastppo.checkpoint import list_checkpoints, load_checkpoint
 from fastppo.cli import main
-from fastppo.loss import AdaptiveKLCoef
+from fastppo.loss import AdaptiveKLCoef, AdaptiveLR, adapt_to_kl
 
 CARTPOLE = ["train", "--env-id", "CartPole-v1", "--device", "cpu"]
 
@@ -57,6 +59,25 @@ BAD_INPUTS = [
      "--max-kl is for --algo trpo; this run (--algo ppo, --loss clip) does not read it"),
     (["--env-id", "CartPole-v1", "--kl-coef", "0.5"],
      "--kl-coef is for --loss penalty; this run (--algo ppo, --loss clip) does not read it"),
+    (["--env-id", "CartPole-v1", "--kl-target", "0.02"],
+     "--kl-target is for --loss penalty or --lr-schedule adaptive; this run (--algo ppo, --loss clip, --lr-schedule "
+     "anneal) does not read it"),
+    (["--env-id", "CartPole-v1", "--lr-max", "0.1", "--no-anneal-lr"],
+     "--lr-max is for --lr-schedule adaptive; this run (--lr-schedule constant) does not read it"),
+    # --anneal-lr (CleanRL's) and --lr-schedule must agree on whether the rate anneals
+    (["--env-id", "CartPole-v1", "--anneal-lr", "--lr-schedule", "adaptive"],
+     "--lr-schedule adaptive contradicts --anneal-lr; give one of them"),
+    (["--env-id", "CartPole-v1", "--no-anneal-lr", "--lr-schedule", "anneal"],
+     "--lr-schedule anneal contradicts --no-anneal-lr; give one of them"),
+    (["--env-id", "CartPole-v1", "--lr-schedule", "adaptive", "--learning-rate", "0.05"],
+     "--learning-rate 0.05 is outside [--lr-min, --lr-max] = [1e-06, 0.01]"),
+    (["--env-id", "CartPole-v1", "--lr-schedule", "adaptive", "--lr-min", "0.1", "--lr-max", "0.01"],
+     "--lr-min (0.1) must be positive and at most --lr-max (0.01)"),
+    (["--env-id", "CartPole-v1", "--lr-schedule", "adaptive", "--lr-factor", "1"], "--lr-factor must be above 1"),
+    (["--env-id", "CartPole-v1", "--algo", "trpo", "--lr-schedule", "adaptive"],
+     "--lr-schedule adaptive is for --algo ppo; --algo trpo does not take it"),
+    (["--env-id", "CartPole-v1", "--norm-value", "True", "--minibatch-by", "env", "--advantages", "epoch"],
+     "--norm-value does not work with --minibatch-by env --advantages epoch"),
 ]
 
 
@@ -159,6 +180,62 @@ def test_penalty_beta_stays_within_its_bounds():
     assert unbounded.beta == 0.0 and unbounded.update(1.0) == 0.0  # the failure the bounds prevent
     ctl.set(0.0)  # a beta from outside (a checkpoint written before the bounds): within them too
     assert ctl.beta == 1e-4 and AdaptiveKLCoef(1e9, 0.1, 0.2, beta_max=8.0).beta == 8.0
+
+
+def test_adaptive_learning_rate_rule_and_bounds():
+    """--lr-schedule adaptive: PPO-penalty's rule on the step size, lr / factor above kl_max and lr * factor below
+    kl_min, exact in floating point and clamped to [lr_min, lr_max]; the shared rule moves beta the other way."""
+    d = 0.01
+    ctl = AdaptiveLR(2.5e-4, kl_min=d / 1.5, kl_max=1.5 * d, lr_min=1e-6, lr_max=1e-2, factor=1.5)
+    assert ctl.update(0.0) == 2.5e-4 * 1.5 and ctl.update(0.001) == 2.5e-4 * 1.5 * 1.5
+    assert ctl.update(0.01) == 2.5e-4 * 1.5 * 1.5  # within [d / 1.5, 1.5 d]: unchanged
+    assert ctl.update(d / 1.5) == ctl.update(1.5 * d) == 2.5e-4 * 1.5 * 1.5  # the bounds themselves too
+    assert ctl.update(0.02) == 2.5e-4 * 1.5 * 1.5 / 1.5
+    assert ctl.update(float("nan")) == ctl.lr  # NaN compares false both ways
+    rates = [ctl.update(0.0) for _ in range(30)]
+    assert max(rates) == rates[-1] == 1e-2 and rates[-2] == 1e-2  # clamped, and it stays there
+    rates = [ctl.update(1.0) for _ in range(60)]
+    assert min(rates) == rates[-1] == 1e-6 and ctl.update(0.0) == 1.5e-6  # and up again from the floor
+    for value, kl, raises, want in [(1.0, 0.1, True, 0.5), (1.0, 0.1, False, 2.0), (1.0, 0.0, True, 2.0),
+                                    (1.0, 0.0, False, 0.5), (1.0, 0.05, True, 1.0), (3.0, 0.05, True, 2.5)]:
+        assert adapt_to_kl(value, kl, 0.01, 0.09, 2.0, 0.1, 2.5, raises_kl=raises) == want
+
+
+def test_lr_schedule_follows_anneal_lr_unless_given_and_a_preset_yields(tmp_path):
+    """None follows --anneal-lr; given together they must agree on annealing; a preset's schedule yields to an
+    --anneal-lr / --no-anneal-lr the caller gave; the resolved config says one thing (anneal_lr false unless
+    annealed) and resolves again to itself, and a run saved before these fields has the same identity."""
+    from fastppo.config import ADDED_FIELDS, Config, ConfigError, lr_schedule, mark_given, resolve, run_identity
+    from fastppo.envs import env_info
+    from fastppo.presets import apply_preset
+
+    def schedule(given: dict, preset: dict | None = None) -> str:
+        cfg = mark_given(Config(**given), set(given))
+        if preset:
+            cfg = fastppo.config.replace(cfg, given=False, **preset)
+        return lr_schedule(cfg)
+
+    assert schedule({}) == "anneal" and schedule({"anneal_lr": False}) == "constant"
+    assert schedule({"lr_schedule": "adaptive"}) == "adaptive"
+    assert schedule({"lr_schedule": "adaptive", "anneal_lr": False}) == "adaptive"
+    assert schedule({"lr_schedule": "constant", "anneal_lr": False}) == "constant"
+    assert schedule({"anneal_lr": True}, {"lr_schedule": "adaptive"}) == "anneal"
+    assert schedule({"anneal_lr": False}, {"lr_schedule": "adaptive"}) == "adaptive"
+    assert schedule({"anneal_lr": False}, {"lr_schedule": "anneal"}) == "constant"
+    assert schedule({}, {"lr_schedule": "adaptive", "anneal_lr": True}) == "adaptive"
+    with pytest.raises(ConfigError, match="--lr-schedule constant contradicts --anneal-lr"):
+        schedule({"lr_schedule": "constant", "anneal_lr": True})
+    assert apply_preset(Config(preset="cleanrl", anneal_lr=False), "discrete").lr_schedule == "anneal"
+
+    info = env_info("CartPole-v1")
+    resolved = resolve(Config(env_id="CartPole-v1", lr_schedule="adaptive"), info)
+    assert (resolved.lr_schedule, resolved.anneal_lr) == ("adaptive", False)
+    again = Config(**{k: v for k, v in dataclasses.asdict(resolved).items()})  # every field given, as on resume
+    assert resolve(again, info).lr_schedule == "adaptive"
+    plain = resolve(Config(env_id="CartPole-v1"), info).to_dict()
+    assert (plain["lr_schedule"], plain["anneal_lr"], plain["norm_value"]) == ("anneal", True, False)
+    before = {k: v for k, v in plain.items() if k not in {*ADDED_FIELDS, "lr_schedule"}}
+    assert run_identity(before) == run_identity(plain) != run_identity(resolved.to_dict())
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):

@@ -131,6 +131,29 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, monkeypatch, capsys)
     assert b["elapsed"] > 0
 
 
+def test_adaptive_learning_rate_run_resumes_exactly(tmp_path, monkeypatch, capsys):
+    """--lr-schedule adaptive, whose learning rate is state rather than a function of the iteration: SIGTERM
+    after iteration 3 of 8, resume; every metric (the learning rates included), the parameters and the next
+    learning rate equal those of the uninterrupted run, and the learning rate did move."""
+    args = [*CARTPOLE, "--total-timesteps", "2048", "--num-steps", "64", "--seed", "4", "--lr-schedule", "adaptive",
+            "--kl-target", "0.002"]
+    assert main([*args, "--run-dir", str(tmp_path / "straight")]) == 0
+    interrupt_at_iteration(monkeypatch, 3)
+    assert main([*args, "--run-dir", str(tmp_path / "stopped")]) == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    state = load_checkpoint(str(tmp_path / "stopped"))
+    assert state["iteration"] == 3 and state["adaptive_lr"] == read_metrics(tmp_path / "straight")[3][
+        "charts/learning_rate"]
+    assert main(["train", "--resume", str(tmp_path / "stopped")]) == 0
+    capsys.readouterr()
+    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "stopped")
+    assert without_timings(resumed) == without_timings(straight)
+    assert len({m["charts/learning_rate"] for m in straight}) > 2
+    a, b = load_checkpoint(str(tmp_path / "straight")), load_checkpoint(str(tmp_path / "stopped"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["adaptive_lr"] == b["adaptive_lr"]
+
+
 def test_async_overlap_run_resumes_from_its_checkpoint(tmp_path, monkeypatch, capsys):
     """--async-envs --overlap (whose env steps cannot be replayed) with PPO-penalty: SIGTERM during
     iteration 3 of 6, then resume. The resumed loop starts from the checkpoint's weights, optimizer
