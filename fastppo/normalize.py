@@ -22,9 +22,9 @@ output is that normalised value wherever it is read. So:
 * The rollout's ``values`` (T + 1, N), which the Actor records from the network at collection time,
   are normalised values. Right after collection the trainer de-normalises the whole tensor in one
   op, ``values * std + mean`` with the statistics the acting weights were trained with, into the
-  trainer's own view of the rollout (``dataclasses.replace``: the collector's storage, whose spill
-  rows the next async rollout reuses, is left as the network wrote it). GAE, its bootstrap row T,
-  the returns and the explained variance all see raw values.
+  trainer's own view of the rollout (``dataclasses.replace``: the collector's storage, whose rows an
+  async env's next segment or the next sync rollout starts from, is left as the network wrote it).
+  GAE, its bootstrap row T, the returns and the explained variance all see raw values.
 * The statistics then take in that rollout's returns (valid transitions only), once per iteration
   before the update, as rl_games' ``prepare_dataset`` does (rl_games also adds the old values).
 * The update trains on targets normalised with the new statistics: the returns and the
@@ -33,8 +33,8 @@ output is that normalised value wherever it is read. So:
   de-normalised for GAE and its returns normalised. TRPO's critic trains on the same normalised
   returns. The logged value loss is in normalised units.
 
-Under ``--overlap`` (and for the rows an async rollout carries over) the acting weights are one
-update older than the statistics that de-normalise their values; the statistics are running means
+Under ``--overlap`` (and for the steps of an async segment that spans updates) the acting weights
+are one update older than the statistics that de-normalise their values; the statistics are running means
 over the whole run, so one rollout moves them by about 1 / (iterations so far).
 
 Statistics (:class:`RunningMeanStd`) are (count, mean, M2) in float64, merged with Chan et al.'s
