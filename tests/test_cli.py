@@ -210,3 +210,22 @@ def test_docs_and_scripts_speak_of_fastppo_only():
         for word in ("device tool", "../shared", ".device-site", "device-machine", "the issue"):
             assert word not in text, f"{path.name} mentions {word!r}"
         assert not re.search(r"\$OUT\b", text), f"{path.name} uses the device machine's $OUT"
+
+
+def test_version_is_the_package_version(capsys):
+    """fastppo --version prints fastppo.__version__, which pyproject.toml reads as the package's version (one
+    place); py.typed ships in the package."""
+    import tomllib
+
+    import fastppo
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"fastppo {fastppo.__version__}\n"
+    proc = subprocess.run([sys.executable, "-m", "fastppo", "--version"], capture_output=True, text=True, check=True)
+    assert proc.stdout == f"fastppo {fastppo.__version__}\n"
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    assert "version" in project["project"]["dynamic"] and "version" not in project["project"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "fastppo.__version__"}
+    assert project["tool"]["setuptools"]["package-data"]["fastppo"] == ["py.typed"]
+    assert (root / "fastppo" / "py.typed").is_file() and (root / "LICENSE").read_text().startswith("MIT License")
