@@ -16,7 +16,8 @@ number of seconds after a warm-up:
 
 Prints a table (steps/s, training as % of the ceiling, where an iteration's time goes), and
 writes ``<name>.json`` (machine, versions, commit, date, settings, every number) and ``<name>.png``
-(steps/s vs num_envs on log axes, ceiling drawn) under --out-dir.
+(steps/s vs num_envs on log axes, ceiling drawn) under --out-dir (default ``./fastppo_bench``, in the
+current directory: an installed fastppo has no repository to write into).
 """
 
 from __future__ import annotations
@@ -123,8 +124,9 @@ class BenchConfig:
     """warm-up seconds per point and mode, not measured (None: 2 on CUDA, 0.5 on CPU)"""
     batch_fraction: float = 0.5
     """envs per EnvPool recv as a fraction of num_envs, with --async-envs (train's --env-batch-size)"""
-    out_dir: str = "bench/results"
-    """folder for the JSON and PNG"""
+    out_dir: str = "fastppo_bench"
+    """folder for the JSON and PNG, made if needed (relative to the current directory; a checkout's
+    committed results live in bench/results/, given explicitly)"""
     name: str | None = None
     """file name stem (None: bench_<env>_<device name>_<date>)"""
     training: Annotated[BenchTraining, tyro.conf.OmitArgPrefixes] = field(default_factory=BenchTraining)
