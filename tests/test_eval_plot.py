@@ -67,6 +67,50 @@ def test_eval_video_on_atari_is_a_playable_colour_mp4(tmp_path, capsys):
     assert any((a != b).any() for a, b in zip(frames, frames[1:], strict=False))
 
 
+@pytest.fixture(scope="module")
+def hopper_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "hopper"
+    assert main(["train", "--env-id", "Hopper-v4", "--device", "cpu", "--run-dir", str(run_dir), "--num-steps", "64",
+                 "--num-minibatches", "2", "--update-epochs", "1", "--total-timesteps", "64"]) == 0
+    return run_dir
+
+
+def test_eval_video_on_mujoco_renders_through_egl(hopper_run, capsys):
+    """EnvPool's MuJoCo renderer works once EGL is global to the process (envs.expose_egl); it aborted with
+    "an OpenGL platform library has not been loaded" before."""
+    import imageio
+
+    from fastppo.envs import env_info
+    from fastppo.evaluate import render_problem
+
+    problem = render_problem(env_info("Hopper-v4"))
+    if problem is not None:
+        pytest.skip(problem)
+    assert main(["eval", str(hopper_run), "--episodes", "1", "--video"]) == 0
+    assert "video: " in capsys.readouterr().out
+    with imageio.get_reader(str(hopper_run / "videos" / "ckpt_0000001_sampled.mp4"), "ffmpeg") as reader:
+        frames = [frame for frame in reader]
+    assert len(frames) > 1 and frames[0].shape == (480, 480, 3) and frames[0].std() > 10  # a scene, not a blank
+
+
+@pytest.mark.parametrize("egl,message", [
+    (None, "--video: EnvPool renders Hopper-v4 through EGL, and this machine has none: "),
+    # a library that loads but is no EGL: the probe's frame fails as it does on a machine without a driver
+    ("libm.so.6", "--video: EnvPool cannot render Hopper-v4 on this machine (ERROR: an OpenGL platform library"),
+], ids=["no-egl-library", "render-fails"])
+def test_eval_video_on_mujoco_without_a_renderer_says_what_to_install(hopper_run, tmp_path, monkeypatch, capsys, egl,
+                                                                      message):
+    import fastppo.evaluate
+
+    monkeypatch.setattr(fastppo.evaluate, "expose_egl", lambda: egl)
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", str(hopper_run), "--episodes", "1", "--video"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastppo: error: ") and message in err and err.count("\n") == 1, err
+    assert err.rstrip().endswith("install EGL: apt install libegl1 libgl1-mesa-dri (or your GPU driver's EGL)")
+    assert not (tmp_path / "MUJOCO_LOG.TXT").exists()  # MuJoCo's log of the failure stays in the probe's folder
+
+
 def test_plot_writes_a_png(cartpole_run, tmp_path):
     out = tmp_path / "cmp.png"
     assert main(["plot", str(cartpole_run), str(cartpole_run), "--out", str(out)]) == 0  # named twice: read once
