@@ -45,6 +45,7 @@ import tyro
 from fastppo.config import (
     Config,
     ConfigError,
+    default_env_id,
     env_kind,
     given_fields,
     mark_given,
@@ -74,8 +75,6 @@ class BenchTraining(Config):
     """The training options of every measured run: fastppo train's (a Config), with the bench's defaults
     (T = 32, --async-envs, --overlap); --preset fills the ones not given, as in fastppo train."""
 
-    env_id: str | None = None  # type: ignore[assignment]
-    """EnvPool env id (None: Pong-v5 on CUDA, CartPole-v1 on CPU)"""
     num_steps: int = 32
     """steps per env per rollout (T)"""
     async_envs: bool = True
@@ -173,7 +172,7 @@ def resolve_bench(bench: BenchConfig, given: set[str] | None = None) -> Sweep:
     given = given_fields(bench.training) if given is None else set(given)
     device = training_device(bench.training)
     cuda = device.type == "cuda"
-    env_id = bench.training.env_id or ("Pong-v5" if cuda else "CartPole-v1")
+    env_id = bench.training.env_id or default_env_id(bench.training.device)
     bench = dataclasses.replace(
         bench,
         num_envs=tuple(bench.num_envs or ((64, 256, 1024, 4096) if cuda else (4, 8, 16))),

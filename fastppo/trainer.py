@@ -56,13 +56,16 @@ from fastppo.config import (
     ConfigError,
     check_options_read,
     default_run_dir,
+    env_id_notice,
     env_kind,
+    given_fields,
     read_config,
     resolve,
     resume_config,
     run_identity,
     save_config,
     training_device,
+    with_env_id,
 )
 from fastppo.distributed import World
 from fastppo.envs import EnvInfo, env_info, make_envs
@@ -516,6 +519,7 @@ def prepare(cfg: Config, world: World | None = None) -> Prepared:
     """
     world = world or World()
     check_options_read(cfg)
+    cfg = with_env_id(cfg)
     info = env_info(cfg.env_id, cfg.env_kwargs)
     cfg = resolve(apply_preset(cfg, env_kind(info)), info, world.size)
     device = place(cfg, info, world)
@@ -781,8 +785,13 @@ def _train(prepared: Prepared, world: World) -> dict:
 def start_outputs(cfg: Config, prepared: Prepared, folder: RunFolder):
     """Rank 0: config.json (a resume keeps its metrics up to the checkpoint), metrics logger, W&B."""
     run_dir = cfg.run_dir
+    notice = env_id_notice(cfg) if prepared.resume is None else None
+    if notice is not None:
+        print(f"fastppo: {notice}", flush=True)
     steps = cfg.num_iterations * cfg.global_batch_size
-    if steps != cfg.total_timesteps:  # said once, so that a shorter run than asked is no surprise
+    # Said once, so that a shorter run than asked is no surprise; only when the caller asked for a number of
+    # steps: every default budget (and a preset's) rounds down with the default sizes, as CleanRL's does.
+    if steps != cfg.total_timesteps and "total_timesteps" in given_fields(cfg):
         print(f"fastppo: --total-timesteps {cfg.total_timesteps:,} rounds down to {cfg.num_iterations} iteration(s) of "
               f"{cfg.global_batch_size:,} steps: training {steps:,} steps", flush=True)
     with write_errors(run_dir):

@@ -101,7 +101,7 @@ def test_help_lists_cleanrl_flags():
 
 def test_pong_smoke_run(tmp_path):
     run_dir = tmp_path / "pong"
-    code = main(["train", "--device", "cpu", "--run-dir", str(run_dir), "--num-steps", "32",
+    code = main(["train", "--env-id", "Pong-v5", "--device", "cpu", "--run-dir", str(run_dir), "--num-steps", "32",
                  "--total-timesteps", "1024"])
     assert code == 0
     metrics = read_metrics(run_dir)
@@ -115,6 +115,57 @@ def test_pong_smoke_run(tmp_path):
                 "losses/approx_kl", "losses/old_approx_kl", "losses/clipfrac", "losses/explained_variance",
                 "losses/kl", "losses/kl_coef", "charts/episodic_return", "charts/episodic_length"]:
         assert key in metrics[-1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_train_without_an_env_on_a_cpu_machine_trains_cartpole_and_says_so(tmp_path, capsys):
+    """`fastppo train` on a machine without CUDA: CartPole-v1 (Pong's 10M steps would take days here), said in
+    one line, before the line that names the run folder."""
+    run_dir = tmp_path / "default"
+    assert main(["train", "--run-dir", str(run_dir), "--total-timesteps", "1024"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "fastppo: no CUDA and no --env-id: training CartPole-v1; give --env-id Pong-v5 for Atari"
+    assert out[1] == f"fastppo: training CartPole-v1 in {run_dir}"
+    assert sum("--env-id" in line for line in out) == 1
+    config = json.loads((run_dir / "config.json").read_text())
+    assert (config["env_id"], config["num_envs"], config["device"]) == ("CartPole-v1", 4, "auto")
+
+
+def test_the_default_env_follows_the_training_device_in_python_too():
+    """Config() names no env: Pong-v5 when the run trains on CUDA, CartPole-v1 on the CPU, as a default (not a
+    field the caller set, so a preset or a resume treats it as one); an env the caller names is kept, silently."""
+    from fastppo.config import Config, env_id_notice, given_fields, with_env_id
+
+    assert Config().env_id is None
+    assert with_env_id(Config(device="cuda")).env_id == "Pong-v5"
+    filled = with_env_id(Config(device="cpu"))
+    assert filled.env_id == "CartPole-v1" and "env_id" not in given_fields(filled)
+    why = "--device cpu" if torch.cuda.is_available() else "no CUDA"
+    assert env_id_notice(filled) == f"{why} and no --env-id: training CartPole-v1; give --env-id Pong-v5 for Atari"
+    named = with_env_id(Config(env_id="CartPole-v1", device="cpu"))
+    assert named.env_id == "CartPole-v1" and env_id_notice(named) is None
+    assert with_env_id(Config(env_id="Breakout-v5", device="cpu")).env_id == "Breakout-v5"
+    if not torch.cuda.is_available():
+        assert with_env_id(Config()).env_id == "CartPole-v1"
+
+
+def test_rounding_is_said_only_of_a_budget_the_caller_gave(tmp_path, capsys):
+    """Every default budget rounds down with the default sizes (500k / 512): the notice is for a
+    --total-timesteps the caller gave (a new run's or a resume's), not for a default's or a preset's."""
+    one_iteration = ["--max-seconds", "0.001"]  # stops after the first iteration
+    assert main([*CARTPOLE, "--run-dir", str(tmp_path / "sizes"), "--num-envs", "3", "--num-steps", "7",
+                 "--num-minibatches", "1", "--update-epochs", "1", *one_iteration]) == 0
+    assert main([*CARTPOLE, "--run-dir", str(tmp_path / "preset"), "--preset", "cleanrl", *one_iteration]) == 0
+    assert "rounds down" not in capsys.readouterr().out
+    run_dir = tmp_path / "given"
+    assert main([*CARTPOLE, "--run-dir", str(run_dir), "--total-timesteps", "1300"]) == 0
+    notice = "fastppo: --total-timesteps {} rounds down to {} iteration(s) of 512 steps: training {} steps"
+    assert capsys.readouterr().out.splitlines()[0] == notice.format("1,300", 2, "1,024")
+    assert main(["train", "--resume", str(run_dir), "--total-timesteps", "5000", *one_iteration]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == notice.format("5,000", 9, "4,608")
+    assert main(["train", "--resume", str(run_dir), "--max-seconds", "1000"]) == 0  # the saved 5,000: said when given
+    out = capsys.readouterr().out
+    assert "rounds down" not in out and "finished after 4,608 steps" in out
 
 
 def short_cartpole(run_dir, *extra):
