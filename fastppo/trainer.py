@@ -875,9 +875,6 @@ def _loop(cfg: Config, prepared: Prepared, s: Session, logger, tracker, stop: St
                                                       s.recent, prepared.command), progress, metrics)
             if reason is not None:
                 break
-        if reason == "target_return" and distributed.is_main():
-            print(f"target return {cfg.target_return} reached: mean of the last {cfg.target_return_games} games is "
-                  f"{s.recent.mean():.2f} at global step {progress.global_step}", flush=True)
         logger.announce(result_line(cfg, reason, progress, s.recent, stop))
         if reason == "signal":
             signum = stop.signum or signal.SIGTERM  # a rank stopped by another rank's signal
@@ -901,9 +898,11 @@ def _loop(cfg: Config, prepared: Prepared, s: Session, logger, tracker, stop: St
 def result_line(cfg: Config, reason: str | None, progress: Progress, recent: RecentReturns,
                 stop: StopOnSignal) -> str:
     """How the run ended, for the last progress line (and the live display's last state)."""
-    if reason == "target_return":
-        why = f"reached the target return {cfg.target_return:g}"
-    elif reason == "max_seconds":
+    where = f"after {progress.global_step:,} steps (iteration {progress.iteration} of {cfg.num_iterations})"
+    if reason == "target_return":  # the run's one line about its target
+        return (f"target return {cfg.target_return} reached: mean of the last {cfg.target_return_games} games is "
+                f"{recent.mean():.2f} {where}; run folder {cfg.run_dir}")
+    if reason == "max_seconds":
         why = f"stopped at --max-seconds {cfg.max_seconds:g}"
     elif reason == "signal":
         why = f"stopped by {signal.Signals(stop.signum or signal.SIGTERM).name}"
@@ -911,8 +910,7 @@ def result_line(cfg: Config, reason: str | None, progress: Progress, recent: Rec
         why = "finished"
     recent_return = recent.mean()
     score = f"recent return {recent_return:.2f}" if recent_return is not None else "no recent return yet"
-    return (f"{why} after {progress.global_step:,} steps (iteration {progress.iteration} of {cfg.num_iterations}), "
-            f"{score}; run folder {cfg.run_dir}")
+    return f"{why} {where}, {score}; run folder {cfg.run_dir}"
 
 
 @contextlib.contextmanager

@@ -244,10 +244,36 @@ def test_target_kl_stops_epochs_early(tmp_path):
 def test_target_return_stops_early_and_checkpoints(tmp_path, capsys):
     # CartPole games last >= 8 steps: a target of 0 over 3 games is reached in the first iteration
     assert short_cartpole(tmp_path / "s", "--target-return", "0", "--target-return-games", "3") == 0
-    assert "target return 0.0 reached: mean of the last 3 games" in capsys.readouterr().out
+    out = capsys.readouterr().out
     metrics = read_metrics(tmp_path / "s")
     assert len(metrics) == 1
+    # one line says it, with the run's result: the last line
+    assert sum("target return" in line for line in out.splitlines()) == 1
+    assert out.splitlines()[-1] == (f"fastppo: target return 0.0 reached: mean of the last 3 games is "
+                                    f"{metrics[0]['charts/recent_return']:.2f} after 512 steps (iteration 1 of 8); "
+                                    f"run folder {tmp_path / 's'}")
     assert load_checkpoint(str(tmp_path / "s"))["iteration"] == 1
+
+
+def test_progress_lines_show_the_recent_return_and_the_evaluations(tmp_path, capsys):
+    """Each plain line's return is charts/recent_return with the games so far ("-" and the count until the
+    window is full); a line with an --eval-every evaluation shows its score and the best so far."""
+    run_dir = tmp_path / "p"
+    assert short_cartpole(run_dir, "--log-seconds", "0", "--eval-every", "3", "--eval-episodes", "2") == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("iter ")]
+    metrics = read_metrics(run_dir)
+    assert len(lines) == len(metrics) == 8
+    games = 0
+    for line, m in zip(lines, metrics, strict=True):
+        games += m["charts/episodes"]
+        recent = m["charts/recent_return"]
+        expected = f"- ({games:,} of 10 games)" if recent is None else f"{recent:.2f} (last 10 of {games:,} games)"
+        assert f"  return {expected}  " in line, line
+        if m.get("eval/episodic_return") is not None:
+            assert f"  eval {m['eval/episodic_return']:.2f} (best {m['eval/best_return']:.2f})  " in line
+        else:
+            assert "eval" not in line
+    assert [m["iteration"] for m in metrics if m.get("eval/episodic_return") is not None] == [3, 6, 8]
 
 
 def test_docs_and_scripts_speak_of_fastppo_only():
