@@ -52,6 +52,11 @@ def check_choices(cls: type, argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv == ["--version"]:  # tyro's subcommand parser has no version action
+        from fastppo import __version__
+
+        print(f"fastppo {__version__}")
+        return 0
     try:
         if argv and argv[0] in SUBCOMMANDS:
             check_choices(SUBCOMMANDS[argv[0]], argv[1:])
@@ -63,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     args = tyro.extras.subcommand_cli_from_dict(
         SUBCOMMANDS,
         prog="fastppo",
-        description="fastppo: high-throughput PPO and TRPO on EnvPool.",
+        description="fastppo: high-throughput PPO and TRPO on EnvPool. fastppo --version prints its version.",
         args=argv,
     )
     try:

@@ -101,10 +101,11 @@ class Config:
     fastppo/presets.py lists them"""
 
     # --- environment ------------------------------------------------------------------------
-    env_id: str = "Pong-v5"
+    env_id: str | None = None
     """EnvPool env id with Discrete or one-dimensional Box actions: Atari 'Pong-v5', classic
     control 'CartPole-v1' or 'Pendulum-v1', MuJoCo 'HalfCheetah-v4', DMC 'CheetahRun-v1',
-    Box2D, toy text 'Taxi-v3', MiniGrid"""
+    Box2D, toy text 'Taxi-v3', MiniGrid (None: Pong-v5 when training on CUDA; on the CPU, where
+    Pong's 10M steps take days, CartPole-v1, which learns there in minutes, and the run says so)"""
     env_kwargs: tuple[str, ...] = ()
     """EnvPool options as key=value, passed to the envs as they are (checked against the env's
     options and their types), e.g. use_combined_action=true for VizDoom"""
@@ -373,6 +374,26 @@ def flags_given(argv: list[str]) -> set[str]:
 
 
 # --- resolution and validation --------------------------------------------------------------------
+
+
+def default_env_id(device: str) -> str:
+    """--env-id's default for a --device value: Pong-v5 when training on CUDA, else CartPole-v1."""
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    return "Pong-v5" if cuda else "CartPole-v1"
+
+
+def with_env_id(cfg: Config) -> Config:
+    """cfg with its env id: the caller's, or default_env_id's (a default: not counted as given)."""
+    return cfg if cfg.env_id is not None else replace(cfg, given=False, env_id=default_env_id(cfg.device))
+
+
+def env_id_notice(cfg: Config) -> str | None:
+    """The line a run prints when it trains CartPole-v1 because its caller named no env and it trains on
+    the CPU (a user who typed `fastppo train` expects Pong); None otherwise."""
+    if "env_id" in given_fields(cfg) or cfg.env_id != default_env_id("cpu"):
+        return None
+    why = "--device cpu" if torch.cuda.is_available() else "no CUDA"
+    return f"{why} and no --env-id: training {cfg.env_id}; give --env-id Pong-v5 for Atari"
 
 
 def resolve(cfg: Config, info: EnvInfo, world_size: int = 1) -> Config:
@@ -726,7 +747,7 @@ def resume_config(saved: dict, given: Config) -> Config:
     if "wandb_tags" in values:
         values["wandb_tags"] = tuple(values["wandb_tags"])
     try:
-        cfg = Config(**values)
+        cfg = mark_given(Config(**values), set())  # the saved values are the run's; given: this caller's flags
     except TypeError as e:
         raise ConfigError(f"the run's saved config does not fit this fastppo: {e}") from None
     for name in explicit:

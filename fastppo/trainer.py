@@ -60,13 +60,16 @@ from fastppo.config import (
     ConfigError,
     check_options_read,
     default_run_dir,
+    env_id_notice,
     env_kind,
+    given_fields,
     read_config,
     resolve,
     resume_config,
     run_identity,
     save_config,
     training_device,
+    with_env_id,
 )
 from fastppo.distributed import World
 from fastppo.envs import EnvInfo, env_info, make_envs
@@ -559,6 +562,7 @@ def prepare(cfg: Config, world: World | None = None) -> Prepared:
     Raises EnvError / ConfigError (one line each).
     """
     world = world or World()
+    cfg = with_env_id(cfg)
     info = env_info(cfg.env_id, cfg.env_kwargs)
     cfg = apply_preset(cfg, env_kind(info))
     check_options_read(cfg)  # with the preset's values: a preset may set what decides which options are read
@@ -838,8 +842,13 @@ def _train(prepared: Prepared, world: World) -> dict:
 def start_outputs(cfg: Config, prepared: Prepared, folder: RunFolder):
     """Rank 0: config.json (a resume keeps its metrics up to the checkpoint), metrics logger, W&B."""
     run_dir = cfg.run_dir
+    notice = env_id_notice(cfg) if prepared.resume is None else None
+    if notice is not None:
+        print(f"fastppo: {notice}", flush=True)
     steps = cfg.num_iterations * cfg.global_batch_size
-    if steps != cfg.total_timesteps:  # said once, so that a shorter run than asked is no surprise
+    # Said once, so that a shorter run than asked is no surprise; only when the caller asked for a number of
+    # steps: every default budget (and a preset's) rounds down with the default sizes, as CleanRL's does.
+    if steps != cfg.total_timesteps and "total_timesteps" in given_fields(cfg):
         print(f"fastppo: --total-timesteps {cfg.total_timesteps:,} rounds down to {cfg.num_iterations} iteration(s) of "
               f"{cfg.global_batch_size:,} steps: training {steps:,} steps", flush=True)
     with write_errors(run_dir):
@@ -931,9 +940,6 @@ def _loop(cfg: Config, prepared: Prepared, s: Session, logger, tracker, stop: St
                                                       s.recent, prepared.command, s.lr_ctl), progress, metrics)
             if reason is not None:
                 break
-        if reason == "target_return" and distributed.is_main():
-            print(f"target return {cfg.target_return} reached: mean of the last {cfg.target_return_games} games is "
-                  f"{s.recent.mean():.2f} at global step {progress.global_step}", flush=True)
         logger.announce(result_line(cfg, reason, progress, s.recent, stop))
         if reason == "signal":
             signum = stop.signum or signal.SIGTERM  # a rank stopped by another rank's signal
@@ -957,9 +963,11 @@ def _loop(cfg: Config, prepared: Prepared, s: Session, logger, tracker, stop: St
 def result_line(cfg: Config, reason: str | None, progress: Progress, recent: RecentReturns,
                 stop: StopOnSignal) -> str:
     """How the run ended, for the last progress line (and the live display's last state)."""
-    if reason == "target_return":
-        why = f"reached the target return {cfg.target_return:g}"
-    elif reason == "max_seconds":
+    where = f"after {progress.global_step:,} steps (iteration {progress.iteration} of {cfg.num_iterations})"
+    if reason == "target_return":  # the run's one line about its target
+        return (f"target return {cfg.target_return} reached: mean of the last {cfg.target_return_games} games is "
+                f"{recent.mean():.2f} {where}; run folder {cfg.run_dir}")
+    if reason == "max_seconds":
         why = f"stopped at --max-seconds {cfg.max_seconds:g}"
     elif reason == "signal":
         why = f"stopped by {signal.Signals(stop.signum or signal.SIGTERM).name}"
@@ -967,8 +975,7 @@ def result_line(cfg: Config, reason: str | None, progress: Progress, recent: Rec
         why = "finished"
     recent_return = recent.mean()
     score = f"recent return {recent_return:.2f}" if recent_return is not None else "no recent return yet"
-    return (f"{why} after {progress.global_step:,} steps (iteration {progress.iteration} of {cfg.num_iterations}), "
-            f"{score}; run folder {cfg.run_dir}")
+    return f"{why} {where}, {score}; run folder {cfg.run_dir}"
 
 
 @contextlib.contextmanager
