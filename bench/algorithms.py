@@ -14,7 +14,7 @@ resumed (``fastppo train --resume``), so the script can be run again until every
 Writes <out-dir>/algorithms_<env>.json (per run: steps and wall-clock seconds until the recent
 return, the mean of the last 10 full games, first reached --target; the best and the final recent
 return; the machine) and algorithms_<env>.png (``fastppo plot``'s figure of the runs: per algorithm
-the mean over the seeds with a min-max band, against agent steps and against wall-clock time), and
+each seed, their mean and its 95% bootstrap CI, against agent steps and against wall-clock time), and
 prints the table of steps to the target.
 """
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from fastppo.envs import INT32_MAX, EnvInfo, adapt_obs, make_envs
-from fastppo.normalize import ObsNormalizer
+from fastppo.normalize import ObsNormalizer, ValueNormalizer
 from fastppo.policy import act, greedy
 
 
@@ -31,16 +31,19 @@ class Agent:
     """A trained policy, ready to act on batches of the env's observations.
 
     ``policy`` is the actor-critic network, ``info`` its env, ``obs_norm`` the run's observation
-    normaliser (None without --norm-obs) and ``config`` the run's resolved config (a dict, as in
-    config.json). Sampling draws from the agent's own generator, seeded with `seed`.
+    normaliser (None without --norm-obs), ``value_norm`` its value normaliser (None without
+    --norm-value) and ``config`` the run's resolved config (a dict, as in config.json). Sampling draws
+    from the agent's own generator, seeded with `seed`.
     """
 
     def __init__(self, policy: nn.Module, info: EnvInfo, config: dict, obs_norm: ObsNormalizer | None = None,
-                 seed: int = 0, checkpoint: str | None = None, global_step: int | None = None):
+                 seed: int = 0, checkpoint: str | None = None, global_step: int | None = None,
+                 value_norm: ValueNormalizer | None = None):
         self.policy = policy
         self.info = info
         self.config = config
         self.obs_norm = obs_norm
+        self.value_norm = value_norm
         self.checkpoint = checkpoint  # the file it was loaded from, and the agent steps it was trained for
         self.global_step = global_step
         self.device = next(policy.parameters()).device
@@ -72,9 +75,12 @@ class Agent:
 
     @torch.no_grad()
     def value(self, obs) -> np.ndarray:
-        """V(s) of a batch of observations, float32 (B,), in the units the critic learned (scaled rewards
-        with --norm-reward)."""
-        return self.policy(self.observe(obs))[1].float().cpu().numpy()
+        """V(s) of a batch of observations, float32 (B,), in the units of the rewards the critic learned
+        from (scaled with --norm-reward); with --norm-value the network's normalised value, de-normalised."""
+        value = self.policy(self.observe(obs))[1].float()
+        if self.value_norm is not None:
+            value = self.value_norm.denormalize(value)
+        return value.cpu().numpy()
 
 
 def load(path: str | os.PathLike, device: Literal["auto", "cpu", "cuda"] | str = "auto", seed: int = 0) -> Agent:
@@ -102,17 +108,18 @@ def load(path: str | os.PathLike, device: Literal["auto", "cpu", "cuda"] | str =
     except RuntimeError as e:
         raise CheckpointError(f"{state['path']!r} does not fit a {info.env_id} policy: "
                               f"{str(e).strip().splitlines()[0]}") from None
-    obs_norm = None
-    saved = state.get("normalizer", {}).get("obs")
-    if saved is not None:
-        obs_norm = ObsNormalizer(info.obs_shape, torch_device)
+    saved = state.get("normalizer", {})
+    obs_norm = ObsNormalizer(info.obs_shape, torch_device) if saved.get("obs") is not None else None
+    value_norm = ValueNormalizer(torch_device) if config.get("norm_value") else None
+    for name, what, norm in (("obs", "observation", obs_norm), ("value", "value", value_norm)):
+        if norm is None:
+            continue
         try:
-            obs_norm.rms.load_state_dict(saved)
+            norm.rms.load_state_dict(saved[name])
         except (KeyError, ValueError, RuntimeError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{state['path']!r} is damaged: its observation statistics do not load "
-                                  f"({e})") from None
+            raise CheckpointError(f"{state['path']!r} is damaged: its {what} statistics do not load ({e})") from None
     return Agent(policy.eval(), info, config, obs_norm, seed=seed, checkpoint=state["path"],
-                 global_step=state["global_step"])
+                 global_step=state["global_step"], value_norm=value_norm)
 
 
 def make_env(run: Agent | str | os.PathLike, num_envs: int = 1, seed: int = 0, *, video: bool = False):

@@ -16,7 +16,8 @@ number of seconds after a warm-up:
 
 Prints a table (steps/s, training as % of the ceiling, where an iteration's time goes), and
 writes ``<name>.json`` (machine, versions, commit, date, settings, every number) and ``<name>.png``
-(steps/s vs num_envs on log axes, ceiling drawn) under --out-dir.
+(steps/s vs num_envs on log axes, ceiling drawn) under --out-dir (default ``./fastppo_bench``, in the
+current directory: an installed fastppo has no repository to write into).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import tyro
 from fastppo.config import (
     Config,
     ConfigError,
+    default_env_id,
     env_kind,
     given_fields,
     mark_given,
@@ -73,8 +75,6 @@ class BenchTraining(Config):
     """The training options of every measured run: fastppo train's (a Config), with the bench's defaults
     (T = 32, --async-envs, --overlap); --preset fills the ones not given, as in fastppo train."""
 
-    env_id: str | None = None  # type: ignore[assignment]
-    """EnvPool env id (None: Pong-v5 on CUDA, CartPole-v1 on CPU)"""
     num_steps: int = 32
     """steps per env per rollout (T)"""
     async_envs: bool = True
@@ -123,8 +123,9 @@ class BenchConfig:
     """warm-up seconds per point and mode, not measured (None: 2 on CUDA, 0.5 on CPU)"""
     batch_fraction: float = 0.5
     """envs per EnvPool recv as a fraction of num_envs, with --async-envs (train's --env-batch-size)"""
-    out_dir: str = "bench/results"
-    """folder for the JSON and PNG"""
+    out_dir: str = "fastppo_bench"
+    """folder for the JSON and PNG, made if needed (relative to the current directory; a checkout's
+    committed results live in bench/results/, given explicitly)"""
     name: str | None = None
     """file name stem (None: bench_<env>_<device name>_<date>)"""
     training: Annotated[BenchTraining, tyro.conf.OmitArgPrefixes] = field(default_factory=BenchTraining)
@@ -171,7 +172,7 @@ def resolve_bench(bench: BenchConfig, given: set[str] | None = None) -> Sweep:
     given = given_fields(bench.training) if given is None else set(given)
     device = training_device(bench.training)
     cuda = device.type == "cuda"
-    env_id = bench.training.env_id or ("Pong-v5" if cuda else "CartPole-v1")
+    env_id = bench.training.env_id or default_env_id(bench.training.device)
     bench = dataclasses.replace(
         bench,
         num_envs=tuple(bench.num_envs or ((64, 256, 1024, 4096) if cuda else (4, 8, 16))),

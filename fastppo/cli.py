@@ -165,6 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     from fastppo.plot import PlotConfig
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv == ["--version"]:  # tyro's subcommand parser has no version action
+        from fastppo import __version__
+
+        print(f"fastppo {__version__}")
+        return 0
     subcommands = _subcommands()
     try:
         if argv and argv[0] in subcommands:
@@ -175,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     args = tyro.extras.subcommand_cli_from_dict(
         subcommands,
         prog="fastppo",
-        description="fastppo: high-throughput PPO and TRPO on EnvPool.",
+        description="fastppo: high-throughput PPO and TRPO on EnvPool. fastppo --version prints its version.",
         args=argv,
     )
     try:

@@ -107,10 +107,11 @@ class Config:
     fastppo/presets.py lists them"""
 
     # --- environment ------------------------------------------------------------------------
-    env_id: str = "Pong-v5"
+    env_id: str | None = None
     """EnvPool env id with Discrete or one-dimensional Box actions: Atari 'Pong-v5', classic
     control 'CartPole-v1' or 'Pendulum-v1', MuJoCo 'HalfCheetah-v4', DMC 'CheetahRun-v1',
-    Box2D, toy text 'Taxi-v3', MiniGrid"""
+    Box2D, toy text 'Taxi-v3', MiniGrid (None: Pong-v5 when training on CUDA; on the CPU, where
+    Pong's 10M steps take days, CartPole-v1, which learns there in minutes, and the run says so)"""
     env_kwargs: tuple[str, ...] = ()
     """EnvPool options as key=value, passed to the envs as they are (checked against the env's
     options and their types), e.g. use_combined_action=true for VizDoom"""
@@ -134,6 +135,11 @@ class Config:
     norm_reward: bool | None = None
     """scale rewards by the running std of the discounted return, clipped to +-10 (None: on for
     continuous actions)"""
+    norm_value: bool | None = None
+    """normalise the critic's targets by the running mean and std of the returns, updated with each
+    rollout's returns before its update: the value head learns (G - mean) / std, the rollout's
+    values are de-normalised for GAE and the value clip range is in normalised units (rl_games'
+    normalize_value). None: off for every kind of env, as CleanRL"""
 
     # --- algorithm --------------------------------------------------------------------------
     total_timesteps: int | None = None
@@ -142,7 +148,23 @@ class Config:
     learning_rate: float | None = None
     """Adam learning rate, eps 1e-5 (None: 2.5e-4; 3e-4 for continuous actions)"""
     anneal_lr: bool = True
-    """anneal the learning rate linearly to 0 over the run"""
+    """anneal the learning rate linearly to 0 over the run (CleanRL's flag: --no-anneal-lr keeps it
+    constant); see --lr-schedule"""
+    lr_schedule: Literal["anneal", "constant", "adaptive"] | None = None
+    """how the learning rate moves. anneal: linearly to 0 over the run (CleanRL); constant;
+    adaptive: after each update divided by --lr-factor when the exact KL(pi_old || pi_new)
+    over the batch is above --kl-max, multiplied by it when below --kl-min, within
+    [--lr-min, --lr-max] (PPO-penalty's rule for beta, applied to the step size). None: what
+    --anneal-lr says (anneal, or constant with its negation). Given together, the two must
+    agree on whether the rate anneals (so adaptive goes with --no-anneal-lr, never with
+    --anneal-lr); a preset's schedule yields to either form of --anneal-lr given by the caller"""
+    lr_min: float = 1e-6
+    """--lr-schedule adaptive: the least learning rate (rl_games' min_lr)"""
+    lr_max: float = 1e-2
+    """--lr-schedule adaptive: the largest learning rate (rl_games' max_lr)"""
+    lr_factor: float = 1.5
+    """--lr-schedule adaptive: the factor by which the learning rate moves per iteration (rl_games'
+    lr_multiplier)"""
     num_steps: int | None = None
     """steps per env per rollout, T (None: 128; 2048 for continuous actions)"""
     gamma: float = 0.99
@@ -177,11 +199,13 @@ class Config:
     kl_coef: float = 1.0
     """PPO-penalty: initial beta"""
     kl_target: float = 0.01
-    """PPO-penalty: d; beta doubles when KL > kl_max and halves when KL < kl_min"""
+    """PPO-penalty and --lr-schedule adaptive: d, the KL each update aims at; beta doubles (the
+    learning rate shrinks) when KL > kl_max and beta halves (the learning rate grows) when
+    KL < kl_min"""
     kl_max: float | None = None
-    """PPO-penalty: upper KL bound (None: 1.5 * kl_target)"""
+    """PPO-penalty and --lr-schedule adaptive: upper KL bound (None: 1.5 * kl_target)"""
     kl_min: float | None = None
-    """PPO-penalty: lower KL bound (None: kl_target / 1.5)"""
+    """PPO-penalty and --lr-schedule adaptive: lower KL bound (None: kl_target / 1.5)"""
     kl_coef_min: float = 1e-4
     """PPO-penalty: the least beta (halving stops there, so a rise of the KL is penalised again
     within a few iterations)"""
@@ -272,12 +296,14 @@ class Config:
 # None take them (resolve), and --preset cleanrl sets them all.
 KIND_DEFAULTS: dict[str, dict] = {
     "atari": dict(num_envs=8, total_timesteps=10_000_000, num_steps=128, num_minibatches=4, update_epochs=4,
-                  learning_rate=2.5e-4, clip_coef=0.1, ent_coef=0.01, norm_obs=False, norm_reward=False),
+                  learning_rate=2.5e-4, clip_coef=0.1, ent_coef=0.01, norm_obs=False, norm_reward=False,
+                  norm_value=False),
     "discrete": dict(num_envs=4, total_timesteps=500_000, num_steps=128, num_minibatches=4, update_epochs=4,
-                     learning_rate=2.5e-4, clip_coef=0.2, ent_coef=0.01, norm_obs=False, norm_reward=False),
+                     learning_rate=2.5e-4, clip_coef=0.2, ent_coef=0.01, norm_obs=False, norm_reward=False,
+                     norm_value=False),
     "continuous": dict(num_envs=1, total_timesteps=1_000_000, num_steps=2048, num_minibatches=32,
                        update_epochs=10, learning_rate=3e-4, clip_coef=0.2, ent_coef=0.0, norm_obs=True,
-                       norm_reward=True),
+                       norm_reward=True, norm_value=False),
 }
 
 
@@ -356,6 +382,26 @@ def flags_given(argv: list[str]) -> set[str]:
 # --- resolution and validation --------------------------------------------------------------------
 
 
+def default_env_id(device: str) -> str:
+    """--env-id's default for a --device value: Pong-v5 when training on CUDA, else CartPole-v1."""
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    return "Pong-v5" if cuda else "CartPole-v1"
+
+
+def with_env_id(cfg: Config) -> Config:
+    """cfg with its env id: the caller's, or default_env_id's (a default: not counted as given)."""
+    return cfg if cfg.env_id is not None else replace(cfg, given=False, env_id=default_env_id(cfg.device))
+
+
+def env_id_notice(cfg: Config) -> str | None:
+    """The line a run prints when it trains CartPole-v1 because its caller named no env and it trains on
+    the CPU (a user who typed `fastppo train` expects Pong); None otherwise."""
+    if "env_id" in given_fields(cfg) or cfg.env_id != default_env_id("cpu"):
+        return None
+    why = "--device cpu" if torch.cuda.is_available() else "no CUDA"
+    return f"{why} and no --env-id: training {cfg.env_id}; give --env-id Pong-v5 for Atari"
+
+
 def resolve(cfg: Config, info: EnvInfo, world_size: int = 1) -> Config:
     """Fill the env-dependent defaults and validate every value; returns a new Config.
 
@@ -371,12 +417,31 @@ def resolve(cfg: Config, info: EnvInfo, world_size: int = 1) -> Config:
         fills["kl_max"] = 1.5 * cfg.kl_target
     if cfg.kl_min is None:
         fills["kl_min"] = cfg.kl_target / 1.5
+    fills["lr_schedule"] = lr_schedule(cfg)
+    fills["anneal_lr"] = fills["lr_schedule"] == "anneal"  # so that the resolved config says one thing
     cfg = replace(cfg, given=False, **fills)
     if cfg.norm_obs and (info.is_image or info.obs_classes):
         what = "frames" if info.is_image else "a state index"
         raise ConfigError(f"--norm-obs needs vector observations; {info.env_id} observes {what}")
     validate(cfg)
     return cfg
+
+
+def lr_schedule(cfg: Config) -> str:
+    """The run's learning-rate schedule from --lr-schedule and --anneal-lr (see the --lr-schedule field).
+
+    --lr-schedule as its caller gave it or a preset filled it in; a preset's that disagrees with an
+    --anneal-lr / --no-anneal-lr its caller gave yields to it; None follows --anneal-lr. ConfigError when
+    the caller gave both and they disagree on whether the rate anneals.
+    """
+    schedule = cfg.lr_schedule
+    given = given_fields(cfg)
+    if "anneal_lr" in given and schedule is not None and (schedule == "anneal") != cfg.anneal_lr:
+        if "lr_schedule" in given:
+            flag = "--anneal-lr" if cfg.anneal_lr else "--no-anneal-lr"
+            raise ConfigError(f"--lr-schedule {schedule} contradicts {flag}; give one of them")
+        schedule = None
+    return schedule or ("anneal" if cfg.anneal_lr else "constant")
 
 
 MAX_DIST_TIMEOUT = 365 * 24 * 3600  # torch keeps collective timeouts in milliseconds; a year is plenty
@@ -543,6 +608,20 @@ def validate(cfg: Config) -> None:
     if cfg.loss == "penalty" and not cfg.kl_coef_min <= cfg.kl_coef <= cfg.kl_coef_max:
         raise ConfigError(f"--kl-coef {cfg.kl_coef} is outside [--kl-coef-min, --kl-coef-max] = "
                           f"[{cfg.kl_coef_min}, {cfg.kl_coef_max}]")
+    if not 0 < cfg.lr_min <= cfg.lr_max:
+        raise ConfigError(f"--lr-min ({cfg.lr_min}) must be positive and at most --lr-max ({cfg.lr_max})")
+    if not cfg.lr_factor > 1:
+        raise ConfigError(f"--lr-factor must be above 1, got {cfg.lr_factor}")
+    if cfg.lr_schedule == "adaptive":
+        if cfg.algo == "trpo":  # its policy step is sized by --max-kl; the learning rate is the critic's
+            raise ConfigError("--lr-schedule adaptive is for --algo ppo; --algo trpo does not take it")
+        if not cfg.lr_min <= cfg.learning_rate <= cfg.lr_max:
+            raise ConfigError(f"--learning-rate {cfg.learning_rate} is outside [--lr-min, --lr-max] = "
+                              f"[{cfg.lr_min}, {cfg.lr_max}]")
+    if cfg.norm_value and cfg.minibatch_by == "env" and cfg.advantages == "epoch":
+        # the fused GAE + loss op computes the advantages and the value loss from the same predictions
+        raise ConfigError("--norm-value does not work with --minibatch-by env --advantages epoch (one fused op "
+                          "computes GAE and the value loss from the same predictions); use --minibatch-by sample")
     if cfg.batch_size % cfg.num_minibatches:
         raise ConfigError(
             f"num_envs * num_steps = {cfg.num_envs} * {cfg.num_steps} = {cfg.batch_size} does not divide "
@@ -603,28 +682,47 @@ def training_device(cfg: Config) -> torch.device:
     return device_named(cfg.device)
 
 
-# Options only one algorithm (or PPO's penalty loss) reads.
-PENALTY_ONLY = {"kl_coef", "kl_target", "kl_max", "kl_min", "kl_coef_min", "kl_coef_max"}
+# Options only one algorithm, PPO's penalty loss or the adaptive learning rate reads. The KL target and
+# its bounds drive both beta (--loss penalty) and the adaptive learning rate.
+PENALTY_ONLY = {"kl_coef", "kl_coef_min", "kl_coef_max"}
+KL_TARGET = {"kl_target", "kl_max", "kl_min"}
+ADAPTIVE_LR_ONLY = {"lr_min", "lr_max", "lr_factor"}
 TRPO_ONLY = {"max_kl", "cg_iters", "cg_damping", "line_search_steps"}
-PPO_ONLY = {"loss", "clip_coef", "clip_vloss", "ent_coef", "vf_coef", "target_kl"} | PENALTY_ONLY
+PPO_ONLY = {"loss", "clip_coef", "clip_vloss", "ent_coef", "vf_coef", "target_kl"} | PENALTY_ONLY | KL_TARGET
 
 
-def unread_options(algo: str, loss: str) -> set[str]:
-    """The options a run of `algo` (and, for PPO, `loss`) does not read."""
+def unread_options(algo: str, loss: str, schedule: str | None = None) -> set[str]:
+    """The options a run of `algo` (and, for PPO, `loss`) with the learning-rate `schedule` does not read."""
+    adaptive = schedule == "adaptive"
+    unread = ADAPTIVE_LR_ONLY if not adaptive else set()
     if algo == "trpo":
-        return PPO_ONLY
-    return TRPO_ONLY | (PENALTY_ONLY if loss != "penalty" else set())
+        return PPO_ONLY | unread
+    penalty = loss == "penalty"
+    return (TRPO_ONLY | unread | (PENALTY_ONLY if not penalty else set())
+            | (KL_TARGET if not (penalty or adaptive) else set()))
 
 
 def check_options_read(cfg: Config) -> None:
-    """ConfigError when the caller set an option the run's algorithm would ignore (--ent-coef with
-    --algo trpo, --max-kl with --algo ppo, --kl-coef with --loss clip): a value given is a value used."""
-    unread = sorted(given_fields(cfg) & unread_options(cfg.algo, cfg.loss), key=_FIELD_NAMES.index)
-    if unread:
-        name = unread[0]
-        owner = "--algo trpo" if name in TRPO_ONLY else "--algo ppo" if cfg.algo == "trpo" else "--loss penalty"
-        raise ConfigError(f"--{_flag(name)} is for {owner}; this run (--algo {cfg.algo}"
-                          f"{f', --loss {cfg.loss}' if cfg.algo == 'ppo' else ''}) does not read it")
+    """ConfigError when the caller set an option the run would ignore (--ent-coef with --algo trpo, --max-kl
+    with --algo ppo, --kl-coef with --loss clip, --kl-target with neither --loss penalty nor --lr-schedule
+    adaptive): a value given is a value used. For a config with its preset's values in (apply_preset)."""
+    schedule = lr_schedule(cfg)
+    unread = sorted(given_fields(cfg) & unread_options(cfg.algo, cfg.loss, schedule), key=_FIELD_NAMES.index)
+    if not unread:
+        return
+    name = unread[0]
+    run = f"--algo {cfg.algo}" + (f", --loss {cfg.loss}" if cfg.algo == "ppo" else "")
+    if name in TRPO_ONLY:
+        owner = "--algo trpo"
+    elif cfg.algo == "trpo":
+        owner = "--algo ppo"
+    elif name in ADAPTIVE_LR_ONLY:
+        owner, run = "--lr-schedule adaptive", f"--lr-schedule {schedule}"
+    elif name in KL_TARGET:
+        owner, run = "--loss penalty or --lr-schedule adaptive", f"{run}, --lr-schedule {schedule}"
+    else:
+        owner = "--loss penalty"
+    raise ConfigError(f"--{_flag(name)} is for {owner}; this run ({run}) does not read it")
 
 
 def _flag(name: str) -> str:
@@ -709,6 +807,21 @@ RESUME_FLAGS = (
 )
 # What names a run: every field but those a resume may change and the folder's own name.
 IDENTITY_EXCLUDED = set(RESUME_FLAGS) | {"run_dir", "exp_name"}
+# Fields added after runs had been saved, with the value every run saved before them has (and lr_schedule,
+# which such a run's anneal_lr says).
+ADDED_FIELDS = {"norm_value": False, "lr_min": 1e-6, "lr_max": 1e-2, "lr_factor": 1.5}
+
+
+def with_added_fields(config: dict) -> dict:
+    """A saved config dict with the fields added to Config after it was written (missing or None in it) as
+    the run had them, so that it compares with the config of a run saved now."""
+    out = dict(config)
+    for name, before in ADDED_FIELDS.items():
+        if out.get(name) is None:
+            out[name] = before
+    if out.get("lr_schedule") is None:
+        out["lr_schedule"] = "anneal" if out.get("anneal_lr", True) else "constant"
+    return out
 
 
 def run_identity(config: dict) -> str:
@@ -722,6 +835,7 @@ def run_identity(config: dict) -> str:
 
 
 def _identity_fields(config: dict) -> dict:
+    config = with_added_fields(config)  # a run saved by an earlier fastppo still resumes after an upgrade
     kept = {k: config.get(k) for k in _FIELD_NAMES if k not in IDENTITY_EXCLUDED}
     kept["world_size"] = config.get("world_size", 1)
     return kept
@@ -764,7 +878,7 @@ def resume_config(saved: dict, folder: dict, given: Config, where: str = "config
     for k, v in values.items():  # JSON has no tuples
         if isinstance(v, list) and tuple in map(typing.get_origin, (hints[k], *typing.get_args(hints[k]))):
             values[k] = tuple(v)
-    cfg = Config(**values)
+    cfg = mark_given(Config(**values), set())  # the saved values are the run's; given: this caller's flags
     check_types(cfg, repr(where))
     for name in explicit:
         setattr(cfg, name, getattr(given, name))

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import json
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -82,6 +84,31 @@ def _envpool():
     import envpool
 
     return envpool
+
+
+@functools.cache
+def expose_egl() -> str | None:
+    """Load an EGL library once more with RTLD_GLOBAL, once per process, for EnvPool's MuJoCo renderer;
+    the library loaded, or None when none loads.
+
+    EnvPool renders MuJoCo in an EGL context made through the libEGL its wheel bundles, whatever
+    MUJOCO_GL says, but MuJoCo looks its GL functions up among the process's global symbols, where a
+    Python extension's libraries are not (they load RTLD_LOCAL). Without this every render fails with
+    "an OpenGL platform library has not been loaded into this process" and EnvPool aborts the process.
+    EnvPool's own libEGL comes first (the one its context is made in), else the system's libEGL.so.1.
+    Whether a working EGL driver stands behind it shows only when a frame is rendered.
+    """
+    import ctypes
+    import glob
+
+    libs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(_envpool().__file__))), "envpool.libs")
+    for name in (*sorted(glob.glob(os.path.join(libs, "libEGL*.so*"))), "libEGL.so.1"):
+        try:
+            ctypes.CDLL(name, mode=ctypes.RTLD_GLOBAL)
+        except OSError:
+            continue
+        return name
+    return None
 
 
 @contextlib.contextmanager
@@ -400,6 +427,8 @@ def make_envs(
         kwargs["num_threads"] = num_threads
     if render_mode is not None:
         kwargs["render_mode"] = render_mode
+        if info.family == "mujoco":
+            expose_egl()
     if max_episode_steps is not None:
         kwargs["max_episode_steps"] = max_episode_steps
     if info.is_atari:

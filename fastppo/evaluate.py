@@ -24,7 +24,7 @@ from torch import nn
 from fastppo.agent import Agent, load, make_env
 from fastppo.checkpoint import check_belongs, run_folder
 from fastppo.config import INT32_MAX, ConfigError, check_device, host_memory_available, read_config
-from fastppo.envs import EnvInfo
+from fastppo.envs import EnvInfo, expose_egl
 
 EVAL_SEED_OFFSET = 1_000_000  # eval pools never share a seed with the training envs (seed .. seed + N - 1)
 
@@ -146,26 +146,39 @@ def check_video(info: EnvInfo, flag: str) -> None:
 VIDEO_FPS = {"atari": 15, "classic_control": 50, "box2d": 50, "mujoco": 30, "minigrid": 5}
 
 
+# What a machine without a working EGL needs for MuJoCo's frames (software rendering; a GPU driver's EGL
+# works too).
+EGL_FIX = "install EGL: apt install libegl1 libgl1-mesa-dri (or your GPU driver's EGL)"
+
+
 def render_problem(info: EnvInfo) -> str | None:
     """Why EnvPool cannot film this env here, or None when it can.
 
-    Toy-text envs have no renderer. MuJoCo's needs an OpenGL context, and without one EnvPool aborts
-    the process, so it is tried once in a child process first.
+    Toy-text envs have no renderer. MuJoCo's renders through EGL (envs.expose_egl), and where that
+    fails EnvPool aborts the process, so one frame is rendered in a child process first (in a
+    temporary folder: MuJoCo writes MUJOCO_LOG.TXT into the current one when it fails).
     """
     if info.family == "toy_text":
         return f"EnvPool does not render {info.env_id}"
     if info.family == "mujoco":
         import subprocess
         import sys
+        import tempfile
 
-        probe = ("import envpool, warnings; warnings.filterwarnings('ignore'); "
+        egl = expose_egl()
+        if egl is None:
+            return f"EnvPool renders {info.env_id} through EGL, and this machine has none: {EGL_FIX}"
+        probe = ("import ctypes, envpool, warnings; warnings.filterwarnings('ignore'); "
+                 f"ctypes.CDLL({egl!r}, mode=ctypes.RTLD_GLOBAL); "
                  f"e = envpool.make({info.env_id!r}, env_type='gymnasium', num_envs=1, render_mode='rgb_array'); "
                  "e.reset(); e.render(env_ids=[0])")
-        proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+        with tempfile.TemporaryDirectory() as folder:
+            proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                                  cwd=folder)
         if proc.returncode != 0:
-            why = next((line for line in proc.stderr.splitlines() if "OpenGL" in line or "ERROR" in line), "")
-            return (f"EnvPool cannot render {info.env_id} on this machine: MuJoCo needs an OpenGL context "
-                    f"({why.strip()[:160] or 'the renderer failed'})")
+            why = next((line.strip()[:120] for line in (proc.stdout + proc.stderr).splitlines()  # MuJoCo: stdout
+                        if "OpenGL" in line or "EGL" in line or "ERROR" in line), "the renderer failed")
+            return f"EnvPool cannot render {info.env_id} on this machine ({why}): {EGL_FIX}"
     return None
 
 

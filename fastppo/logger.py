@@ -8,9 +8,11 @@ touches the device.
 metrics.jsonl (and TensorBoard) get every iteration. W&B and the plain progress lines are
 throttled: a line goes out every ``log_every`` iterations once ``log_seconds`` have passed since the
 previous one (always for the first and the last iteration, and for every line with an evaluation),
-and its ``charts/episodic_return`` is the mean of all the games that ended since the previous line,
-so no game and no evaluation is lost to the throttle. When stdout is a terminal
-the progress is a live rich display (steps, steps/s, ETA, recent return, phase) instead of lines.
+and its W&B ``charts/episodic_return`` is the mean of all the games that ended since the previous
+line, so no game and no evaluation is lost to the throttle. A progress line shows the recent return
+(``charts/recent_return``, with the games so far) and, on a line with an evaluation, its score and
+the best so far. When stdout is a terminal the progress is a live rich display (steps, steps/s, ETA,
+recent return, the last evaluation, phase) instead of lines.
 """
 
 from __future__ import annotations
@@ -64,10 +66,12 @@ class RunLogger:
         self.tensorboard = tensorboard  # every line, like metrics.jsonl (no throttle)
         self.last_sent: tuple[int, float] | None = None  # (iteration, time) of the last W&B / progress line
         self._games = [0.0, 0, 0.0]  # return sum, games, length sum since the last line
+        self.window = window
+        self.games = _games_logged(self.path)  # games ended in the run so far (a resume's earlier lines too)
         self._held: dict | None = None  # the newest metrics, when the throttle held them back
         if live is None:
             live = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.display = LiveDisplay(self.stream, total_steps, title, window) if live else None
+        self.display = LiveDisplay(self.stream, total_steps, title, window, self.games) if live else None
 
     def phase(self, name: str) -> None:
         """The phase the trainer is in (collect, update, eval, checkpoint, replay), for the display."""
@@ -80,6 +84,7 @@ class RunLogger:
         if self.display is not None:
             self.display.phase = text
         else:
+            self._send_held()  # the run's last progress line comes before its result
             print(f"fastppo: {text}", file=self.stream, flush=True)
 
     def log(self, metrics: dict) -> None:
@@ -89,12 +94,13 @@ class RunLogger:
         if self.tensorboard is not None:
             self.tensorboard.log(clean)
         n = metrics.get("charts/episodes", 0)
+        self.games += n
         if n:
             self._games[0] += metrics["charts/episodic_return"] * n
             self._games[1] += n
             self._games[2] += metrics["charts/episodic_length"] * n
         if self.display is not None:
-            self.display.update(metrics)
+            self.display.update(metrics, self.games)
         now = time.monotonic()
         iteration = metrics["iteration"]
         evaluated = any(k.startswith("eval/") and v is not None for k, v in metrics.items())
@@ -116,12 +122,15 @@ class RunLogger:
         if self.tracker is not None:
             self.tracker.log(line)
         if self.display is None:
-            print(progress_line(line, self.total_steps), file=self.stream, flush=True)
+            print(progress_line(line, self.total_steps, self.window, self.games), file=self.stream, flush=True)
+
+    def _send_held(self) -> None:
+        if self._held is not None and (self.last_sent is None or self.last_sent[0] < self._held["iteration"]):
+            self._send(self._held, self._held["iteration"], time.monotonic())
 
     def close(self) -> None:
         """Send the line the throttle held back (a run that stopped early), stop the display, close."""
-        if self._held is not None and (self.last_sent is None or self.last_sent[0] < self._held["iteration"]):
-            self._send(self._held, self._held["iteration"], time.monotonic())
+        self._send_held()
         if self.display is not None:
             self.display.stop()
         if self.tensorboard is not None:
@@ -137,6 +146,14 @@ def _parse(line: str) -> dict | None:
         return None
     ok = isinstance(m, dict) and isinstance(m.get("global_step"), int) and isinstance(m.get("iteration"), int)
     return m if ok and line.endswith("\n") else None
+
+
+def _games_logged(path: str) -> int:
+    """Games ended in the lines of a metrics.jsonl so far (0 for a new run)."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, errors="replace") as f:
+        return sum(m.get("charts/episodes") or 0 for m in map(_parse, f) if m is not None)
 
 
 def read_metrics(run_dir: str) -> list[dict]:
@@ -212,35 +229,55 @@ def eta_seconds(m: dict, total_steps: int) -> float | None:
     return (total_steps - m["global_step"]) / sps if sps else None
 
 
-def progress_line(m: dict, total_steps: int | None = None) -> str:
-    ret = m.get("charts/episodic_return")
-    games = m.get("charts/episodes", 0)
-    eta = f"  ETA {_duration(eta_seconds(m, total_steps))}" if total_steps else ""
+def recent_text(m: dict, window: int, games: int) -> str:
+    """The recent return (charts/recent_return, the mean of the last `window` games) and the games behind it;
+    "-" and how many of the window's games have ended, until that many have."""
+    recent = m.get("charts/recent_return")
+    if recent is None:
+        return f"- ({games:,} of {window} games)"
+    return f"{recent:.2f} (last {window} of {games:,} games)"
+
+
+def eval_text(m: dict) -> str | None:
+    """The line's --eval-every score and the best so far (the one in checkpoints/best.pt); None without one."""
+    score = m.get("eval/episodic_return")
+    return None if score is None else f"{score:.2f} (best {_fmt(m.get('eval/best_return'), '.2f')})"
+
+
+def progress_line(m: dict, total_steps: int, window: int, games: int) -> str:
+    """A plain progress line: m (a metrics line), of a run of total_steps, whose recent-return window is
+    `window` games and which has ended `games` games so far."""
+    evaluated = eval_text(m)
     return (
-        f"iter {m['iteration']}/{m['num_iterations']}  step {m['global_step']:,}  SPS {m['charts/SPS']:,}{eta}  "
-        f"return {_fmt(ret, '.2f')} ({games} games)  pg {_fmt(m.get('losses/policy_loss'), '.4f')}  "
-        f"v {_fmt(m.get('losses/value_loss'), '.4f')}  ent {_fmt(m.get('losses/entropy'), '.3f')}  "
-        f"kl {_fmt(m.get('losses/kl'), '.4f')}"
+        f"iter {m['iteration']}/{m['num_iterations']}  step {m['global_step']:,}  SPS {m['charts/SPS']:,}  "
+        f"ETA {_duration(eta_seconds(m, total_steps))}  return {recent_text(m, window, games)}  "
+        + (f"eval {evaluated}  " if evaluated is not None else "")
+        + f"pg {_fmt(m.get('losses/policy_loss'), '.4f')}  v {_fmt(m.get('losses/value_loss'), '.4f')}  "
+        f"ent {_fmt(m.get('losses/entropy'), '.3f')}  kl {_fmt(m.get('losses/kl'), '.4f')}"
     )
 
 
 class LiveDisplay:
     """A rich live panel, redrawn by rich's own thread 4 times a second from the latest values."""
 
-    def __init__(self, stream, total_steps: int, title: str, window: int):
+    def __init__(self, stream, total_steps: int, title: str, window: int, games: int = 0):
         from rich.console import Console
         from rich.live import Live
 
         self.total_steps = total_steps
         self.title = title
         self.window = window
+        self.games = games
         self.phase = "start"
         self.metrics: dict = {}
+        self.evaluation: dict | None = None  # the newest line with an --eval-every score: shown until the next
         self.live = Live(self, console=Console(file=stream), refresh_per_second=4, transient=False)
         self.live.start()
 
-    def update(self, metrics: dict) -> None:
-        self.metrics = metrics
+    def update(self, metrics: dict, games: int) -> None:
+        self.metrics, self.games = metrics, games
+        if eval_text(metrics) is not None:
+            self.evaluation = metrics
 
     def __rich__(self):
         from rich.progress_bar import ProgressBar
@@ -255,9 +292,12 @@ class LiveDisplay:
         if m:
             grid.add_row(f"steps/s {m['charts/SPS']:,}", f"elapsed {_duration(m.get('time/elapsed'))}  "
                          f"ETA {_duration(eta_seconds(m, self.total_steps))}")
-            grid.add_row(f"return (last {self.window} games) {_fmt(m.get('charts/recent_return'), '.2f')}",
+            grid.add_row(f"return {recent_text(m, self.window, self.games)}",
                          f"iter {m['iteration']}/{m['num_iterations']}  pg {_fmt(m.get('losses/policy_loss'), '.4f')}"
                          f"  v {_fmt(m.get('losses/value_loss'), '.4f')}  kl {_fmt(m.get('losses/kl'), '.4f')}")
+        if self.evaluation is not None:
+            e = self.evaluation
+            grid.add_row(f"eval {eval_text(e)}", f"at step {e['global_step']:,} (iter {e['iteration']})")
         return grid
 
     def stop(self) -> None:

@@ -1,4 +1,4 @@
-"""The PPO objective of one minibatch, and PPO-penalty's adaptive beta.
+"""The PPO objective of one minibatch, PPO-penalty's adaptive beta and the adaptive learning rate.
 
 PPO-clip:    L = E[max(-A r, -A clip(r, 1 - eps, 1 + eps))]
 PPO-penalty: L = E[-A r] + beta * E_s[KL(pi_old(.|s) || pi(.|s))]
@@ -77,6 +77,21 @@ def gae_minibatch_loss(
     return ops.gae_ppo_loss(dist, *data, old_logits=cols["dist"], **common)
 
 
+def adapt_to_kl(value: float, kl: float, kl_min: float, kl_max: float, factor: float, low: float, high: float,
+                raises_kl: bool) -> float:
+    """The PPO paper's adaptive rule (section 4): after an update whose measured KL left [kl_min, kl_max],
+    move `value` by `factor` towards the KL target; then clamp it to [low, high].
+
+    raises_kl: whether a larger value makes the next update's KL larger (a step size: divided by factor
+    when KL > kl_max, multiplied when KL < kl_min) or smaller (a penalty coefficient: the other way).
+    A KL within the bounds, or NaN, leaves the value as it is (clamped)."""
+    if kl > kl_max:
+        value = value / factor if raises_kl else value * factor
+    elif kl < kl_min:
+        value = value * factor if raises_kl else value / factor
+    return min(max(value, low), high)
+
+
 @dataclass
 class AdaptiveKLCoef:
     """PPO paper, section 4: after each update, beta *= 2 if d > kl_max, beta /= 2 if d < kl_min.
@@ -99,11 +114,33 @@ class AdaptiveKLCoef:
         self.beta = min(max(beta, self.beta_min), self.beta_max)
 
     def update(self, kl: float) -> float:
-        if kl > self.kl_max:
-            self.set(self.beta * 2.0)
-        elif kl < self.kl_min:
-            self.set(self.beta / 2.0)
+        self.beta = adapt_to_kl(self.beta, kl, self.kl_min, self.kl_max, 2.0, self.beta_min, self.beta_max,
+                                raises_kl=False)
         return self.beta
+
+
+@dataclass
+class AdaptiveLR:
+    """--lr-schedule adaptive: the rule of :class:`AdaptiveKLCoef` applied to the step size. After each
+    update, lr /= factor if KL > kl_max, lr *= factor if KL < kl_min, within [lr_min, lr_max].
+
+    The KL is the exact mean KL(pi_old || pi_new) over the batch after the update, as PPO-penalty
+    measures it. rl_games' AdaptiveScheduler moves its learning rate by the same rule (factor 1.5,
+    bounds 1e-6 and 1e-2, the band [d / 2, 2 d]), after every minibatch or epoch on the minibatches'
+    KL; here it moves once per iteration, where the loop already reads the iteration's stats."""
+
+    lr: float
+    kl_min: float
+    kl_max: float
+    lr_min: float = 1e-6
+    lr_max: float = 1e-2
+    factor: float = 1.5
+
+    def update(self, kl: float) -> float:
+        """The learning rate of the next iteration, after an update whose KL was `kl`."""
+        self.lr = adapt_to_kl(self.lr, kl, self.kl_min, self.kl_max, self.factor, self.lr_min, self.lr_max,
+                              raises_kl=True)
+        return self.lr
 
 
 def policy_kl(

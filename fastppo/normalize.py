@@ -1,4 +1,5 @@
-"""Running normalisation of observations and rewards, on the training device (``--norm-obs``, ``--norm-reward``).
+"""Running normalisation of observations, rewards and value targets, on the training device (``--norm-obs``,
+``--norm-reward``, ``--norm-value``).
 
 CleanRL's ``ppo_continuous_action.py`` wraps its envs in gymnasium's NormalizeObservation,
 TransformObservation(clip 10), NormalizeReward(gamma) and TransformReward(clip 10); fastppo does the
@@ -13,12 +14,36 @@ same on the device, vectorised over envs, in the collectors:
   [-10, 10]. EnvPool's reset step (masked out of training) moves neither G nor the statistics.
   The scores fastppo reports stay the envs' raw rewards.
 
+Value normalisation (:class:`ValueNormalizer`, rl_games' ``normalize_value``; not in CleanRL, off by
+default) is the trainer's, not the collectors'. The critic learns the return in normalised units,
+(G - mean) / sqrt(var + 1e-8), with the running mean and variance of the returns; the network's value
+output is that normalised value wherever it is read. So:
+
+* The rollout's ``values`` (T + 1, N), which the Actor records from the network at collection time,
+  are normalised values. Right after collection the trainer de-normalises the whole tensor in one
+  op, ``values * std + mean`` with the statistics the acting weights were trained with, into the
+  trainer's own view of the rollout (``dataclasses.replace``: the collector's storage, whose rows an
+  async env's next segment or the next sync rollout starts from, is left as the network wrote it).
+  GAE, its bootstrap row T, the returns and the explained variance all see raw values.
+* The statistics then take in that rollout's returns (valid transitions only), once per iteration
+  before the update, as rl_games' ``prepare_dataset`` does (rl_games also adds the old values).
+* The update trains on targets normalised with the new statistics: the returns and the
+  collection-time values (whose value clip range, ``--clip-coef``, is then in normalised units) are
+  normalised once for the whole batch; with ``--advantages epoch`` the fresh value predictions are
+  de-normalised for GAE and its returns normalised. TRPO's critic trains on the same normalised
+  returns. The logged value loss is in normalised units.
+
+Under ``--overlap`` (and for the steps of an async segment that spans updates) the acting weights
+are one update older than the statistics that de-normalise their values; the statistics are running means
+over the whole run, so one rollout moves them by about 1 / (iterations so far).
+
 Statistics (:class:`RunningMeanStd`) are (count, mean, M2) in float64, merged with Chan et al.'s
 parallel formula, and start as gymnasium's do (count 1e-4, mean 0, variance 1). Each rank also
 keeps ``delta``, what it saw since the ranks last agreed; :meth:`Normalizers.sync` (once per
 iteration, a collective under torchrun) merges every rank's delta into the agreed statistics, rank
-by rank, so all ranks normalise alike. In a plain run the statistics are simply CleanRL's running
-ones.
+by rank, so all ranks normalise alike. The value statistics are merged as soon as they are updated
+(:meth:`ValueNormalizer.update`), so that every rank trains on the same targets. In a plain run
+the statistics are simply CleanRL's running ones.
 """
 
 from __future__ import annotations
@@ -154,25 +179,50 @@ class RewardScaler:
         return (reward * self.rms.inv_std).clamp_(-CLIP, CLIP).to(torch.float32)
 
 
-class Normalizers:
-    """The run's normalisers (either may be None): statistics synced per iteration and checkpointed."""
+class ValueNormalizer:
+    """--norm-value: the critic's targets in units of the running std of the returns (see the module)."""
 
-    def __init__(self, obs: ObsNormalizer | None, reward: RewardScaler | None):
+    def __init__(self, device: torch.device):
+        self.rms = RunningMeanStd((), device)
+
+    def update(self, returns: torch.Tensor, valid: torch.Tensor) -> None:
+        """Take in a rollout's returns (T, N) where valid (T, N); a collective under torchrun (every rank's
+        returns are merged at once, so all ranks normalise the update's targets alike)."""
+        self.rms.update(returns.reshape(-1), valid.reshape(-1))
+        self.rms.sync()
+
+    def normalize(self, values: torch.Tensor) -> torch.Tensor:
+        """(values - mean) / sqrt(var + 1e-8), computed in float64, in the dtype of values; not clipped."""
+        return ((values.double() - self.rms.mean) * self.rms.inv_std).to(values.dtype)
+
+    def denormalize(self, values: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`normalize`: values * sqrt(var + 1e-8) + mean, in the dtype of values."""
+        return (values.double() / self.rms.inv_std + self.rms.mean).to(values.dtype)
+
+
+class Normalizers:
+    """The run's normalisers (any may be None): statistics synced per iteration and checkpointed."""
+
+    def __init__(self, obs: ObsNormalizer | None, reward: RewardScaler | None, value: ValueNormalizer | None = None):
         self.obs = obs
         self.reward = reward
+        self.value = value
+
+    def _named(self) -> list[tuple[str, ObsNormalizer | RewardScaler | ValueNormalizer]]:
+        return [(name, norm) for name, norm in (("obs", self.obs), ("reward", self.reward), ("value", self.value))
+                if norm is not None]
 
     def sync(self) -> None:
-        """Agree on the statistics across ranks (a collective under torchrun; local merge otherwise)."""
+        """Agree on the collectors' statistics across ranks (a collective under torchrun; local merge
+        otherwise). The value statistics agree already: ValueNormalizer.update merges them."""
         for norm in (self.obs, self.reward):
             if norm is not None:
                 norm.rms.sync()
 
     def state_dict(self) -> dict:
         """The statistics, for the checkpoint (the same on every rank after sync)."""
-        return {name: norm.rms.state_dict() for name, norm in (("obs", self.obs), ("reward", self.reward))
-                if norm is not None}
+        return {name: norm.rms.state_dict() for name, norm in self._named()}
 
     def load_state_dict(self, state: dict) -> None:
-        for name, norm in (("obs", self.obs), ("reward", self.reward)):
-            if norm is not None:
-                norm.rms.load_state_dict(state[name])
+        for name, norm in self._named():
+            norm.rms.load_state_dict(state[name])

@@ -3,15 +3,23 @@
 Runs are grouped twice:
 
 * by env (config.json's ``env_id``): one row of panels per env, the env named in the row's title;
-* within an env, by config: runs whose config.json differ only in ``seed``, in the run folder's name
+* within an env, by setting: runs whose config.json differ only in ``seed``, in the run folder's name
   (``run_dir``, ``exp_name``) and in the flags a resume may change (``config.RESUME_FLAGS``: length,
-  logging, device, threads) are one group, the seeds of one setting. A group is drawn as its mean
-  curve and a band from the lowest to the highest seed (min-max), on a common x grid: each seed's
-  curve is interpolated onto it, over the range where every seed has data. Options the run's algorithm
-  does not read (PPO's for a TRPO run, PPO-penalty's for PPO-clip, TRPO's for PPO) are not part of
-  its setting, and a field an older config.json lacks counts as its default. A group is labelled by
-  the config fields that differ between the groups of its env (``loss=penalty``; ``algo=trpo``), or
-  by its exp_name (one seed: its run folder's name) when its env has one group.
+  logging, device, threads) are one group, the runs of one setting. One folder is one run, however
+  many launches (resumes) it took. Options the run's algorithm does not read (PPO's for a TRPO run,
+  PPO-penalty's for PPO-clip, TRPO's for PPO) are not part of its setting, and a field an older
+  config.json lacks counts as its default. A group is labelled by the config fields that differ
+  between the groups of its env (``loss=penalty``; ``algo=trpo``), or by its exp_name (one run: its
+  folder's name) when its env has one group, and by its seeds; two folders of one setting with the
+  same seed are two runs, said in the label and in a warning (:func:`same_seed_warnings`), not
+  counted as two seeds.
+
+A group of several runs is drawn as each run's own curve (thin, to its own end: runs of different
+lengths are not cut) and their mean (thick) where enough of them have data (:func:`enough`: half of
+them, 2 at least); each run's curve is interpolated onto a common x grid over its own range. The band
+around the mean is, with --band ci (default), the 95% percentile-bootstrap confidence interval of the
+mean over the runs that have data there (:func:`bootstrap_ci`; 3 runs at least, fewer get no band)
+and, with --band minmax, the lowest to the highest run.
 
 Three panels per row: the recent return (``charts/recent_return``, the mean of the last
 --target-return-games full games, None until that many games ended) against agent steps and
@@ -33,11 +41,12 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import tyro
 
-from fastppo.config import IDENTITY_EXCLUDED, Config, ConfigError, read_config, unread_options
+from fastppo.config import IDENTITY_EXCLUDED, Config, ConfigError, read_config, unread_options, with_added_fields
 from fastppo.logger import read_metrics
 
 
@@ -49,6 +58,9 @@ class PlotConfig:
     """run folders (runs/<name> ...), each with config.json and metrics.jsonl"""
     out: str = "plot.png"
     """PNG file to write"""
+    band: Literal["ci", "minmax"] = "ci"
+    """the band around a setting's mean over its runs: ci = the 95% bootstrap confidence interval of
+    the mean (3 runs or more), minmax = from the lowest to the highest run (2 or more)"""
 
 
 # config.json fields that do not make two runs different settings: the seed, the folder's name, the flags
@@ -61,7 +73,8 @@ DEFAULTS = {f.name: f.default for f in dataclasses.fields(Config) if f.default i
 METRICS = ("charts/recent_return", "time/elapsed", "perf/iteration", "eval/episodic_return")
 MAX_POINTS = 400  # points of a group's common grid; a run's own x values are used when fewer
 SMOOTH_ABOVE = 200  # iterations: longer runs draw their steps/s as a moving mean over 1% of their iterations
-BAND = "band: min-max over seeds"
+BOOTSTRAP_SAMPLES = 2000  # resamples of the runs per x: the CI's ends move by well under 1% of its width
+CI_MIN_RUNS = 3  # fewer runs give no confidence interval worth drawing (their own curves show them)
 
 
 @dataclass
@@ -78,8 +91,8 @@ class Run:
     def setting(self) -> dict:
         """The config fields that make this run's setting: everything but NOT_A_SETTING and the options its
         algorithm does not read; a field missing from an older config.json counts as its default."""
-        config = {**DEFAULTS, **self.config}
-        unused = unread_options(config.get("algo"), config.get("loss"))
+        config = with_added_fields({**DEFAULTS, **self.config})
+        unused = unread_options(config.get("algo"), config.get("loss"), config.get("lr_schedule"))
         return {k: v for k, v in config.items() if k not in NOT_A_SETTING and k not in unused}
 
     def series(self, x: str, y: str) -> tuple[np.ndarray, np.ndarray]:
@@ -218,28 +231,69 @@ def _seeds(runs: list[Run]) -> str:
     seeds = [r.config.get("seed") for r in runs]
     if len(runs) == 1:
         return f"seed {seeds[0]}"
-    if len(set(seeds)) == len(seeds) and all(isinstance(s, int) for s in seeds):
-        return f"{len(runs)} seeds: {', '.join(map(str, sorted(seeds)))}"
-    return f"{len(runs)} runs"
+    listed = ", ".join(map(str, sorted(seeds, key=str)))
+    twice = sorted({s for s in seeds if seeds.count(s) > 1}, key=str)
+    if not twice:
+        return f"{len(runs)} seeds: {listed}"
+    return f"{len(runs)} runs: seeds {listed}; the same seed {', '.join(map(str, twice))} in several folders"
+
+
+def same_seed_warnings(runs: list[Run]) -> list[str]:
+    """One line per seed that two or more folders of one setting share: they are drawn as that many runs of
+    the setting (their folders may be copies, or a run and its rerun), which the reader should know."""
+    out = []
+    for env_runs in by_env(runs).values():
+        for group in groups_of(env_runs):
+            by_seed: dict = {}
+            for run in group.runs:
+                by_seed.setdefault(run.config.get("seed"), []).append(run.path)
+            out += [f"{' and '.join(paths)} have the same setting and seed {seed}: drawn as {len(paths)} runs, "
+                    f"not {len(paths)} seeds" for seed, paths in by_seed.items() if len(paths) > 1]
+    return out
 
 
 # --- curves ----------------------------------------------------------------------------------------
 
 
-def common_grid(curves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray] | None:
-    """(x, ys[seed, x]): every curve interpolated onto one grid over the range all of them cover (their
-    own x values there, or MAX_POINTS evenly spaced when more); None when they share no range (or one
-    of them has no point at all)."""
-    if not curves or any(len(x) == 0 for x, _ in curves):
+def on_grid(curves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(x, ys[run, x]): every curve interpolated onto one grid over the range any of them covers (their own
+    x values, or MAX_POINTS evenly spaced when more), NaN where a run has no data (before its first or past
+    its last point); None when no curve has a point."""
+    curves = [(x[order], y[order]) for x, y in curves if len(x) for order in [np.argsort(x, kind="stable")]]
+    if not curves:
         return None
-    curves = [(x[order], y[order]) for x, y in curves for order in [np.argsort(x, kind="stable")]]
-    lo, hi = max(x[0] for x, _ in curves), min(x[-1] for x, _ in curves)
-    if lo > hi:
-        return None
-    grid = np.unique(np.concatenate([x[(x >= lo) & (x <= hi)] for x, _ in curves]))
+    grid = np.unique(np.concatenate([x for x, _ in curves]))
     if len(grid) > MAX_POINTS:
-        grid = np.linspace(lo, hi, MAX_POINTS)
-    return grid, np.stack([np.interp(grid, x, y) for x, y in curves])
+        grid = np.linspace(grid[0], grid[-1], MAX_POINTS)
+    ys = np.stack([np.where((grid >= x[0]) & (grid <= x[-1]), np.interp(grid, x, y), np.nan) for x, y in curves])
+    return grid, ys
+
+
+def enough(runs: int) -> int:
+    """Runs that must have data at an x for a group's mean (and band) to be drawn there: half of them, 2 at
+    least, so that the mean is not one run's curve and one run stopping early does not end it."""
+    return max(2, math.ceil(runs / 2))
+
+
+def bootstrap_ci(ys: np.ndarray, confidence: float = 0.95, samples: int = BOOTSTRAP_SAMPLES,
+                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile-bootstrap confidence interval of the mean over runs at each x: ys is (runs, x), NaN where a
+    run has no data. At each x the runs that have data are resampled with replacement `samples` times, and
+    the interval holds the middle `confidence` of the resampled means. Seeded: a figure is drawn the same
+    every time. NaN where fewer than CI_MIN_RUNS runs have data."""
+    rng = np.random.default_rng(seed)
+    lo, hi = np.full(ys.shape[1], np.nan), np.full(ys.shape[1], np.nan)
+    have = ~np.isnan(ys)
+    for mask in sorted({tuple(col) for col in have.T}):  # the x columns with the same runs resample together
+        rows = np.flatnonzero(mask)
+        if len(rows) < CI_MIN_RUNS:
+            continue
+        cols = np.flatnonzero((have.T == mask).all(1))
+        picks = rng.integers(0, len(rows), (samples, len(rows)))
+        weights = (picks[:, :, None] == np.arange(len(rows))).sum(1) / len(rows)  # (samples, runs)
+        means = weights @ ys[np.ix_(rows, cols)]  # (samples, x): the mean of each resample
+        lo[cols], hi[cols] = np.quantile(means, [(1 - confidence) / 2, (1 + confidence) / 2], axis=0)
+    return lo, hi
 
 
 def time_unit(seconds: float) -> tuple[str, float]:
@@ -268,9 +322,9 @@ def si_label(v: float, _pos=None) -> str:
 # --- drawing ---------------------------------------------------------------------------------------
 
 
-def figure(runs: list[Run]):
+def figure(runs: list[Run], band: str = "ci"):
     """The matplotlib Figure: one subfigure per env (suptitle: the env), three panels each, a legend
-    below each row."""
+    below each row. band: "ci" or "minmax" (PlotConfig.band)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -290,17 +344,18 @@ def figure(runs: list[Run]):
         unit, per = time_unit(max((m.get("time/elapsed") or 0.0 for r in env_runs for m in r.lines), default=0.0))
         windows = set()
         handles = []
-        evals = bands = False
+        banded: set[int] = set()  # the run counts of the groups drawn with a band
+        evals = False
         for i, group in enumerate(groups):
             color = f"C{i % 10}"
             handles.append(Line2D([], [], color=color, lw=2, label=group.label))
             for ax, x_name, scale in ((ax_steps, "global_step", 1.0), (ax_time, "time/elapsed", per)):
                 curves = [r.series(x_name, "charts/recent_return") for r in group.runs]
-                bands |= _draw(ax, curves, color, scale)
+                banded |= _draw(ax, curves, color, scale, band)
                 evals |= _draw_evals(ax, group.runs, x_name, color, scale)
             speeds = [r.speed() for r in group.runs]
             windows |= {w for _, _, w in speeds}
-            bands |= _draw(ax_speed, [(x, y) for x, y, _ in speeds], color, 1.0)
+            banded |= _draw(ax_speed, [(x, y) for x, y, _ in speeds], color, 1.0, band)
         games = {r.config.get("target_return_games", 10) for r in env_runs}
         recent = f"recent return (mean of the last {games.pop()} games)" if len(games) == 1 else "recent return"
         ax_steps.set(xlabel="agent steps", ylabel=recent, title="recent return vs agent steps")
@@ -316,35 +371,58 @@ def figure(runs: list[Run]):
             ax.xaxis.set_major_formatter(FuncFormatter(si_label))
         ax_speed.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
         ax_speed.set_ylim(bottom=0)
-        if bands:
-            handles.append(Patch(facecolor="0.5", alpha=0.25, label=BAND))
+        if any(len(g.runs) > 1 for g in groups):
+            handles.append(Line2D([], [], color="0.4", lw=0.8, alpha=0.6, label="thin: each run, to its own end"))
+        if banded:
+            distinct = all(len({r.config.get("seed") for r in g.runs}) == len(g.runs) for g in groups)
+            unit = "seeds" if distinct else "runs"
+            handles.append(Patch(facecolor="0.5", alpha=0.25, label=band_label(band, banded, unit)))
         if evals:
             handles.append(Line2D([], [], color="0.3", marker="D", ls="none", ms=5,
-                                  label="eval/episodic_return (mean over the seeds that evaluated)"))
+                                  label="eval/episodic_return (mean over the runs that evaluated)"))
         row.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4), fontsize=9,
                    frameon=False)
     return fig
 
 
-def _draw(ax, curves: list[tuple[np.ndarray, np.ndarray]], color: str, scale: float) -> bool:
-    """A group's mean curve (and min-max band with several seeds) on ax; whether a band was drawn."""
-    grid = common_grid(curves)
+def band_label(band: str, counts: set[int], unit: str) -> str:
+    """The legend's entry for the bands of a row whose banded groups have `counts` runs; unit: "seeds", or
+    "runs" where two runs of a setting share a seed."""
+    over = f"{next(iter(counts))} {unit}" if len(counts) == 1 else f"each setting's {unit}"
+    return f"mean, 95% bootstrap CI over {over}" if band == "ci" else f"mean, min-max over {over}"
+
+
+def _draw(ax, curves: list[tuple[np.ndarray, np.ndarray]], color: str, scale: float, band: str) -> set[int]:
+    """A group's curves on ax: one run's as a thick line; several runs' each thin to its own end, and their
+    mean (thick) and band where enough of them have data. {the group's run count} when a band was drawn."""
+    grid = on_grid(curves)
     if grid is None:
-        return False
+        return set()
     x, ys = grid
     x = x / scale
-    if len(x) == 1:
-        ax.plot(x, ys.mean(0), "o", color=color, ms=4)
-    else:
-        ax.plot(x, ys.mean(0), color=color, lw=1.8)
-    if len(ys) > 1:
-        ax.fill_between(x, ys.min(0), ys.max(0), color=color, alpha=0.2, lw=0)
-        return True
-    return False
+    style = dict(marker="o", ls="none", ms=4) if len(x) == 1 else {}
+    if len(ys) == 1:
+        ax.plot(x, ys[0], color=color, lw=1.8, **style)
+        return set()
+    for y in ys:
+        ax.plot(x, y, color=color, lw=0.8, alpha=0.45, **style)  # NaN where the run has no data: not drawn
+    have = (~np.isnan(ys)).sum(0)
+    shown = have >= enough(len(ys))
+    mean = np.divide(np.nansum(ys, 0), have, out=np.full(len(x), np.nan), where=shown)
+    ax.plot(x, mean, color=color, lw=2, **style)
+    if band == "ci":
+        lo, hi = bootstrap_ci(ys)
+    else:  # fmin / fmax skip the NaN of runs without data there
+        lo, hi = np.fmin.reduce(ys, axis=0), np.fmax.reduce(ys, axis=0)
+    lo, hi = np.where(shown, lo, np.nan), np.where(shown, hi, np.nan)
+    if not np.isfinite(lo).any():
+        return set()
+    ax.fill_between(x, lo, hi, where=np.isfinite(lo), color=color, alpha=0.2, lw=0)
+    return {len(ys)}
 
 
 def _draw_evals(ax, runs: list[Run], x_name: str, color: str, scale: float) -> bool:
-    """eval/episodic_return markers: at each global_step some seed evaluated, the mean over those seeds
+    """eval/episodic_return markers: at each global_step some run evaluated, the mean over those runs
     (x: the step, or the mean of their times); whether any was drawn."""
     at: dict[int, list[tuple[float | None, float]]] = {}
     for run in runs:
@@ -367,9 +445,13 @@ def plot_runs(pcfg: PlotConfig) -> str:
         raise ConfigError("fastppo plot needs at least one run folder")
     check_out(pcfg.out)
     runs = load_runs(pcfg.runs)
+    import sys
+
     import matplotlib.pyplot as plt
 
-    fig = figure(runs)
+    for line in same_seed_warnings(runs):
+        print(f"fastppo: warning: {line}", file=sys.stderr)
+    fig = figure(runs, pcfg.band)
     try:
         fig.savefig(pcfg.out, dpi=100)
     except OSError as e:

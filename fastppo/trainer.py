@@ -3,13 +3,16 @@
 Plain functions over plain tensors, in CleanRL's order (:func:`_loop`):
 
     for iteration in first..num_iterations:
-        anneal the learning rate
+        set the learning rate                      # annealed, constant, or the adaptive rule's
         buf = collection.next()                    # envs -> rollout storage on the device
+        [--norm-value] de-normalise buf's values
         compute_advantages(buf, ops.gae, ...)      # GAE, once per rollout
+        [--norm-value] returns -> statistics; normalise the targets
         stats = update(policy, optimizer, buf)     # K epochs of minibatches (PPO-clip or -penalty),
                                                    #   or trpo.trpo_update (--algo trpo)
         collection.refresh(policy)                 # what acts next (--overlap: theta' <- theta)
         [penalty] beta <- adaptive rule(KL)        # once per iteration, after the epochs
+        [--lr-schedule adaptive] lr <- the same rule, on the step size
         [--eval-every] evaluate                    # full games on a separate pool; best.pt
         log the iteration; stop or save
 
@@ -25,6 +28,7 @@ Under torchrun each rank runs this loop on its own envs; see ``distributed`` for
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import random
@@ -59,7 +63,9 @@ from fastppo.config import (
     check_options_read,
     check_types,
     default_run_dir,
+    env_id_notice,
     env_kind,
+    given_fields,
     host_memory_available,
     read_config,
     resolve,
@@ -67,13 +73,14 @@ from fastppo.config import (
     run_identity,
     save_config,
     training_device,
+    with_env_id,
 )
 from fastppo.distributed import World
 from fastppo.envs import EnvInfo, env_info, make_envs
 from fastppo.evaluate import check_video, eval_metrics
 from fastppo.logger import RecentReturns, RunLogger, command_line, keep_metrics_until, write_model_card
-from fastppo.loss import AdaptiveKLCoef, gae_minibatch_loss, minibatch_loss, policy_kl
-from fastppo.normalize import Normalizers, ObsNormalizer, RewardScaler
+from fastppo.loss import AdaptiveKLCoef, AdaptiveLR, gae_minibatch_loss, minibatch_loss, policy_kl
+from fastppo.normalize import Normalizers, ObsNormalizer, RewardScaler, ValueNormalizer
 from fastppo.perf import PHASES, PhaseTimer, learner_forward
 from fastppo.policy import make_policy
 from fastppo.presets import apply_preset
@@ -116,15 +123,21 @@ def value_predictions(policy: nn.Module, buf: Rollout, chunk: int) -> torch.Tens
     return torch.cat(values).view(T + 1, N)
 
 
-def sample_minibatches(policy: nn.Module, buf: Rollout, cfg: Config, ops: kernels.Ops, kl_coef: float):
+def sample_minibatches(policy: nn.Module, buf: Rollout, cfg: Config, ops: kernels.Ops, kl_coef: float,
+                       value_norm: ValueNormalizer | None = None):
     """One epoch of CleanRL's minibatches: shuffled samples of the flattened rollout.
 
-    Yields (loss, stats) per minibatch; the caller steps the optimizer before the next one.
+    Yields (loss, stats) per minibatch; the caller steps the optimizer before the next one. value_norm
+    (--norm-value): the predictions are normalised values, de-normalised for GAE (--advantages epoch).
     """
     b = flatten(buf)
     if cfg.advantages == "epoch":  # GAE again, from the current value predictions
-        advantages, returns = ops.gae(buf.rewards, value_predictions(policy, buf, cfg.minibatch_size),
-                                      buf.terminated, buf.truncated, cfg.gamma, cfg.gae_lambda)
+        values = value_predictions(policy, buf, cfg.minibatch_size)
+        if value_norm is not None:
+            values = value_norm.denormalize(values)
+        advantages, returns = ops.gae(buf.rewards, values, buf.terminated, buf.truncated, cfg.gamma, cfg.gae_lambda)
+        if value_norm is not None:
+            returns = value_norm.normalize(returns)
         b["advantages"], b["returns"] = advantages.reshape(-1), returns.reshape(-1)
     perm = torch.randperm(cfg.batch_size, device=b["actions"].device)
     for start in range(0, cfg.batch_size, cfg.minibatch_size):
@@ -138,7 +151,8 @@ def env_minibatches(policy: nn.Module, buf: Rollout, cfg: Config, ops: kernels.O
     """One epoch of minibatches made of whole env columns, (T, n) each.
 
     With --advantages epoch, each minibatch recomputes its columns' GAE from the values the forward
-    pass just predicted (bootstrap row included) inside one fused GAE + loss op.
+    pass just predicted (bootstrap row included) inside one fused GAE + loss op (not with --norm-value,
+    whose GAE needs de-normalised values and whose loss the normalised ones: config.validate refuses it).
     """
     T, N = buf.rewards.shape
     n = N // cfg.num_minibatches
@@ -168,17 +182,22 @@ def update(
     cfg: Config,
     ops: kernels.Ops,
     kl_coef: float,
+    value_norm: ValueNormalizer | None = None,
 ) -> dict[str, torch.Tensor]:
     """K epochs of minibatches over the rollout (--minibatch-by sample or env).
 
-    Returns detached 0-dim stats of the last minibatch (as CleanRL logs them) with clipfrac averaged
-    over all minibatches, and the number of epochs run.
+    With --norm-value, buf's values and returns are the normalised targets (:func:`normalized_targets`)
+    and value_norm is the normaliser. Returns detached 0-dim stats of the last minibatch (as CleanRL
+    logs them) with clipfrac averaged over all minibatches, and the number of epochs run.
     """
-    minibatches = env_minibatches if cfg.minibatch_by == "env" else sample_minibatches
     clipfracs = []
     epochs_run = 0
     for _epoch in range(cfg.update_epochs):
-        for loss, stats in minibatches(policy, buf, cfg, ops, kl_coef):
+        if cfg.minibatch_by == "env":
+            minibatches = env_minibatches(policy, buf, cfg, ops, kl_coef)
+        else:
+            minibatches = sample_minibatches(policy, buf, cfg, ops, kl_coef, value_norm)
+        for loss, stats in minibatches:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
@@ -197,11 +216,12 @@ def update(
 
 
 def rollout_stats(buf: Rollout, forward: nn.Module, cfg: Config) -> dict[str, torch.Tensor]:
-    """After the update: explained variance of the rollout's values; for PPO-penalty the exact KL between
-    the behaviour policy and the updated one over the whole batch (it drives beta). 0-dim tensors."""
+    """After the update: explained variance of the rollout's values (raw, with --norm-value); for
+    PPO-penalty and --lr-schedule adaptive the exact KL between the behaviour policy and the updated one
+    over the whole batch (it drives beta and the learning rate). 0-dim tensors."""
     out = {"explained_variance": explained_variance(buf.values[:-1].reshape(-1), buf.returns.reshape(-1),
                                                     buf.valid.reshape(-1))}
-    if cfg.loss == "penalty":
+    if cfg.loss == "penalty" or cfg.lr_schedule == "adaptive":
         b = flatten(buf)
         out["kl"] = policy_kl(forward, b["obs"], b["dist"], b["valid"], cfg.minibatch_size, dist_kind(buf))
     return out
@@ -246,11 +266,33 @@ class Progress:
         return int((self.global_step - self.start_step) / max(time.time() - self.start_time - self.eval_time, 1e-9))
 
 
-def anneal_lr(optimizer: torch.optim.Optimizer, cfg: Config, iteration: int) -> float:
-    """CleanRL's linear schedule: lr * (1 - (iteration - 1) / num_iterations) with --anneal-lr."""
-    if cfg.anneal_lr:
+def set_learning_rate(optimizer: torch.optim.Optimizer, cfg: Config, iteration: int,
+                      lr_ctl: AdaptiveLR | None) -> float:
+    """This iteration's learning rate, set on the optimizer and returned. anneal: CleanRL's linear schedule,
+    lr * (1 - (iteration - 1) / num_iterations); constant: --learning-rate as it is; adaptive: lr_ctl's,
+    which the previous iteration's KL moved."""
+    if cfg.lr_schedule == "anneal":
         optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / cfg.num_iterations) * cfg.learning_rate
+    elif cfg.lr_schedule == "adaptive":
+        optimizer.param_groups[0]["lr"] = lr_ctl.lr
     return optimizer.param_groups[0]["lr"]
+
+
+def raw_values(buf: Rollout, value_norm: ValueNormalizer | None) -> Rollout:
+    """The trainer's view of a collected rollout: with --norm-value its values (T + 1, N), which the network
+    gave in normalised units, de-normalised in one op into a new tensor (the collector's storage keeps
+    what the network wrote: see fastppo.normalize). buf itself without --norm-value."""
+    if value_norm is None:
+        return buf
+    return dataclasses.replace(buf, values=value_norm.denormalize(buf.values))
+
+
+def normalized_targets(buf: Rollout, value_norm: ValueNormalizer | None) -> Rollout:
+    """What the update trains on: with --norm-value the returns and the collection-time values (raw in buf)
+    normalised with the statistics, for the whole batch at once; the advantages stay as GAE gave them."""
+    if value_norm is None:
+        return buf
+    return dataclasses.replace(buf, values=value_norm.normalize(buf.values), returns=value_norm.normalize(buf.returns))
 
 
 def check_finite(values: dict[str, float], progress: Progress, run_dir: str) -> None:
@@ -367,8 +409,9 @@ def save_due(cfg: Config, iteration: int, stopping: str | None) -> bool:
 
 def checkpoint_state(cfg: Config, policy: nn.Module, optimizer: torch.optim.Optimizer, progress: Progress,
                      kl_ctl: AdaptiveKLCoef, collection: Collection, recent: RecentReturns,
-                     command: str) -> dict | None:
-    """Everything the loop needs to go on; the LR follows from the iteration and the config.
+                     command: str, lr_ctl: AdaptiveLR | None = None) -> dict | None:
+    """Everything the loop needs to go on. The LR follows from the iteration and the config, except with
+    --lr-schedule adaptive, whose next LR is state (``adaptive_lr``).
 
     Under torchrun every rank calls it (a collective) and rank 0 gets the state, others None: the
     model, optimizer and beta are the same on every rank; ``actions`` (sync collection only: the
@@ -399,6 +442,8 @@ def checkpoint_state(cfg: Config, policy: nn.Module, optimizer: torch.optim.Opti
         "command": command,  # how the run was started, for its model card
         "normalizer": collection.collector.norms.state_dict(),  # synced: the same on every rank
     }
+    if lr_ctl is not None:
+        state["adaptive_lr"] = lr_ctl.lr  # the next iteration's, after this one's KL moved it
     if cfg.world_size > 1:
         state["rank_rng"] = rngs
     return state
@@ -440,11 +485,11 @@ def versions() -> dict[str, str]:
 
 
 def restore(state: dict, policy: nn.Module, optimizer: torch.optim.Optimizer, kl_ctl: AdaptiveKLCoef,
-            collection: Collection, rank: int = 0) -> None:
+            collection: Collection, rank: int = 0, lr_ctl: AdaptiveLR | None = None) -> None:
     """Put the loop back where the checkpoint was taken.
 
-    Model, optimizer, beta and the normalisers' statistics (and each env's discounted return) are
-    loaded. Sync collection: the envs, freshly made with the run's seed,
+    Model, optimizer, beta, the adaptive learning rate and the normalisers' statistics (and each env's
+    discounted return) are loaded. Sync collection: the envs, freshly made with the run's seed,
     replay every action of the run (EnvPool cannot save an env's state), which rebuilds their state,
     the next observation and the running game scores exactly. Async/overlap collection: the envs
     were made with fresh seeds (see :func:`prepare_resume`); the acting generator is restored. The
@@ -454,6 +499,8 @@ def restore(state: dict, policy: nn.Module, optimizer: torch.optim.Optimizer, kl
     policy.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     kl_ctl.set(state["kl_coef"])
+    if lr_ctl is not None:
+        lr_ctl.lr = state["adaptive_lr"]  # check_loadable made sure it is there
     norms = collection.collector.norms
     norms.load_state_dict(state.get("normalizer", {}))  # before the replay, which normalises with them
     own = state["collection"][rank] if "collection" in state else {}
@@ -516,9 +563,11 @@ def prepare(cfg: Config, world: World | None = None) -> Prepared:
     """
     world = world or World()
     check_types(cfg)
-    check_options_read(cfg)
+    cfg = with_env_id(cfg)
     info = env_info(cfg.env_id, cfg.env_kwargs)
-    cfg = resolve(apply_preset(cfg, env_kind(info)), info, world.size)
+    cfg = apply_preset(cfg, env_kind(info))
+    check_options_read(cfg)  # with the preset's values: a preset may set what decides which options are read
+    cfg = resolve(cfg, info, world.size)
     device = place(cfg, info, world)
     return Prepared(cfg, info, device, select_ops(cfg, device))
 
@@ -594,15 +643,17 @@ def make_optimizer(policy: nn.Module, cfg: Config) -> torch.optim.Optimizer:
 
 
 def make_normalizers(cfg: Config, info: EnvInfo, device: torch.device) -> Normalizers:
-    """The run's observation normaliser and reward scaler (--norm-obs, --norm-reward), on device."""
+    """The run's observation normaliser, reward scaler and value normaliser (--norm-obs, --norm-reward,
+    --norm-value), on device. The collectors use the first two; the trainer reads ``value``."""
     return Normalizers(ObsNormalizer(info.obs_shape, device) if cfg.norm_obs else None,
-                       RewardScaler(cfg.num_envs, cfg.gamma, device) if cfg.norm_reward else None)
+                       RewardScaler(cfg.num_envs, cfg.gamma, device) if cfg.norm_reward else None,
+                       ValueNormalizer(device) if cfg.norm_value else None)
 
 
 def check_loadable(state: dict, info: EnvInfo, cfg: Config) -> None:
     """CheckpointError unless the checkpoint's model, optimizer state, action log (every action one the
-    env takes), normalisation statistics and per-rank collection state load into this run's networks,
-    envs and collectors."""
+    env takes), normalisation statistics, adaptive learning rate and per-rank collection state load into
+    this run's networks, envs and collectors."""
     policy = make_policy(info)
     expected = {k: tuple(v.shape) for k, v in policy.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state["model"].items()}
@@ -623,6 +674,11 @@ def check_loadable(state: dict, info: EnvInfo, cfg: Config) -> None:
     wrong = bad_actions(state["actions"], info.num_actions, info.continuous)
     if wrong is not None:
         raise CheckpointError(f"{state['path']!r} is damaged: its {wrong}")
+    if cfg.lr_schedule == "adaptive":
+        lr = state.get("adaptive_lr")
+        if not (isinstance(lr, float) and cfg.lr_min <= lr <= cfg.lr_max):
+            raise CheckpointError(f"{state['path']!r} is damaged: its adaptive learning rate {lr!r} is not a number "
+                                  f"in [--lr-min, --lr-max] = [{cfg.lr_min}, {cfg.lr_max}]")
     norms = make_normalizers(cfg, info, torch.device("cpu"))
     try:
         norms.load_state_dict(state.get("normalizer", {}))
@@ -692,6 +748,8 @@ class Session:
     optimizer: torch.optim.Optimizer
     collection: Collection
     kl_ctl: AdaptiveKLCoef
+    lr_ctl: AdaptiveLR | None  # --lr-schedule adaptive
+    value_norm: ValueNormalizer | None  # --norm-value; the run's Normalizers (the collectors') hold it too
     recent: RecentReturns
     progress: Progress
     timer: PhaseTimer
@@ -729,12 +787,15 @@ def build(prepared: Prepared, world: World) -> Session:
     except BaseException:
         envs.close()
         raise
+    lr_ctl = (AdaptiveLR(cfg.learning_rate, cfg.kl_min, cfg.kl_max, cfg.lr_min, cfg.lr_max, cfg.lr_factor)
+              if cfg.lr_schedule == "adaptive" else None)
     session = Session(policy, forward, distributed.wrap_model(forward, device), optimizer, collection,
-                      AdaptiveKLCoef(cfg.kl_coef, cfg.kl_min, cfg.kl_max, cfg.kl_coef_min, cfg.kl_coef_max),
-                      RecentReturns(cfg.target_return_games), Progress(), PhaseTimer(device), collect_timer)
+                      AdaptiveKLCoef(cfg.kl_coef, cfg.kl_min, cfg.kl_max, cfg.kl_coef_min, cfg.kl_coef_max), lr_ctl,
+                      norms.value, RecentReturns(cfg.target_return_games), Progress(), PhaseTimer(device),
+                      collect_timer)
     if state is not None:
         try:
-            restore(state, policy, optimizer, session.kl_ctl, collection, world.rank)
+            restore(state, policy, optimizer, session.kl_ctl, collection, world.rank, lr_ctl)
         except BaseException:
             collection.close()
             raise
@@ -788,8 +849,13 @@ def start_outputs(cfg: Config, prepared: Prepared, folder: RunFolder):
     """Rank 0: config.json (a resume keeps its metrics up to the checkpoint), metrics logger, W&B."""
     run_dir = cfg.run_dir
     folder.check()  # still the folder it locked (RunFolder.check)
+    notice = env_id_notice(cfg) if prepared.resume is None else None
+    if notice is not None:
+        print(f"fastppo: {notice}", flush=True)
     steps = cfg.num_iterations * cfg.global_batch_size
-    if steps != cfg.total_timesteps:  # said once, so that a shorter run than asked is no surprise
+    # Said once, so that a shorter run than asked is no surprise; only when the caller asked for a number of
+    # steps: every default budget (and a preset's) rounds down with the default sizes, as CleanRL's does.
+    if steps != cfg.total_timesteps and "total_timesteps" in given_fields(cfg):
         print(f"fastppo: --total-timesteps {cfg.total_timesteps:,} rounds down to {cfg.num_iterations} iteration(s) of "
               f"{cfg.global_batch_size:,} steps: training {steps:,} steps", flush=True)
     with write_errors(run_dir):
@@ -836,19 +902,23 @@ def _loop(cfg: Config, prepared: Prepared, s: Session, logger, tracker, stop: St
         for iteration in range(progress.iteration + 1, cfg.num_iterations + 1):
             t_start = time.perf_counter()
             progress.iteration = iteration
-            lr = anneal_lr(s.optimizer, cfg, iteration)
+            lr = set_learning_rate(s.optimizer, cfg, iteration, s.lr_ctl)
             logger.phase("collect")
             buf = s.collection.next()  # envs -> rollout storage
             t_collected = time.perf_counter()  # collection ends synchronised: each step waits for its actions
             logger.phase("update")
             kl_coef = s.kl_ctl.beta
             with s.timer.phase("gae"):
+                buf = raw_values(buf, s.value_norm)
                 compute_advantages(buf, ops.gae, cfg.gamma, cfg.gae_lambda)
+                if s.value_norm is not None:
+                    s.value_norm.update(buf.returns, buf.valid)
             with s.timer.phase("update"):
+                targets = normalized_targets(buf, s.value_norm)
                 if cfg.algo == "trpo":
-                    stats = trpo_update(s.policy, s.forward, s.optimizer, buf, cfg)
+                    stats = trpo_update(s.policy, s.forward, s.optimizer, targets, cfg)
                 else:
-                    stats = update(s.train_forward, s.optimizer, buf, cfg, ops, kl_coef)
+                    stats = update(s.train_forward, s.optimizer, targets, cfg, ops, kl_coef, s.value_norm)
                 stats.update(rollout_stats(buf, s.forward, cfg), params_finite=params_finite(s.policy))
             s.collection.refresh(s.policy)
             with s.timer.phase("logging", host=True):
@@ -858,8 +928,12 @@ def _loop(cfg: Config, prepared: Prepared, s: Session, logger, tracker, stop: St
             check_finite(values, progress, run_dir)
             if folder is not None:
                 folder.check()
+            # beta and the adaptive learning rate move on the KL averaged over the ranks (host_values): the
+            # same decision on every rank, taken where the iteration syncs anyway
             if cfg.loss == "penalty":
                 s.kl_ctl.update(values["kl"])
+            if s.lr_ctl is not None:
+                s.lr_ctl.update(values["kl"])
             games = distributed.all_games(*buf.games)  # the games of every rank
             s.recent.extend(games[0])
             metrics = iteration_metrics(cfg, progress, lr, kl_coef, values, games, s.recent)
@@ -878,13 +952,10 @@ def _loop(cfg: Config, prepared: Prepared, s: Session, logger, tracker, stop: St
                     folder.check()
                 with write_errors(run_dir):
                     path = save(cfg, prepared.info, checkpoint_state(cfg, s.policy, s.optimizer, progress, s.kl_ctl,
-                                                                     s.collection, s.recent, prepared.command),
-                                progress, metrics)
+                                                                     s.collection, s.recent, prepared.command,
+                                                                     s.lr_ctl), progress, metrics)
             if reason is not None:
                 break
-        if reason == "target_return" and distributed.is_main():
-            print(f"target return {cfg.target_return} reached: mean of the last {cfg.target_return_games} games is "
-                  f"{s.recent.mean():.2f} at global step {progress.global_step}", flush=True)
         if folder is not None:
             folder.check()
         logger.announce(result_line(cfg, reason, progress, s.recent, stop))
@@ -910,9 +981,11 @@ def _loop(cfg: Config, prepared: Prepared, s: Session, logger, tracker, stop: St
 def result_line(cfg: Config, reason: str | None, progress: Progress, recent: RecentReturns,
                 stop: StopOnSignal) -> str:
     """How the run ended, for the last progress line (and the live display's last state)."""
-    if reason == "target_return":
-        why = f"reached the target return {cfg.target_return:g}"
-    elif reason == "max_seconds":
+    where = f"after {progress.global_step:,} steps (iteration {progress.iteration} of {cfg.num_iterations})"
+    if reason == "target_return":  # the run's one line about its target
+        return (f"target return {cfg.target_return} reached: mean of the last {cfg.target_return_games} games is "
+                f"{recent.mean():.2f} {where}; run folder {cfg.run_dir}")
+    if reason == "max_seconds":
         why = f"stopped at --max-seconds {cfg.max_seconds:g}"
     elif reason == "signal":
         why = f"stopped by {signal.Signals(stop.signum or signal.SIGTERM).name}"
@@ -920,8 +993,7 @@ def result_line(cfg: Config, reason: str | None, progress: Progress, recent: Rec
         why = "finished"
     recent_return = recent.mean()
     score = f"recent return {recent_return:.2f}" if recent_return is not None else "no recent return yet"
-    return (f"{why} after {progress.global_step:,} steps (iteration {progress.iteration} of {cfg.num_iterations}), "
-            f"{score}; run folder {cfg.run_dir}")
+    return f"{why} {where}, {score}; run folder {cfg.run_dir}"
 
 
 @contextlib.contextmanager

@@ -281,8 +281,9 @@ def trpo_update(policy: torch.nn.Module, forward: torch.nn.Module, value_optimiz
     except with --overlap, where the behaviour is one update older). No entropy bonus. The step
     moves ``policy.policy_parameters()``: with the Nature CNN's shared torso, the torso and the
     policy head. Critic: --update-epochs epochs of --num-minibatches shuffled minibatches of Adam on
-    ``policy.value_parameters()`` (the value head only, for the CNN) minimising 0.5 (V(s) - R)^2, its
-    gradient clipped to --max-grad-norm; the learning rate is the optimizer's (annealed).
+    ``policy.value_parameters()`` (the value head only, for the CNN) minimising 0.5 (V(s) - R)^2 (R as
+    buf holds it: normalised with --norm-value), its gradient clipped to --max-grad-norm; the learning
+    rate is the optimizer's (--lr-schedule anneal or constant).
 
     Under torchrun every reduction (surrogate gradient, Fisher-vector products, line-search
     measurements, critic gradients) is a mean over the ranks, so the parameters stay identical.

@@ -89,6 +89,31 @@ def test_the_api_applies_the_runs_normalisation_and_clips_continuous_actions(tmp
     env.close()
 
 
+def test_the_api_gives_values_in_reward_units_with_norm_value(tmp_path):
+    """With --norm-value the network's value output is normalised: Agent.value de-normalises it with the run's
+    saved statistics; a checkpoint whose value statistics are damaged is a CheckpointError."""
+    from fastppo.checkpoint import CheckpointError, list_checkpoints
+
+    run_dir = tmp_path / "cartpole"
+    fastppo.train(fastppo.Config(env_id="CartPole-v1", device="cpu", total_timesteps=1024, norm_value=True,
+                                 run_dir=str(run_dir)))
+    agent = fastppo.load(run_dir)
+    stats = load_checkpoint(str(run_dir))["normalizer"]["value"]
+    env = fastppo.make_env(agent, num_envs=3)
+    obs, _ = env.reset()
+    env.close()
+    with torch.no_grad():
+        network = agent.policy(agent.observe(obs))[1].double()
+    want = network * (stats["m2"] / stats["count"] + 1e-8).sqrt() + stats["mean"]
+    np.testing.assert_allclose(agent.value(obs), want.numpy(), rtol=1e-5)
+    assert float(stats["mean"]) > 1  # CartPole's returns: the de-normalised values are not the network's
+    state = torch.load(list_checkpoints(str(run_dir))[-1], weights_only=True)
+    state["normalizer"]["value"]["mean"] = torch.zeros(3, dtype=torch.float64)
+    torch.save(state, tmp_path / "damaged.pt")
+    with pytest.raises(CheckpointError, match="its value statistics do not load"):
+        fastppo.load(tmp_path / "damaged.pt")
+
+
 def test_best_checkpoint_keeps_the_best_evaluation(trained):
     metrics = read_metrics(trained)
     evals = [m for m in metrics if m.get("eval/episodic_return") is not None]

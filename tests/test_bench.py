@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -189,3 +190,13 @@ def test_update_cost_times_the_three_updates_on_one_rollout(tmp_path):
     assert set(result["ms_per_update_median"]) == {"clip", "penalty", "trpo"}
     assert result["ratio_to_clip"]["clip"] == 1.0 and all(v > 0 for v in result["ms_per_update_median"].values())
     assert (result["num_envs"], result["num_steps"]) == (4, 128)
+
+
+def test_results_go_to_a_folder_in_the_current_directory_by_default(tmp_path, monkeypatch):
+    """Without --out-dir the JSON and PNG go to ./fastppo_bench, wherever fastppo is installed: never into a
+    bench/results/ folder that the user's directory has no reason to hold."""
+    monkeypatch.chdir(tmp_path)
+    assert BenchConfig().out_dir == "fastppo_bench"
+    sweep = resolve_bench(BenchConfig(num_envs=(4,), name="x", training=BenchTraining(device="cpu")))
+    assert sweep.stem == os.path.join("fastppo_bench", "x") and (tmp_path / "fastppo_bench").is_dir()
+    assert sorted(os.listdir(tmp_path)) == ["fastppo_bench"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -13,10 +14,11 @@ import pytest
 import torch
 from helpers import read_metrics, without_timings
 
+import fastppo.config
 import fastppo.trainer
 from fastppo.checkpoint import list_checkpoints, load_checkpoint
 from fastppo.cli import main
-from fastppo.loss import AdaptiveKLCoef
+from fastppo.loss import AdaptiveKLCoef, AdaptiveLR, adapt_to_kl
 
 CARTPOLE = ["train", "--env-id", "CartPole-v1", "--device", "cpu"]
 
@@ -57,6 +59,25 @@ BAD_INPUTS = [
      "--max-kl is for --algo trpo; this run (--algo ppo, --loss clip) does not read it"),
     (["--env-id", "CartPole-v1", "--kl-coef", "0.5"],
      "--kl-coef is for --loss penalty; this run (--algo ppo, --loss clip) does not read it"),
+    (["--env-id", "CartPole-v1", "--kl-target", "0.02"],
+     "--kl-target is for --loss penalty or --lr-schedule adaptive; this run (--algo ppo, --loss clip, --lr-schedule "
+     "anneal) does not read it"),
+    (["--env-id", "CartPole-v1", "--lr-max", "0.1", "--no-anneal-lr"],
+     "--lr-max is for --lr-schedule adaptive; this run (--lr-schedule constant) does not read it"),
+    # --anneal-lr (CleanRL's) and --lr-schedule must agree on whether the rate anneals
+    (["--env-id", "CartPole-v1", "--anneal-lr", "--lr-schedule", "adaptive"],
+     "--lr-schedule adaptive contradicts --anneal-lr; give one of them"),
+    (["--env-id", "CartPole-v1", "--no-anneal-lr", "--lr-schedule", "anneal"],
+     "--lr-schedule anneal contradicts --no-anneal-lr; give one of them"),
+    (["--env-id", "CartPole-v1", "--lr-schedule", "adaptive", "--learning-rate", "0.05"],
+     "--learning-rate 0.05 is outside [--lr-min, --lr-max] = [1e-06, 0.01]"),
+    (["--env-id", "CartPole-v1", "--lr-schedule", "adaptive", "--lr-min", "0.1", "--lr-max", "0.01"],
+     "--lr-min (0.1) must be positive and at most --lr-max (0.01)"),
+    (["--env-id", "CartPole-v1", "--lr-schedule", "adaptive", "--lr-factor", "1"], "--lr-factor must be above 1"),
+    (["--env-id", "CartPole-v1", "--algo", "trpo", "--lr-schedule", "adaptive"],
+     "--lr-schedule adaptive is for --algo ppo; --algo trpo does not take it"),
+    (["--env-id", "CartPole-v1", "--norm-value", "True", "--minibatch-by", "env", "--advantages", "epoch"],
+     "--norm-value does not work with --minibatch-by env --advantages epoch"),
 ]
 
 
@@ -101,7 +122,7 @@ def test_help_lists_cleanrl_flags():
 
 def test_pong_smoke_run(tmp_path):
     run_dir = tmp_path / "pong"
-    code = main(["train", "--device", "cpu", "--run-dir", str(run_dir), "--num-steps", "32",
+    code = main(["train", "--env-id", "Pong-v5", "--device", "cpu", "--run-dir", str(run_dir), "--num-steps", "32",
                  "--total-timesteps", "1024"])
     assert code == 0
     metrics = read_metrics(run_dir)
@@ -115,6 +136,57 @@ def test_pong_smoke_run(tmp_path):
                 "losses/approx_kl", "losses/old_approx_kl", "losses/clipfrac", "losses/explained_variance",
                 "losses/kl", "losses/kl_coef", "charts/episodic_return", "charts/episodic_length"]:
         assert key in metrics[-1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_train_without_an_env_on_a_cpu_machine_trains_cartpole_and_says_so(tmp_path, capsys):
+    """`fastppo train` on a machine without CUDA: CartPole-v1 (Pong's 10M steps would take days here), said in
+    one line, before the line that names the run folder."""
+    run_dir = tmp_path / "default"
+    assert main(["train", "--run-dir", str(run_dir), "--total-timesteps", "1024"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "fastppo: no CUDA and no --env-id: training CartPole-v1; give --env-id Pong-v5 for Atari"
+    assert out[1] == f"fastppo: training CartPole-v1 in {run_dir}"
+    assert sum("--env-id" in line for line in out) == 1
+    config = json.loads((run_dir / "config.json").read_text())
+    assert (config["env_id"], config["num_envs"], config["device"]) == ("CartPole-v1", 4, "auto")
+
+
+def test_the_default_env_follows_the_training_device_in_python_too():
+    """Config() names no env: Pong-v5 when the run trains on CUDA, CartPole-v1 on the CPU, as a default (not a
+    field the caller set, so a preset or a resume treats it as one); an env the caller names is kept, silently."""
+    from fastppo.config import Config, env_id_notice, given_fields, with_env_id
+
+    assert Config().env_id is None
+    assert with_env_id(Config(device="cuda")).env_id == "Pong-v5"
+    filled = with_env_id(Config(device="cpu"))
+    assert filled.env_id == "CartPole-v1" and "env_id" not in given_fields(filled)
+    why = "--device cpu" if torch.cuda.is_available() else "no CUDA"
+    assert env_id_notice(filled) == f"{why} and no --env-id: training CartPole-v1; give --env-id Pong-v5 for Atari"
+    named = with_env_id(Config(env_id="CartPole-v1", device="cpu"))
+    assert named.env_id == "CartPole-v1" and env_id_notice(named) is None
+    assert with_env_id(Config(env_id="Breakout-v5", device="cpu")).env_id == "Breakout-v5"
+    if not torch.cuda.is_available():
+        assert with_env_id(Config()).env_id == "CartPole-v1"
+
+
+def test_rounding_is_said_only_of_a_budget_the_caller_gave(tmp_path, capsys):
+    """Every default budget rounds down with the default sizes (500k / 512): the notice is for a
+    --total-timesteps the caller gave (a new run's or a resume's), not for a default's or a preset's."""
+    one_iteration = ["--max-seconds", "0.001"]  # stops after the first iteration
+    assert main([*CARTPOLE, "--run-dir", str(tmp_path / "sizes"), "--num-envs", "3", "--num-steps", "7",
+                 "--num-minibatches", "1", "--update-epochs", "1", *one_iteration]) == 0
+    assert main([*CARTPOLE, "--run-dir", str(tmp_path / "preset"), "--preset", "cleanrl", *one_iteration]) == 0
+    assert "rounds down" not in capsys.readouterr().out
+    run_dir = tmp_path / "given"
+    assert main([*CARTPOLE, "--run-dir", str(run_dir), "--total-timesteps", "1300"]) == 0
+    notice = "fastppo: --total-timesteps {} rounds down to {} iteration(s) of 512 steps: training {} steps"
+    assert capsys.readouterr().out.splitlines()[0] == notice.format("1,300", 2, "1,024")
+    assert main(["train", "--resume", str(run_dir), "--total-timesteps", "5000", *one_iteration]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == notice.format("5,000", 9, "4,608")
+    assert main(["train", "--resume", str(run_dir), "--max-seconds", "1000"]) == 0  # the saved 5,000: said when given
+    out = capsys.readouterr().out
+    assert "rounds down" not in out and "finished after 4,608 steps" in out
 
 
 def short_cartpole(run_dir, *extra):
@@ -161,6 +233,62 @@ def test_penalty_beta_stays_within_its_bounds():
     assert ctl.beta == 1e-4 and AdaptiveKLCoef(1e9, 0.1, 0.2, beta_max=8.0).beta == 8.0
 
 
+def test_adaptive_learning_rate_rule_and_bounds():
+    """--lr-schedule adaptive: PPO-penalty's rule on the step size, lr / factor above kl_max and lr * factor below
+    kl_min, exact in floating point and clamped to [lr_min, lr_max]; the shared rule moves beta the other way."""
+    d = 0.01
+    ctl = AdaptiveLR(2.5e-4, kl_min=d / 1.5, kl_max=1.5 * d, lr_min=1e-6, lr_max=1e-2, factor=1.5)
+    assert ctl.update(0.0) == 2.5e-4 * 1.5 and ctl.update(0.001) == 2.5e-4 * 1.5 * 1.5
+    assert ctl.update(0.01) == 2.5e-4 * 1.5 * 1.5  # within [d / 1.5, 1.5 d]: unchanged
+    assert ctl.update(d / 1.5) == ctl.update(1.5 * d) == 2.5e-4 * 1.5 * 1.5  # the bounds themselves too
+    assert ctl.update(0.02) == 2.5e-4 * 1.5 * 1.5 / 1.5
+    assert ctl.update(float("nan")) == ctl.lr  # NaN compares false both ways
+    rates = [ctl.update(0.0) for _ in range(30)]
+    assert max(rates) == rates[-1] == 1e-2 and rates[-2] == 1e-2  # clamped, and it stays there
+    rates = [ctl.update(1.0) for _ in range(60)]
+    assert min(rates) == rates[-1] == 1e-6 and ctl.update(0.0) == 1.5e-6  # and up again from the floor
+    for value, kl, raises, want in [(1.0, 0.1, True, 0.5), (1.0, 0.1, False, 2.0), (1.0, 0.0, True, 2.0),
+                                    (1.0, 0.0, False, 0.5), (1.0, 0.05, True, 1.0), (3.0, 0.05, True, 2.5)]:
+        assert adapt_to_kl(value, kl, 0.01, 0.09, 2.0, 0.1, 2.5, raises_kl=raises) == want
+
+
+def test_lr_schedule_follows_anneal_lr_unless_given_and_a_preset_yields(tmp_path):
+    """None follows --anneal-lr; given together they must agree on annealing; a preset's schedule yields to an
+    --anneal-lr / --no-anneal-lr the caller gave; the resolved config says one thing (anneal_lr false unless
+    annealed) and resolves again to itself, and a run saved before these fields has the same identity."""
+    from fastppo.config import ADDED_FIELDS, Config, ConfigError, lr_schedule, mark_given, resolve, run_identity
+    from fastppo.envs import env_info
+    from fastppo.presets import apply_preset
+
+    def schedule(given: dict, preset: dict | None = None) -> str:
+        cfg = mark_given(Config(**given), set(given))
+        if preset:
+            cfg = fastppo.config.replace(cfg, given=False, **preset)
+        return lr_schedule(cfg)
+
+    assert schedule({}) == "anneal" and schedule({"anneal_lr": False}) == "constant"
+    assert schedule({"lr_schedule": "adaptive"}) == "adaptive"
+    assert schedule({"lr_schedule": "adaptive", "anneal_lr": False}) == "adaptive"
+    assert schedule({"lr_schedule": "constant", "anneal_lr": False}) == "constant"
+    assert schedule({"anneal_lr": True}, {"lr_schedule": "adaptive"}) == "anneal"
+    assert schedule({"anneal_lr": False}, {"lr_schedule": "adaptive"}) == "adaptive"
+    assert schedule({"anneal_lr": False}, {"lr_schedule": "anneal"}) == "constant"
+    assert schedule({}, {"lr_schedule": "adaptive", "anneal_lr": True}) == "adaptive"
+    with pytest.raises(ConfigError, match="--lr-schedule constant contradicts --anneal-lr"):
+        schedule({"lr_schedule": "constant", "anneal_lr": True})
+    assert apply_preset(Config(preset="cleanrl", anneal_lr=False), "discrete").lr_schedule == "anneal"
+
+    info = env_info("CartPole-v1")
+    resolved = resolve(Config(env_id="CartPole-v1", lr_schedule="adaptive"), info)
+    assert (resolved.lr_schedule, resolved.anneal_lr) == ("adaptive", False)
+    again = Config(**{k: v for k, v in dataclasses.asdict(resolved).items()})  # every field given, as on resume
+    assert resolve(again, info).lr_schedule == "adaptive"
+    plain = resolve(Config(env_id="CartPole-v1"), info).to_dict()
+    assert (plain["lr_schedule"], plain["anneal_lr"], plain["norm_value"]) == ("anneal", True, False)
+    before = {k: v for k, v in plain.items() if k not in {*ADDED_FIELDS, "lr_schedule"}}
+    assert run_identity(before) == run_identity(plain) != run_identity(resolved.to_dict())
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     real = fastppo.trainer.minibatch_loss
     calls = {"n": 0}
@@ -193,10 +321,36 @@ def test_target_kl_stops_epochs_early(tmp_path):
 def test_target_return_stops_early_and_checkpoints(tmp_path, capsys):
     # CartPole games last >= 8 steps: a target of 0 over 3 games is reached in the first iteration
     assert short_cartpole(tmp_path / "s", "--target-return", "0", "--target-return-games", "3") == 0
-    assert "target return 0.0 reached: mean of the last 3 games" in capsys.readouterr().out
+    out = capsys.readouterr().out
     metrics = read_metrics(tmp_path / "s")
     assert len(metrics) == 1
+    # one line says it, with the run's result: the last line
+    assert sum("target return" in line for line in out.splitlines()) == 1
+    assert out.splitlines()[-1] == (f"fastppo: target return 0.0 reached: mean of the last 3 games is "
+                                    f"{metrics[0]['charts/recent_return']:.2f} after 512 steps (iteration 1 of 8); "
+                                    f"run folder {tmp_path / 's'}")
     assert load_checkpoint(str(tmp_path / "s"))["iteration"] == 1
+
+
+def test_progress_lines_show_the_recent_return_and_the_evaluations(tmp_path, capsys):
+    """Each plain line's return is charts/recent_return with the games so far ("-" and the count until the
+    window is full); a line with an --eval-every evaluation shows its score and the best so far."""
+    run_dir = tmp_path / "p"
+    assert short_cartpole(run_dir, "--log-seconds", "0", "--eval-every", "3", "--eval-episodes", "2") == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("iter ")]
+    metrics = read_metrics(run_dir)
+    assert len(lines) == len(metrics) == 8
+    games = 0
+    for line, m in zip(lines, metrics, strict=True):
+        games += m["charts/episodes"]
+        recent = m["charts/recent_return"]
+        expected = f"- ({games:,} of 10 games)" if recent is None else f"{recent:.2f} (last 10 of {games:,} games)"
+        assert f"  return {expected}  " in line, line
+        if m.get("eval/episodic_return") is not None:
+            assert f"  eval {m['eval/episodic_return']:.2f} (best {m['eval/best_return']:.2f})  " in line
+        else:
+            assert "eval" not in line
+    assert [m["iteration"] for m in metrics if m.get("eval/episodic_return") is not None] == [3, 6, 8]
 
 
 def test_docs_and_scripts_speak_of_fastppo_only():
@@ -210,3 +364,22 @@ def test_docs_and_scripts_speak_of_fastppo_only():
         for word in ("device tool", "../shared", ".device-site", "device-machine", "the issue"):
             assert word not in text, f"{path.name} mentions {word!r}"
         assert not re.search(r"\$OUT\b", text), f"{path.name} uses the device machine's $OUT"
+
+
+def test_version_is_the_package_version(capsys):
+    """fastppo --version prints fastppo.__version__, which pyproject.toml reads as the package's version (one
+    place); py.typed ships in the package."""
+    import tomllib
+
+    import fastppo
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"fastppo {fastppo.__version__}\n"
+    proc = subprocess.run([sys.executable, "-m", "fastppo", "--version"], capture_output=True, text=True, check=True)
+    assert proc.stdout == f"fastppo {fastppo.__version__}\n"
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    assert "version" in project["project"]["dynamic"] and "version" not in project["project"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "fastppo.__version__"}
+    assert project["tool"]["setuptools"]["package-data"]["fastppo"] == ["py.typed"]
+    assert (root / "fastppo" / "py.typed").is_file() and (root / "LICENSE").read_text().startswith("MIT License")

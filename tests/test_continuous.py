@@ -1,6 +1,6 @@
 """Continuous control and the other EnvPool spaces: the Gaussian policy's rollouts and update, CleanRL's
-observation and reward normalisation (on the device, checkpointed, combined across ranks), exact
-resume with them, eval and video, and short learning runs on small envs."""
+observation and reward normalisation and rl_games' value normalisation (on the device, checkpointed,
+combined across ranks), exact resume with them, eval and video, and short learning runs on small envs."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from fastppo.checkpoint import load_checkpoint
 from fastppo.cli import main
 from fastppo.envs import env_info, make_envs
 from fastppo.kernels import reference
-from fastppo.normalize import ObsNormalizer, RewardScaler, RunningMeanStd
+from fastppo.normalize import ObsNormalizer, RewardScaler, RunningMeanStd, ValueNormalizer
 from fastppo.policy import make_policy
-from fastppo.rollout import Collector
+from fastppo.rollout import Collector, Rollout
+from fastppo.trainer import normalized_targets, raw_values
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 PENDULUM = ["train", "--env-id", "Pendulum-v1", "--device", "cpu"]
@@ -94,6 +95,82 @@ def test_statistics_are_combined_across_ranks(monkeypatch):
         assert all(float(t.abs().sum()) == 0 for t in rms.delta)
 
 
+def test_value_statistics_are_the_valid_returns_and_normalise_invertibly(monkeypatch):
+    """--norm-value: the statistics take in each rollout's valid returns (gymnasium's float64 running mean and
+    variance of them), normalise to (x - mean) / sqrt(var + 1e-8) and de-normalise back, in the input's dtype;
+    under torchrun every rank's returns are merged as soon as they are taken in."""
+    gen = torch.Generator().manual_seed(2)
+    norm, theirs = ValueNormalizer(torch.device("cpu")), GymRunningMeanStd()
+    for _ in range(6):
+        returns = torch.randn(37, 11, generator=gen, dtype=torch.float64) * 40 + 100
+        valid = torch.rand(37, 11, generator=gen) < 0.8
+        norm.update(returns.float(), valid)
+        theirs.update(returns.float().double()[valid].numpy())
+        np.testing.assert_allclose(float(norm.rms.mean), theirs.mean, rtol=1e-12)
+        np.testing.assert_allclose(float(norm.rms.var), theirs.var, rtol=1e-10)
+    x = torch.randn(5, 3, generator=gen) * 40 + 100
+    want = (x.double().numpy() - theirs.mean) / np.sqrt(theirs.var + 1e-8)
+    normalised = norm.normalize(x)
+    assert normalised.dtype == torch.float32 and norm.denormalize(normalised).dtype == torch.float32
+    np.testing.assert_allclose(normalised.numpy(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(norm.denormalize(normalised), x)
+    torch.testing.assert_close(norm.denormalize(norm.normalize(x.double())), x.double(), rtol=1e-12, atol=1e-12)
+
+    mine, other = torch.randn(40, dtype=torch.float64) * 3 + 1, torch.randn(25, dtype=torch.float64) - 2
+    monkeypatch.setattr(fastppo.distributed, "is_distributed", lambda: True)
+    elsewhere = RunningMeanStd((), torch.device("cpu"))  # what the other rank took in since the last sync
+    elsewhere.update(other)
+    their_delta = torch.cat([d.view(1) for d in elsewhere.delta])
+    monkeypatch.setattr(fastppo.distributed, "all_gather_tensors", lambda t: [t, their_delta])
+    ranked = ValueNormalizer(torch.device("cpu"))
+    ranked.update(mine.view(8, 5), torch.ones(8, 5, dtype=torch.bool))
+    everything = GymRunningMeanStd()
+    everything.update(torch.cat([mine, other]).numpy())
+    np.testing.assert_allclose([float(ranked.rms.mean), float(ranked.rms.var)], [everything.mean, everything.var],
+                               rtol=1e-12)
+    assert all(float(t.abs().sum()) == 0 for t in ranked.rms.delta)
+
+
+def test_the_trainer_sees_raw_values_and_trains_on_normalised_targets():
+    """The rollout's values (T + 1, N) are the network's normalised outputs: the trainer de-normalises them
+    into its own view (GAE and its bootstrap row T then see raw values; the collector's storage is left as it
+    was), takes the valid returns into the statistics, and the update's returns and collection-time values are
+    normalised with the new statistics; the advantages are GAE's on raw values."""
+    T, N, gamma, lam = 37, 11, 0.99, 0.95
+    gen = torch.Generator().manual_seed(3)
+    buf = Rollout.allocate(env_info("CartPole-v1"), T, N, torch.device("cpu"))
+    buf.values.copy_(torch.randn(T + 1, N, generator=gen))
+    buf.rewards.copy_(torch.rand(T, N, generator=gen) * 3)
+    buf.terminated.copy_(torch.rand(T, N, generator=gen) < 0.05)
+    buf.truncated.copy_(torch.rand(T, N, generator=gen) < 0.02)
+    buf.valid.copy_(torch.rand(T, N, generator=gen) > 0.03)
+    stored = buf.values.clone()
+    norm = ValueNormalizer(torch.device("cpu"))
+    norm.update(torch.randn(T, N, generator=gen) * 20 + 50, buf.valid)  # statistics of earlier rollouts
+    mean, std = float(norm.rms.mean), float(norm.rms.var.add(1e-8).sqrt())
+
+    raw = raw_values(buf, norm)
+    assert torch.equal(buf.values, stored) and raw.values is not buf.values and raw.rewards is buf.rewards
+    torch.testing.assert_close(raw.values.double(), stored.double() * std + mean)
+    advantages, returns = reference.gae(raw.rewards.double(), raw.values.double(), raw.terminated, raw.truncated,
+                                        gamma, lam)
+    raw.advantages.copy_(advantages)
+    raw.returns.copy_(returns)
+    theirs = GymRunningMeanStd()
+    theirs.mean, theirs.var, theirs.count = mean, float(norm.rms.var), float(norm.rms.count)
+    norm.update(raw.returns, raw.valid)
+    theirs.update(returns[buf.valid].float().double().numpy())
+    np.testing.assert_allclose([float(norm.rms.mean), float(norm.rms.var)], [theirs.mean, theirs.var], rtol=1e-10)
+
+    targets = normalized_targets(raw, norm)
+    scale = np.sqrt(theirs.var + 1e-8)
+    np.testing.assert_allclose(targets.returns.numpy(), (returns.numpy() - theirs.mean) / scale, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(targets.values.numpy(), (raw.values.double().numpy() - theirs.mean) / scale, rtol=1e-5,
+                               atol=1e-5)
+    assert targets.advantages is buf.advantages and torch.equal(buf.values, stored)
+    assert raw_values(buf, None) is buf and normalized_targets(buf, None) is buf  # --norm-value off: untouched
+
+
 def test_gaussian_rollout_keeps_unclipped_samples_and_their_log_probs():
     info = env_info("Pendulum-v1")
     envs = make_envs(info, 3, 0)
@@ -142,6 +219,35 @@ def test_continuous_run_with_normalisation_resumes_exactly(tmp_path, monkeypatch
             assert torch.equal(value, b["normalizer"][part][key]), (part, key)
 
 
+def test_value_normalisation_run_resumes_exactly(tmp_path, monkeypatch, capsys):
+    """Pendulum with --norm-value (and GAE every epoch, which de-normalises the fresh predictions): SIGTERM after
+    iteration 2 of 4, resume; metrics, parameters and the value statistics equal the uninterrupted run's, and
+    the statistics are those of every valid return so far."""
+    import signal
+
+    from test_runs import interrupt_at_iteration
+
+    args = [*PENDULUM, "--num-steps", "256", "--num-minibatches", "4", "--total-timesteps", "1024", "--norm-value",
+            "True", "--advantages", "epoch", "--seed", "6"]
+    assert main([*args, "--run-dir", str(tmp_path / "straight")]) == 0
+    interrupt_at_iteration(monkeypatch, 2)
+    assert main([*args, "--run-dir", str(tmp_path / "stopped")]) == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    state = load_checkpoint(str(tmp_path / "stopped"))
+    assert set(state["normalizer"]) == {"obs", "reward", "value"}
+    # the valid steps: 512, less EnvPool's reset step after each of the two 200-step games
+    assert float(state["normalizer"]["value"]["count"]) == pytest.approx(512 - 2, abs=1e-3)
+    assert main(["train", "--resume", str(tmp_path / "stopped")]) == 0
+    capsys.readouterr()
+    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "stopped")
+    assert without_timings(resumed) == without_timings(straight)
+    a, b = load_checkpoint(str(tmp_path / "straight")), load_checkpoint(str(tmp_path / "stopped"))
+    assert all(torch.equal(a["model"][key], b["model"][key]) for key in a["model"])
+    for key, value in a["normalizer"]["value"].items():
+        assert torch.equal(value, b["normalizer"]["value"][key]), key
+    assert abs(float(a["normalizer"]["value"]["mean"])) > 0.1  # it moved from its start at 0
+
+
 def test_cleanrl_preset_is_ppo_continuous_actions(tmp_path):
     import json
 
@@ -151,6 +257,7 @@ def test_cleanrl_preset_is_ppo_continuous_actions(tmp_path):
         1, 2048, 32, 10, 3e-4)
     assert (c["clip_coef"], c["ent_coef"], c["anneal_lr"], c["norm_obs"], c["norm_reward"]) == (0.2, 0.0, True, True,
                                                                                              True)
+    assert (c["lr_schedule"], c["norm_value"]) == ("anneal", False)
 
 
 @pytest.mark.parametrize("extra,message", [

@@ -158,11 +158,14 @@ def test_two_ranks_stay_identical_and_only_rank0_writes(tmp_path):
 @pytest.mark.parametrize("env_id,extra", [
     ("CartPole-v1", ["--algo", "trpo"]),
     ("Pendulum-v1", ["--num-steps", "64", "--num-minibatches", "2"]),
-], ids=["trpo", "gaussian-normalised"])
+    ("Pendulum-v1", ["--num-steps", "64", "--num-minibatches", "2", "--norm-value", "True", "--lr-schedule",
+                     "adaptive"]),
+], ids=["trpo", "gaussian-normalised", "value-normalised-adaptive-lr"])
 def test_two_ranks_stay_identical_with_trpo_and_with_normalisation(tmp_path, env_id, extra):
     """TRPO's reductions (surrogate gradient, Fisher-vector products, line-search decisions, critic
-    gradients) and the observation/reward statistics combined across ranks keep both ranks'
-    parameters and statistics bit-identical."""
+    gradients), the observation/reward statistics combined across ranks, and the value statistics and
+    adaptive learning rate (every rank's returns merged before each update; the rate moved by the KL
+    averaged over the ranks) keep both ranks' parameters and statistics bit-identical."""
     (tmp_path / "capture.py").write_text(CAPTURE_PARAMS)
     run_dir = tmp_path / "run"
     proc = torchrun(2, [str(tmp_path / "capture.py"), "train", "--env-id", env_id, "--device", "cpu", "--num-envs",
@@ -177,6 +180,9 @@ def test_two_ranks_stay_identical_with_trpo_and_with_normalisation(tmp_path, env
     assert all(torch.equal(ckpt["model"][k], rank0[k]) for k in rank0)
     if env_id == "Pendulum-v1":  # statistics of both ranks' envs: 2 x 2 envs x 4 rollouts of 64 observations
         assert float(ckpt["normalizer"]["obs"]["count"]) == pytest.approx(4 * 4 * 64 + 4 + 1e-4)
+    if "--norm-value" in extra:  # every valid return of both ranks: 4 envs x 256 steps, less 1 reset step each
+        assert float(ckpt["normalizer"]["value"]["count"]) == pytest.approx(4 * 256 - 4 + 1e-4)
+        assert len({m["charts/learning_rate"] for m in read_metrics(run_dir)}) > 1
 
 
 def test_one_rank_under_torchrun_matches_the_plain_run(tmp_path):

@@ -67,6 +67,50 @@ def test_eval_video_on_atari_is_a_playable_colour_mp4(tmp_path, capsys):
     assert any((a != b).any() for a, b in zip(frames, frames[1:], strict=False))
 
 
+@pytest.fixture(scope="module")
+def hopper_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "hopper"
+    assert main(["train", "--env-id", "Hopper-v4", "--device", "cpu", "--run-dir", str(run_dir), "--num-steps", "64",
+                 "--num-minibatches", "2", "--update-epochs", "1", "--total-timesteps", "64"]) == 0
+    return run_dir
+
+
+def test_eval_video_on_mujoco_renders_through_egl(hopper_run, capsys):
+    """EnvPool's MuJoCo renderer works once EGL is global to the process (envs.expose_egl); it aborted with
+    "an OpenGL platform library has not been loaded" before."""
+    import imageio
+
+    from fastppo.envs import env_info
+    from fastppo.evaluate import render_problem
+
+    problem = render_problem(env_info("Hopper-v4"))
+    if problem is not None:
+        pytest.skip(problem)
+    assert main(["eval", str(hopper_run), "--episodes", "1", "--video"]) == 0
+    assert "video: " in capsys.readouterr().out
+    with imageio.get_reader(str(hopper_run / "videos" / "ckpt_0000001_sampled.mp4"), "ffmpeg") as reader:
+        frames = [frame for frame in reader]
+    assert len(frames) > 1 and frames[0].shape == (480, 480, 3) and frames[0].std() > 10  # a scene, not a blank
+
+
+@pytest.mark.parametrize("egl,message", [
+    (None, "--video: EnvPool renders Hopper-v4 through EGL, and this machine has none: "),
+    # a library that loads but is no EGL: the probe's frame fails as it does on a machine without a driver
+    ("libm.so.6", "--video: EnvPool cannot render Hopper-v4 on this machine (ERROR: an OpenGL platform library"),
+], ids=["no-egl-library", "render-fails"])
+def test_eval_video_on_mujoco_without_a_renderer_says_what_to_install(hopper_run, tmp_path, monkeypatch, capsys, egl,
+                                                                      message):
+    import fastppo.evaluate
+
+    monkeypatch.setattr(fastppo.evaluate, "expose_egl", lambda: egl)
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", str(hopper_run), "--episodes", "1", "--video"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastppo: error: ") and message in err and err.count("\n") == 1, err
+    assert err.rstrip().endswith("install EGL: apt install libegl1 libgl1-mesa-dri (or your GPU driver's EGL)")
+    assert not (tmp_path / "MUJOCO_LOG.TXT").exists()  # MuJoCo's log of the failure stays in the probe's folder
+
+
 def test_plot_writes_a_png(cartpole_run, tmp_path):
     out = tmp_path / "cmp.png"
     assert main(["plot", str(cartpole_run), str(cartpole_run), "--out", str(out)]) == 0  # named twice: read once
@@ -123,8 +167,18 @@ def synthetic_runs(tmp_path):
     return [str(r) for r in runs]
 
 
+def by_width(ax, lw: float) -> list:
+    """The curves of ax drawn with line width lw: 2 for a group's mean, 0.8 for each of its runs."""
+    return [line for line in ax.lines if line.get_linewidth() == lw and line.get_marker() != "D"]
+
+
+def finite(line) -> tuple[np.ndarray, np.ndarray]:
+    x, y = np.asarray(line.get_xdata(), dtype=float), np.asarray(line.get_ydata(), dtype=float)
+    return x[np.isfinite(y)], y[np.isfinite(y)]
+
+
 def test_plot_rows_per_env_groups_per_setting_mean_and_band(synthetic_runs):
-    from fastppo.plot import BAND, figure, load_runs
+    from fastppo.plot import figure, load_runs
 
     fig = figure(load_runs(synthetic_runs))
     rows = fig.subfigs
@@ -136,32 +190,104 @@ def test_plot_rows_per_env_groups_per_setting_mean_and_band(synthetic_runs):
     assert rows[0].axes[2].get_ylabel() == "agent steps / s of each iteration"
     assert rows[1].axes[2].get_ylabel().endswith("(moving mean over 1% of a run's iterations)")  # 400 iterations
     cart_steps, cart_time, cart_speed = rows[0].axes
-    # two groups (clip, penalty), each a mean line and a min-max band; labelled by the field that differs
-    assert len(cart_steps.lines) == 2 and len(cart_steps.collections) == 2
+    # two groups (clip, penalty: the resumed run and the one given other resume flags are seeds of penalty),
+    # each its runs' curves, their mean and a bootstrap band; labelled by the field that differs
+    clip_mean, penalty_mean = by_width(cart_steps, 2)
+    assert len(by_width(cart_steps, 0.8)) == 6 and len(cart_steps.collections) == 2
     labels = [t.get_text() for t in rows[0].legends[0].get_texts()]
-    assert labels == ["loss=clip (3 seeds: 1, 2, 3)", "loss=penalty (3 seeds: 1, 2, 3)", BAND]
-    # the mean over the seeds where all of them have data: seed 3 starts after 5 iterations; offsets -1, 0, 1
-    clip = cart_steps.lines[0]
-    x, y = clip.get_xdata(), clip.get_ydata()
-    assert x[0] == 6 * BATCH and x[-1] == 40 * BATCH
-    np.testing.assert_allclose(y, x / 1000)
+    assert labels == ["loss=clip (3 seeds: 1, 2, 3)", "loss=penalty (3 seeds: 1, 2, 3)",
+                      "thin: each run, to its own end", "mean, 95% bootstrap CI over 3 seeds"]
+    # clip's seeds start after 3, 4, 5 iterations (offsets -1, 0, 1): the mean starts once 2 of them have data
+    x, y = finite(clip_mean)
+    assert x[0] == 5 * BATCH and x[-1] == 40 * BATCH
+    np.testing.assert_allclose(y[1:], x[1:] / 1000)
+    assert y[0] == pytest.approx(x[0] / 1000 - 0.5)
+    # the band: where all three have data, within the lowest and highest run, around the mean
     band = cart_steps.collections[0].get_paths()[0].vertices
-    assert band[:, 1].min() == pytest.approx(x[0] / 1000 - 1) and band[:, 1].max() == pytest.approx(x[-1] / 1000 + 1)
-    # penalty: seed 3 stopped at 30 iterations, so the common range ends there
-    assert cart_steps.lines[1].get_xdata()[-1] == 30 * BATCH
+    assert band[:, 0].min() == 6 * BATCH and band[:, 0].max() == 40 * BATCH
+    lows, highs = band[:, 1].min(), band[:, 1].max()
+    assert 6 * BATCH / 1000 - 1 <= lows < 6 * BATCH / 1000 and 40 * BATCH / 1000 < highs <= 40 * BATCH / 1000 + 1
+    # penalty: seed 3 stopped at 30 iterations; its curve ends there, the others' and the mean go on to 40
+    ends = sorted(finite(line)[0][-1] for line in by_width(cart_steps, 0.8)[3:])
+    assert ends == [30 * BATCH, 40 * BATCH, 40 * BATCH] and finite(penalty_mean)[0][-1] == 40 * BATCH
+    assert cart_steps.collections[1].get_paths()[0].vertices[:, 0].max() == 30 * BATCH  # 3 runs for a CI
     # wall-clock time: 40 iterations of 0.512 s, shown in s; the penalty runs' speed has no jump at the resume
     assert cart_time.get_xlabel() == "wall-clock time (s)"
-    np.testing.assert_allclose(cart_time.lines[0].get_xdata()[-1], 40 * BATCH / RATE)
+    np.testing.assert_allclose(finite(by_width(cart_time, 2)[0])[0][-1], 40 * BATCH / RATE)
     for line in cart_speed.lines:
-        np.testing.assert_allclose(line.get_ydata(), RATE)
-    # Acrobot: one setting, labelled by its exp_name; eval markers on both return panels; time in min
+        np.testing.assert_allclose(finite(line)[1], RATE)
+    # Acrobot: one setting of 2 seeds, labelled by its exp_name: their mean, no CI from 2 runs; eval markers
+    # on both return panels; time in min
     acro_steps, acro_time, _ = rows[1].axes
     labels = [t.get_text() for t in rows[1].legends[0].get_texts()]
-    assert labels == ["acro (2 seeds: 1, 2)", BAND, "eval/episodic_return (mean over the seeds that evaluated)"]
+    assert labels == ["acro (2 seeds: 1, 2)", "thin: each run, to its own end",
+                      "eval/episodic_return (mean over the runs that evaluated)"]
+    assert not acro_steps.collections
     markers = [line for line in acro_steps.lines if line.get_marker() == "D"]
     assert len(markers) == 1 and list(markers[0].get_xdata()) == [100 * BATCH, 200 * BATCH, 400 * BATCH]
     assert list(markers[0].get_ydata()) == [101.5] * 3
     assert acro_time.get_xlabel() == "wall-clock time (min)"
+
+
+def test_plot_min_max_band_when_asked(synthetic_runs, tmp_path, capsys):
+    from fastppo.plot import figure, load_runs
+
+    fig = figure(load_runs(synthetic_runs), band="minmax")
+    cart_steps = fig.subfigs[0].axes[0]
+    assert [t.get_text() for t in fig.subfigs[0].legends[0].get_texts()][-1] == "mean, min-max over 3 seeds"
+    band = cart_steps.collections[0].get_paths()[0].vertices  # clip: offsets -1, 0, 1 around x / 1000
+    assert band[:, 1].min() == pytest.approx(5 * BATCH / 1000 - 1)  # from 2 runs of 3 on, as the mean
+    assert band[:, 1].max() == pytest.approx(40 * BATCH / 1000 + 1)
+    acro = fig.subfigs[1]  # 2 seeds: a min-max band
+    assert len(acro.axes[0].collections) == 1
+    assert "mean, min-max over 2 seeds" in [t.get_text() for t in acro.legends[0].get_texts()]
+    assert main(["plot", *synthetic_runs, "--band", "minmax", "--out", str(tmp_path / "m.png")]) == 0
+    assert main(["plot", *synthetic_runs, "--band", "iqr", "--out", str(tmp_path / "m.png")]) == 2
+    assert capsys.readouterr().err == "fastppo: error: --band 'iqr' is not one of ci, minmax\n"
+
+
+def test_plot_two_folders_with_one_seed_are_two_runs_not_two_seeds(tmp_path, capsys):
+    """A run, its copy (or rerun) with the same seed, and a resumed, longer run of another seed: the label and a
+    warning say seed 1 is there twice, the band says runs, and the longer run is drawn to its end."""
+    from fastppo.plot import figure, groups_of, load_runs
+
+    runs = [write_run(tmp_path, "a", seed=1), write_run(tmp_path, "a_again", seed=1),
+            write_run(tmp_path, "b", seed=2, resume_at=40, iters=60)]
+    paths = [str(r) for r in runs]
+    (group,) = groups_of(load_runs(paths))
+    assert group.label == "fastppo (3 runs: seeds 1, 1, 2; the same seed 1 in several folders)"
+    out = tmp_path / "same.png"
+    assert main(["plot", *paths, "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"wrote {out}\n"
+    assert captured.err == (f"fastppo: warning: {runs[0]} and {runs[1]} have the same setting and seed 1: drawn as 2 "
+                            f"runs, not 2 seeds\n")
+    fig = figure(load_runs(paths))
+    steps = fig.subfigs[0].axes[0]
+    labels = [t.get_text() for t in fig.subfigs[0].legends[0].get_texts()]
+    assert labels[-1] == "mean, 95% bootstrap CI over 3 runs"
+    assert sorted(finite(line)[0][-1] for line in by_width(steps, 0.8)) == [40 * BATCH, 40 * BATCH, 60 * BATCH]
+    assert finite(by_width(steps, 2)[0])[0][-1] == 40 * BATCH  # past 40 iterations 1 run of 3: no mean
+
+
+def test_bootstrap_ci_of_the_mean():
+    """The percentile bootstrap over runs: about mean +- 1.96 standard errors for 10 runs, the same every time,
+    NaN where fewer than 3 runs have data, each x resampling only the runs that have data there."""
+    from fastppo.plot import bootstrap_ci
+
+    values = np.arange(10.0)
+    ys = np.stack([np.full(4, v) for v in values])  # (runs, x)
+    ys[3:, 3] = np.nan  # at the last x only runs 0, 1, 2 have data
+    ys[1:, 2] = np.nan  # at the third only run 0
+    lo, hi = bootstrap_ci(ys)
+    se = values.std() / np.sqrt(10)
+    np.testing.assert_allclose(lo[:2], 4.5 - 1.96 * se, atol=0.15)
+    np.testing.assert_allclose(hi[:2], 4.5 + 1.96 * se, atol=0.15)
+    assert np.isnan(lo[2]) and np.isnan(hi[2])
+    assert 0 <= lo[3] < 1 < hi[3] <= 2
+    lo2, hi2 = bootstrap_ci(ys)
+    np.testing.assert_array_equal(lo, lo2)
+    np.testing.assert_array_equal(hi, hi2)
 
 
 def test_plot_settings_leave_out_what_the_algorithm_does_not_read(tmp_path):

@@ -102,6 +102,39 @@ def test_learning_bench_resumes_a_run_and_reports_all_of_it(tmp_path):
     assert after["seconds"] > before["seconds"]
 
 
+def test_learning_bench_runs_several_seeds_and_draws_another_result_beside(tmp_path):
+    """--seeds 1 2: one run per seed, each with its curve and the steps and seconds where its recent return first
+    reached the target; --compare draws that file's runs beside a new one's in the same PNG."""
+    out = tmp_path / "results"
+    script = [sys.executable, str(ROOT / "bench" / "learning.py"), "--env-id", "CartPole-v1", "--preset", "cleanrl",
+              "--target-return", "30", "--device", "cpu", "--max-seconds", "30", "--out-dir", str(out)]
+    proc = subprocess.run([*script, "--seeds", "1", "2", "--name", "multi"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((out / "multi.json").read_text())
+    assert result["seeds"] == [1, 2] and result["reached"] and result["machine"]["cpu_cores"]
+    for seed, run in zip((1, 2), result["runs"], strict=True):
+        assert run["seed"] == run["config"]["seed"] == seed and run["stopped_by"] == "target_return"
+        assert (out / "runs" / f"multi_seed{seed}" / "config.json").exists()
+        steps = [p["global_step"] for p in run["curve"]]
+        seconds = [p["seconds"] for p in run["curve"]]
+        assert steps == [512 * i for i in range(1, len(steps) + 1)] and seconds == sorted(seconds)
+        first = next(p for p in run["curve"] if p["recent"] is not None and p["recent"] >= 30)
+        assert (run["target_steps"], run["target_seconds"]) == (first["global_step"], first["seconds"])
+        assert run["target_steps"] == run["steps"] == steps[-1]  # the run stopped there
+        assert f"seed {seed}: target 30 reached after {run['steps']:,} steps" in proc.stdout
+    assert result["runs"][0]["curve"] != result["runs"][1]["curve"]
+
+    proc = subprocess.run([*script, "--seeds", "3", "--name", "one", "--compare", str(out / "multi.json"),
+                           "--", "--total-timesteps", "1024"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    one = json.loads((out / "one.json").read_text())
+    assert one["seed"] == 3 and not one["reached"] and one["target_steps"] is None and one["steps"] == 1024
+    assert one["compare"] == [{"file": str(out / "multi.json"), "presets": ["cleanrl"], "seeds": [1, 2]}]
+    assert (out / "one.png").stat().st_size > (out / "multi.png").stat().st_size / 2 > 1000
+    bad = subprocess.run([*script, "--compare", str(out / "one.png")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--compare" in bad.stderr.strip().splitlines()[-1]
+
+
 def test_a_preset_fills_only_the_fields_its_caller_did_not_set(tmp_path):
     """One rule for the command line and for Python: what the caller set wins over the preset, even a
     value equal to the field's default (update_epochs=4); a later assignment counts as set too."""

@@ -132,6 +132,29 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path, monkeypatch, capsys)
     assert b["elapsed"] > 0
 
 
+def test_adaptive_learning_rate_run_resumes_exactly(tmp_path, monkeypatch, capsys):
+    """--lr-schedule adaptive, whose learning rate is state rather than a function of the iteration: SIGTERM
+    after iteration 3 of 8, resume; every metric (the learning rates included), the parameters and the next
+    learning rate equal those of the uninterrupted run, and the learning rate did move."""
+    args = [*CARTPOLE, "--total-timesteps", "2048", "--num-steps", "64", "--seed", "4", "--lr-schedule", "adaptive",
+            "--kl-target", "0.002"]
+    assert main([*args, "--run-dir", str(tmp_path / "straight")]) == 0
+    interrupt_at_iteration(monkeypatch, 3)
+    assert main([*args, "--run-dir", str(tmp_path / "stopped")]) == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    state = load_checkpoint(str(tmp_path / "stopped"))
+    assert state["iteration"] == 3 and state["adaptive_lr"] == read_metrics(tmp_path / "straight")[3][
+        "charts/learning_rate"]
+    assert main(["train", "--resume", str(tmp_path / "stopped")]) == 0
+    capsys.readouterr()
+    straight, resumed = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "stopped")
+    assert without_timings(resumed) == without_timings(straight)
+    assert len({m["charts/learning_rate"] for m in straight}) > 2
+    a, b = load_checkpoint(str(tmp_path / "straight")), load_checkpoint(str(tmp_path / "stopped"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["adaptive_lr"] == b["adaptive_lr"]
+
+
 def test_async_overlap_run_resumes_from_its_checkpoint(tmp_path, monkeypatch, capsys):
     """--async-envs --overlap (whose env steps cannot be replayed) with PPO-penalty: SIGTERM during
     iteration 3 of 6, then resume. The resumed loop starts from the checkpoint's weights, optimizer
@@ -368,17 +391,64 @@ def fake_metrics(iteration: int, n: int, ret: float | None, games: int) -> dict:
             "time/elapsed": 0.1 * iteration}
 
 
+class Recorder:
+    """A W&B Tracker that keeps the lines it is sent."""
+
+    def __init__(self):
+        self.lines: list[dict] = []
+
+    def log(self, line: dict) -> None:
+        self.lines.append(line)
+
+
 def test_plain_progress_lines_are_throttled_and_lose_no_game(tmp_path):
-    out = io.StringIO()
-    logger = RunLogger(str(tmp_path), 500, log_every=2, log_seconds=0.0, stream=out)
+    """The throttle holds lines back; W&B's charts/episodic_return is the mean of every game since its previous
+    line, and the progress line's return is the recent return with the games so far."""
+    out, tracker = io.StringIO(), Recorder()
+    logger = RunLogger(str(tmp_path), 500, log_every=2, log_seconds=0.0, stream=out, tracker=tracker, window=3)
+    recent = [None, 17.5, 17.5, 25.0, 40.0]  # charts/recent_return: the mean of the last 3 games, once 3 ended
     for i, (ret, games) in enumerate([(10.0, 1), (20.0, 3), (None, 0), (40.0, 1), (50.0, 1)], start=1):
-        logger.log(fake_metrics(i, 5, ret, games))
+        logger.log(dict(fake_metrics(i, 5, ret, games), **{"charts/recent_return": recent[i - 1]}))
     logger.close()
     lines = out.getvalue().splitlines()
     assert [line.split()[1] for line in lines] == ["1/5", "3/5", "5/5"]
-    assert "return 20.00 (3 games)" in lines[1]  # the games of iterations 2 and 3 (none ended in 3)
-    assert "return 45.00 (2 games)" in lines[2] and "ETA 0:00:00" in lines[2]
+    assert "return - (1 of 3 games)" in lines[0]
+    assert "return 17.50 (last 3 of 4 games)" in lines[1]
+    assert "return 40.00 (last 3 of 6 games)" in lines[2] and "ETA 0:00:00" in lines[2]
+    assert [(m["charts/episodic_return"], m["charts/episodes"]) for m in tracker.lines] == [(10.0, 1), (20.0, 3),
+                                                                                           (45.0, 2)]
     assert len(read_metrics(tmp_path)) == 5  # metrics.jsonl keeps every iteration
+    # a resumed run's logger counts the games of the lines already in metrics.jsonl
+    resumed = io.StringIO()
+    logger = RunLogger(str(tmp_path), 600, stream=resumed, window=3)
+    logger.log(dict(fake_metrics(6, 6, 30.0, 2), **{"charts/recent_return": 30.0}))
+    logger.close()
+    assert "return 30.00 (last 3 of 8 games)" in resumed.getvalue()
+
+
+def test_evaluations_show_in_the_progress_lines_and_the_live_display(tmp_path):
+    """A line with an --eval-every score shows it and the best so far; the live display keeps the newest one
+    until the next evaluation."""
+    evaluated = {"eval/episodic_return": 187.25, "eval/episodic_return_std": 3.0, "eval/best_return": 201.0}
+    out = io.StringIO()
+    (tmp_path / "plain").mkdir()
+    logger = RunLogger(str(tmp_path / "plain"), 300, stream=out)
+    for i in (1, 2, 3):
+        logger.log(dict(fake_metrics(i, 3, 12.0, 2), **(evaluated if i == 2 else {})))
+    logger.close()
+    lines = out.getvalue().splitlines()
+    assert "eval" not in lines[0] and "eval" not in lines[2]
+    assert "return 12.00 (last 10 of 4 games)  eval 187.25 (best 201.00)  pg 0.1000" in lines[1]
+    screen = Terminal()
+    (tmp_path / "tty").mkdir()
+    logger = RunLogger(str(tmp_path / "tty"), 300, stream=screen, title="fastppo CartPole-v1")
+    for i in (1, 2, 3):
+        logger.log(dict(fake_metrics(i, 3, 12.0, 2), **(evaluated if i == 2 else {})))
+        logger.display.live.refresh()
+        frame = screen.getvalue().rsplit("fastppo CartPole-v1", 1)[-1]
+        assert ("eval 187.25 (best 201.00)" in frame) == (i >= 2), i
+        assert "at step 200 (iter 2)" in frame or i == 1
+    logger.close()
 
 
 def test_live_display_on_a_terminal(tmp_path):

@@ -128,11 +128,16 @@ def resume_after_damage(run_dir, damage, capsys, *parts: str) -> None:
     (lambda s: s["normalizer"].pop("obs"), "KeyError: 'obs'"),
     (lambda s: s["normalizer"]["obs"].update(mean=torch.zeros(7)), "statistics of shape (7,), expected (4,)"),
     (lambda s: s["collection"][0].update(reward_returns=torch.zeros(3)), "discounted returns of shape"),
-], ids=["no-obs-statistics", "obs-statistics-shape", "reward-returns-shape"])
-def test_resume_with_damaged_normalisation_state_is_one_line(tmp_path, capsys, damage, message):
+    (lambda s: s["normalizer"].pop("value"), "KeyError: 'value'"),
+    (lambda s: s["normalizer"]["value"].update(mean=torch.zeros(2)), "statistics of shape (2,), expected ()"),
+    (lambda s: s.pop("adaptive_lr"), "its adaptive learning rate None is not a number in [--lr-min, --lr-max]"),
+    (lambda s: s.update(adaptive_lr=0.5), "its adaptive learning rate 0.5 is not a number in [--lr-min, --lr-max]"),
+], ids=["no-obs-statistics", "obs-statistics-shape", "reward-returns-shape", "no-value-statistics",
+        "value-statistics-shape", "no-adaptive-lr", "adaptive-lr-out-of-bounds"])
+def test_resume_with_damaged_normalisation_or_learning_rate_state_is_one_line(tmp_path, capsys, damage, message):
     run_dir = tmp_path / "run"
     assert main([*CARTPOLE, "--run-dir", str(run_dir), "--total-timesteps", "512", "--norm-obs", "True",
-                 "--norm-reward", "True"]) == 0
+                 "--norm-reward", "True", "--norm-value", "True", "--lr-schedule", "adaptive"]) == 0
     capsys.readouterr()
     resume_after_damage(run_dir, damage, capsys, "is damaged", message)
 
