@@ -413,7 +413,7 @@ def test_a_full_disk_when_the_last_metrics_line_is_flushed_is_one_line(tmp_path,
 
     def fake_open(path, *args, **kwargs):
         f = real_open(path, *args, **kwargs)
-        return Full(f) if str(path).endswith("metrics.jsonl") else f
+        return Full(f) if str(path).endswith("metrics.jsonl") and args[:1] == ("a",) else f  # the writer only
 
     monkeypatch.setattr(fastppo.logger, "open", fake_open, raising=False)
     assert main([*CARTPOLE, "--run-dir", str(tmp_path / "full"), "--total-timesteps", "1024"]) == 1
