@@ -22,8 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastppo.config import device_named
-from fastppo.envs import EnvInfo, adapt_obs, make_envs
+from fastppo.envs import INT32_MAX, EnvInfo, adapt_obs, make_envs
 from fastppo.normalize import ObsNormalizer, ValueNormalizer
 from fastppo.policy import act, greedy
 
@@ -87,23 +86,22 @@ class Agent:
 def load(path: str | os.PathLike, device: Literal["auto", "cpu", "cuda"] | str = "auto", seed: int = 0) -> Agent:
     """An Agent from a run folder (its newest checkpoint) or a checkpoint file, on `device`.
 
-    Raises CheckpointError (a missing, damaged or non-finite checkpoint), ConfigError (CUDA asked for
-    but absent) or EnvError (the env cannot be made with the run's options), each one line.
+    Raises CheckpointError (a missing, damaged or non-finite checkpoint, or one of another run than its
+    folder's), ConfigError (a device this machine does not have, a seed that is not an int) or EnvError
+    (the env cannot be made with the run's options), each one line.
     """
-    from fastppo.checkpoint import CheckpointError, load_checkpoint, non_finite
-    from fastppo.config import ConfigError
+    from fastppo.checkpoint import CheckpointError, check_belongs, load_checkpoint, run_folder
+    from fastppo.config import check_device, read_config
     from fastppo.policy import make_policy
 
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda: CUDA is not available on this machine (use cpu or auto)")
-    state = load_checkpoint(os.fspath(path))
-    bad = non_finite({"model": state["model"]})
-    if bad is not None:
-        raise CheckpointError(f"{state['path']!r} holds a non-finite {bad} (the run diverged); use an earlier "
-                              f"checkpoint")
+    torch_device = check_device(device, "device")
+    check_seed(seed)
+    state = load_checkpoint(os.fspath(path))  # refuses non-finite weights and statistics
+    run = run_folder(state["path"])
+    if os.path.isfile(os.path.join(run, "config.json")):  # a checkpoint in a run folder is that run's, best.pt too
+        check_belongs(state, read_config(run), os.path.join(run, "config.json"))
     config = state["config"]
     info = _info(config)
-    torch_device = device_named(device)
     policy = make_policy(info).to(torch_device)
     try:
         policy.load_state_dict(state["model"])
@@ -129,13 +127,28 @@ def make_env(run: Agent | str | os.PathLike, num_envs: int = 1, seed: int = 0, *
     and sticky actions; Atari without episodic life and with raw (unclipped) rewards, so a game's
     summed rewards are its score. Observations and actions pass through the same adapter as in
     training (dict observations flattened, continuous actions clipped). video: frames from
-    ``env.render(env_ids=[i])`` (where EnvPool renders the env)."""
+    ``env.render(env_ids=[i])`` (where EnvPool renders the env). ConfigError (one line) for a num_envs
+    outside [1, 2^31) or a seed that is not an int."""
+    from fastppo.config import ConfigError
+
+    if isinstance(num_envs, bool) or not isinstance(num_envs, int) or not 0 < num_envs <= INT32_MAX:
+        raise ConfigError(f"num_envs must be an int in [1, 2^31), got {num_envs!r}")
+    check_seed(seed)
     agent = run if isinstance(run, Agent) else None
     config = agent.config if agent is not None else _run_config(os.fspath(run))
     info = agent.info if agent is not None else _info(config)
     return make_envs(info, num_envs, seed, max_episode_steps=config.get("max_episode_steps"),
                      repeat_action_probability=config.get("repeat_action_probability", 0.0), episodic_life=False,
                      reward_clip=False, render_mode="rgb_array" if video else None)
+
+
+def check_seed(seed) -> None:
+    """ConfigError unless seed is an int that torch's generators and EnvPool take (it is taken modulo 2^31 for
+    the envs)."""
+    from fastppo.config import ConfigError
+
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**63:
+        raise ConfigError(f"seed must be an int in [-2^63, 2^63), got {seed!r}")
 
 
 def _run_config(path: str) -> dict:

@@ -56,23 +56,74 @@ def last_checkpoint_note(run_dir: str, what: str = "last") -> str:
     return f"the {what} checkpoint is {found[-1]}" if found else "no checkpoint was written"
 
 
-def non_finite(state: dict) -> str | None:
-    """The name of the first model parameter or optimizer state tensor of state that is not finite."""
-    for name, t in state["model"].items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            return f"parameter {name}"
-    for index, slots in state.get("optimizer", {}).get("state", {}).items():
-        for slot, t in slots.items():
-            if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
-                return f"optimizer state {slot} of parameter {index}"
+STATISTICS = {"obs": "observation", "reward": "reward"}  # the normalisers' names in a checkpoint, in words
+
+
+def _dict(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def bad_value(state: dict) -> str | None:
+    """What is wrong with the first value of a checkpoint's state that is not finite or out of its range
+    ("parameter critic.1.weight is not finite", "reward statistics' m2 is negative"), or None.
+
+    Covers everything a checkpoint carries as numbers: the model, the optimizer's moments, the
+    normalisation statistics (count > 0, M2 >= 0) and each env's discounted return, the recent returns,
+    the clock and beta (>= 0), a continuous action log, the scores (best_eval may be -inf: no evaluation
+    yet). A part of the wrong type is skipped: the type checks name it.
+    """
+    named: list[tuple[str, object]] = [(f"parameter {n}", t) for n, t in _dict(state.get("model")).items()]
+    for index, slots in _dict(_dict(state.get("optimizer")).get("state")).items():
+        named += [(f"optimizer state {slot} of parameter {index}", t) for slot, t in _dict(slots).items()]
+    statistics = {f"{STATISTICS.get(k, k)} statistics' ": _dict(v) for k, v in _dict(state.get("normalizer")).items()}
+    named += [(which + key, t) for which, stats in statistics.items() for key, t in stats.items()]
+    parts = state.get("collection")
+    for rank, part in enumerate(parts if isinstance(parts, list) else []):
+        named.append((f"discounted returns of rank {rank}'s envs", _dict(part).get("reward_returns")))
+    returns = state.get("recent_returns")
+    named += [("recent returns", r) for r in (returns if isinstance(returns, list) else [])]
+    named += [(key, state.get(key)) for key in ("elapsed", "kl_coef", "eval_return")]
+    named.append(("action log", state.get("actions")))
+    for name, value in named:
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            return f"{name} is not finite"
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"{name} is not finite"
+    for which, stats in statistics.items():  # variance = M2 / count
+        count, m2 = stats.get("count"), stats.get("m2")
+        if isinstance(count, torch.Tensor) and (count <= 0).any():
+            return f"{which}count is not positive"
+        if isinstance(m2, torch.Tensor) and (m2 < 0).any():
+            return f"{which}m2 is negative"
+    for key in ("elapsed", "kl_coef"):
+        value = state.get(key)
+        if isinstance(value, (int, float)) and value < 0:
+            return f"{key} is negative ({value})"
+    best = state.get("best_eval")
+    if isinstance(best, float) and (math.isnan(best) or best == math.inf):
+        return f"best_eval is {best}"
+    return None
+
+
+def bad_actions(actions, num_actions: int, continuous: bool) -> str | None:
+    """What is wrong with an action log ((steps, envs) discrete, (steps, envs, D) continuous) for an action
+    space of num_actions (discrete: 0 .. num_actions - 1; continuous: any finite value, clipped when sent),
+    or None."""
+    if actions is None or continuous:
+        return None if actions is None or torch.isfinite(actions).all() else "action log is not finite"
+    if actions.is_floating_point() or actions.dtype == torch.bool:
+        return f"action log holds {actions.dtype} values, not action indices"
+    if actions.numel() and not (0 <= int(actions.min()) and int(actions.max()) < num_actions):
+        wrong = int(actions.min()) if int(actions.min()) < 0 else int(actions.max())
+        return f"action log holds action {wrong}, outside the env's 0..{num_actions - 1}"
     return None
 
 
 def save_checkpoint(run_dir: str, iteration: int, state: dict, keep: int = 3) -> str:
     """Write state atomically as checkpoints/ckpt_<iteration>.pt; keep the newest `keep`.
 
-    Refuses (ValueError) a state whose parameters or optimizer moments are not finite: a diverged run
-    never overwrites or rotates away its last good checkpoint. A failed write (disk full, say) raises
+    Refuses (ValueError) a state holding a value that is not finite or out of its range (bad_value): a
+    diverged run never overwrites or rotates away its last good checkpoint. A failed write (disk full, say) raises
     WriteFailed and leaves the previous checkpoints as they were.
     """
     path = checkpoint_path(run_dir, iteration)
@@ -97,34 +148,61 @@ def save_best(run_dir: str, state: dict) -> str:
     return path
 
 
-def best_score(run_dir: str) -> float:
-    """The evaluation score checkpoints/best.pt holds; -inf when there is none (or it does not read).
+def best_score(run_dir: str, folder_config: dict) -> float:
+    """The evaluation score checkpoints/best.pt holds; -inf when there is none.
 
     A resume starts from the best of this and its checkpoint's score: a best.pt written after that
-    checkpoint, by iterations the resume redoes, is kept and still has to be beaten.
+    checkpoint, by iterations the resume redoes, is kept and still has to be beaten. best.pt is checked
+    as every checkpoint is (load_checkpoint) and must belong to the run (check_belongs against the
+    folder's config.json, `folder_config`) and hold a finite score: CheckpointError (one line) otherwise.
     """
     path = os.path.join(run_dir, CKPT_DIR, BEST)
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         return -math.inf
-    try:
-        score = load_checkpoint(path).get("eval_return")
-    except CheckpointError:
-        return -math.inf
-    return float(score) if isinstance(score, (int, float)) and math.isfinite(score) else -math.inf
+    state = load_checkpoint(path)
+    check_belongs(state, folder_config, os.path.join(run_dir, "config.json"))
+    score = state.get("eval_return")
+    if isinstance(score, bool) or not isinstance(score, (int, float)):
+        raise CheckpointError(f"{path!r} is damaged: its eval_return is {score!r}, not a score")
+    return float(score)
+
+
+def check_belongs(state: dict, folder_config: dict, config_path: str) -> None:
+    """CheckpointError unless a checkpoint's config agrees with its run folder's config.json (read from
+    config_path) on every field that defines the run (config.config_difference), naming the first that
+    differs: a foreign checkpoint, or a config.json edited where a resume cannot change it."""
+    from fastppo.config import CONFIG_EDITABLE, config_difference
+
+    differs = config_difference(state["config"], folder_config)
+    if differs is not None:
+        raise CheckpointError(
+            f"{state['path']!r} and {config_path!r} disagree on {differs} ({state['config'].get(differs)!r} in the "
+            f"checkpoint, {folder_config.get(differs)!r} in config.json): the checkpoint belongs to another run, or "
+            f"config.json was edited where a resume cannot change it (it may change only "
+            f"{', '.join(CONFIG_EDITABLE)})")
+
+
+def run_folder(path: str) -> str:
+    """The run folder of a run folder or of one of its checkpoint files (<run>/checkpoints/*.pt)."""
+    if os.path.isdir(path):
+        return path
+    parent = os.path.dirname(os.path.abspath(path))
+    return os.path.dirname(parent) if os.path.basename(parent) == CKPT_DIR else parent
 
 
 def _write(run_dir: str, path: str, state: dict) -> None:
     """torch.save to a temporary file in the same folder, fsync, rename over `path`, fsync the folder.
 
-    ValueError when state's parameters or optimizer moments are not finite (nothing is written);
+    ValueError when a value of state is not finite or out of its range (bad_value; nothing is written);
     WriteFailed (one line naming the last checkpoint) when the file system refuses.
     """
-    bad = non_finite(state)
+    bad = bad_value(state)
     if bad is not None:
-        raise ValueError(f"{bad} is not finite")
+        raise ValueError(bad)
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if not os.path.isdir(os.path.dirname(path)):
+            os.mkdir(os.path.dirname(path))  # not makedirs: a run folder removed under the run is never re-created
         for stale in glob.glob(os.path.join(run_dir, CKPT_DIR, "*.pt.tmp.*")):
             os.remove(stale)  # left by a process killed mid-save; never a checkpoint
         try:
@@ -151,7 +229,8 @@ REQUIRED_KEYS = ("model", "config", "iteration", "global_step")
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict:
     """Load a fastppo checkpoint file, or a run folder's newest one.
 
-    Raises CheckpointError with one line for a missing, truncated or foreign file.
+    Raises CheckpointError with one line for a missing, truncated or foreign file, or one holding a value
+    that is not finite or out of its range (bad_value): eval, the Python API and a resume never use one.
     """
     if os.path.isdir(path):
         found = list_checkpoints(path)
@@ -176,6 +255,10 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     _check_parts(state, path, CHECKPOINT_PARTS)
     if not all(isinstance(t, torch.Tensor) for t in state["model"].values()):
         raise CheckpointError(f"{path!r} is damaged: its model holds values that are not tensors")
+    bad = bad_value(state)
+    if bad is not None:
+        raise CheckpointError(f"{path!r} cannot be used: its {bad} (a diverged run or a damaged file); use an "
+                              f"earlier checkpoint")
     state["path"] = path
     return state
 
@@ -186,7 +269,7 @@ CHECKPOINT_PARTS = {
 }
 RESUME_PARTS = {
     "optimizer": (dict,), "rng": (dict,), "kl_coef": (float, int), "elapsed": (float, int),
-    "actions": (torch.Tensor, type(None)), "recent_returns": (list,),
+    "actions": (torch.Tensor, type(None)), "recent_returns": (list,), "best_eval": (float, int),
 }
 
 
@@ -225,9 +308,6 @@ def load_resumable(run_dir: str) -> dict:
         check_rng_state(state.get("rank_rng", [state["rng"]]))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{state['path']!r} is damaged: its RNG states do not read ({e})") from None
-    bad = non_finite(state)
-    if bad is not None:
-        raise CheckpointError(f"{state['path']!r} cannot be resumed from: its {bad} is not finite")
     return state
 
 

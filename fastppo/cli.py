@@ -1,72 +1,184 @@
 """Command line: ``fastppo train | eval | plot | bench [flags]`` (also ``python -m fastppo ...``).
 
 Flags come from dataclasses (tyro), so --help shows each field's docstring. Bad input is one line
-on stderr and exit code 2, before any environment or device memory is created.
+on stderr and exit code 2, before any environment or device memory is created: an unknown flag or a
+value its field's type cannot take is caught here (tyro would print a box), everything else by the
+command itself.
 
 Exit codes: 0 done, 1 the loss diverged (NaN) or the run folder could not be written, 2 bad input,
 128 + signal number after SIGINT (130) or SIGTERM (143) stopped a run (it saved a checkpoint first;
-``fastppo train --resume`` goes on).
+``fastppo train --resume`` goes on). A Ctrl-C while fastppo starts (importing torch takes seconds) is
+one line and 130 too.
+
+This module imports torch and the rest only inside :func:`main`, so that such a Ctrl-C lands there.
 """
 
 from __future__ import annotations
 
+import difflib
 import sys
+import types
 import typing
-
-import tyro
-
-from fastppo.bench import BenchConfig
-from fastppo.checkpoint import CheckpointError, WriteFailed
-from fastppo.config import Config, ConfigError, flags_given, mark_given
-from fastppo.envs import EnvError
-from fastppo.evaluate import EvalConfig
-from fastppo.plot import PlotConfig
-
-USER_ERRORS = (ConfigError, EnvError, CheckpointError)
-SUBCOMMANDS = {"train": Config, "eval": EvalConfig, "plot": PlotConfig, "bench": BenchConfig}
+from itertools import takewhile
 
 
-def literal_choices(annotation) -> tuple[str, ...]:
-    """The values of a Literal[...] (or Literal[...] | None) annotation; () for any other type."""
-    if typing.get_origin(annotation) is typing.Literal:
-        return typing.get_args(annotation)
-    return tuple(v for arg in typing.get_args(annotation) for v in literal_choices(arg))
+def __getattr__(name: str):
+    """USER_ERRORS (ConfigError, EnvError, CheckpointError: exit 2), imported on first use."""
+    if name == "USER_ERRORS":
+        return _user_errors()
+    raise AttributeError(f"module 'fastppo.cli' has no attribute {name!r}")
 
 
-def check_choices(cls: type, argv: list[str]) -> None:
-    """ConfigError, on one line naming the allowed values, for a bad value of a choice flag.
+def _user_errors() -> tuple[type[Exception], ...]:
+    from fastppo.checkpoint import CheckpointError
+    from fastppo.config import ConfigError
+    from fastppo.envs import EnvError
+
+    return ConfigError, EnvError, CheckpointError
+
+
+def _subcommands() -> dict[str, type]:
+    from fastppo.bench import BenchConfig
+    from fastppo.config import Config
+    from fastppo.evaluate import EvalConfig
+    from fastppo.plot import PlotConfig
+
+    return {"train": Config, "eval": EvalConfig, "plot": PlotConfig, "bench": BenchConfig}
+
+
+def flag_types(cls: type) -> dict[str, object]:
+    """The flags of a subcommand's dataclass and their annotations, by field name: positional and suppressed
+    fields left out, the fields of a nested dataclass marked OmitArgPrefixes (bench's training options) in."""
+    import tyro
+
+    out: dict[str, object] = {}
+    for name, hint in typing.get_type_hints(cls, include_extras=True).items():
+        markers = typing.get_args(hint)[1:] if typing.get_origin(hint) is typing.Annotated else ()
+        if tyro.conf.Suppress in markers or tyro.conf.Positional in markers:
+            continue
+        bare = typing.get_args(hint)[0] if markers else hint
+        if tyro.conf.OmitArgPrefixes in markers:
+            out.update(flag_types(bare))
+        else:
+            out[name] = bare
+    return out
+
+
+def _union_args(hint) -> tuple:
+    """The members of a union annotation (int | None), or (hint,) for any other."""
+    if typing.get_origin(hint) is typing.Union or isinstance(hint, types.UnionType):
+        return typing.get_args(hint)
+    return (hint,)
+
+
+def _takes(hint) -> str:
+    """What a flag of this annotation takes, in words: "an integer or None", "one of none, cleanrl, fast"."""
+    words = []
+    for arg in _union_args(hint):
+        if typing.get_origin(arg) is typing.Literal:
+            words.append("one of " + ", ".join(map(str, typing.get_args(arg))))
+        else:
+            words.append({int: "an integer", float: "a number", bool: "True or False", str: "text",
+                          type(None): "None"}.get(arg, str(arg)))
+    return " or ".join(words)
+
+
+def _fits(hint, value: str) -> bool:
+    """Whether tyro takes `value` for a flag of this annotation (a bool flag with a value: True or False)."""
+    for arg in _union_args(hint):
+        if typing.get_origin(arg) is typing.Literal:
+            if value in map(str, typing.get_args(arg)):
+                return True
+        elif arg is type(None) or arg is bool:
+            if value in (("None",) if arg is type(None) else ("True", "False")):
+                return True
+        else:
+            try:
+                {int: int, float: float}.get(arg, str)(value)
+                return True
+            except ValueError:
+                pass
+    return False
+
+
+def check_flags(cls: type, argv: list[str], command: str) -> None:
+    """ConfigError, on one line, for an unknown flag, a value its field's type cannot take (--num-envs abc,
+    --total-timesteps 1e6, --preset nope), a missing value, or a word no flag takes (--track True), naming
+    the flag and what it takes. Driven by the dataclass's annotations.
 
     tyro catches these too, but in a box wrapped to the terminal's width; the rest of the parsing is
     tyro's.
     """
-    hints = typing.get_type_hints(cls, include_extras=False)
+    import tyro
+
+    from fastppo.config import ConfigError
+
+    flags = flag_types(cls)
+    positional = any(tyro.conf.Positional in typing.get_args(h)[1:]
+                     for h in typing.get_type_hints(cls, include_extras=True).values())
+    values_at: set[int] = set()  # the tokens taken as a flag's value
     for i, token in enumerate(argv):
-        name, eq, value = token[2:].partition("=") if token.startswith("--") else ("", "", "")
-        choices = literal_choices(hints.get(name.replace("-", "_")))
-        if not choices or (not eq and i + 1 >= len(argv)):
-            continue  # not a choice flag, or its value is missing (tyro says so)
-        value = value if eq else argv[i + 1]
-        if value not in choices:
-            raise ConfigError(f"--{name} {value!r} is not one of {', '.join(map(str, choices))}")
+        if not token.startswith("--") or token == "--":
+            if i not in values_at and not positional and token != "-h":
+                after = f" (after {argv[i - 1]}, which takes no value)" if i and argv[i - 1].startswith("--") else ""
+                raise ConfigError(f"fastppo {command} takes no {token!r}{after}")
+            continue
+        flag, eq, value = token[2:].partition("=")
+        name = flag.replace("-", "_")
+        if name == "help":
+            continue
+        if name not in flags:
+            if name.startswith("no_") and flags.get(name[3:]) is bool:
+                continue
+            close = difflib.get_close_matches(name, list(flags), n=3)
+            hint = f"; close names: {', '.join('--' + c.replace('_', '-') for c in close)}" if close else ""
+            raise ConfigError(f"unknown flag --{flag} of fastppo {command}{hint}")
+        hint = flags[name]
+        if hint is bool:  # a switch (--track, --no-track): no value
+            if eq:
+                raise ConfigError(f"--{flag} is a switch (--{flag} or --no-{flag}); it takes no value")
+            continue
+        items = [a for a in _union_args(hint) if typing.get_origin(a) is tuple]
+        if items:  # tuple[T, ...]: every value up to the next flag
+            item = typing.get_args(items[0])[0]
+            values = [value] if eq else list(takewhile(lambda t: not t.startswith("--"), argv[i + 1 :]))
+            values_at.update(range(i + 1, i + 1 + (0 if eq else len(values))))
+            wrong = [v for v in values if not _fits(item, v) and not (v == "None" and type(None) in _union_args(hint))]
+            if wrong:
+                raise ConfigError(f"--{flag} {wrong[0]!r} is not {_takes(item)}")
+            continue
+        if not eq:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise ConfigError(f"--{flag} needs a value ({_takes(hint)})")
+            value = argv[i + 1]
+            values_at.add(i + 1)
+        if not _fits(hint, value):
+            raise ConfigError(f"--{flag} {value!r} is not {_takes(hint)}")
 
 
 def main(argv: list[str] | None = None) -> int:
+    import tyro
+
+    from fastppo.checkpoint import WriteFailed
+    from fastppo.config import Config, ConfigError, flags_given, mark_given
+    from fastppo.evaluate import EvalConfig
+    from fastppo.plot import PlotConfig
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv == ["--version"]:  # tyro's subcommand parser has no version action
         from fastppo import __version__
 
         print(f"fastppo {__version__}")
         return 0
+    subcommands = _subcommands()
     try:
-        if argv and argv[0] in SUBCOMMANDS:
-            check_choices(SUBCOMMANDS[argv[0]], argv[1:])
-            if argv[0] == "bench":  # its training options are Config's
-                check_choices(Config, argv[1:])
+        if argv and argv[0] in subcommands:
+            check_flags(subcommands[argv[0]], argv[1:], argv[0])
     except ConfigError as e:
         print(f"fastppo: error: {e}", file=sys.stderr)
         return 2
     args = tyro.extras.subcommand_cli_from_dict(
-        SUBCOMMANDS,
+        subcommands,
         prog="fastppo",
         description="fastppo: high-throughput PPO and TRPO on EnvPool. fastppo --version prints its version.",
         args=argv,
@@ -92,15 +204,20 @@ def main(argv: list[str] | None = None) -> int:
             from fastppo.plot import plot_runs
 
             print(f"wrote {plot_runs(args)}")
-        elif isinstance(args, BenchConfig):
+        else:
             from fastppo.bench import run_bench
 
             run_bench(args, flags_given(argv[1:]))
-    except USER_ERRORS as e:
+    except _user_errors() as e:
         print(f"fastppo: error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
 def entry() -> None:
-    sys.exit(main())
+    try:
+        code = main()
+    except KeyboardInterrupt:  # Ctrl-C while starting (imports) or a second Ctrl-C in training (see StopOnSignal)
+        print("fastppo: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)

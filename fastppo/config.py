@@ -15,13 +15,16 @@ import json
 import math
 import os
 import re
+import types
+import typing
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import tyro
+from typeguard import CollectionCheckStrategy, TypeCheckError, check_type
 
-from fastppo.envs import EnvInfo
+from fastppo.envs import INT32_MAX, EnvInfo
 
 
 class ConfigError(ValueError):
@@ -58,9 +61,12 @@ class Config:
     """stop after the first iteration that ends past this many seconds of training (per launch:
     a resumed run counts from its resume); the run ends normally, with a checkpoint"""
     resume: str | None = None
-    """continue the run in this folder (runs/<name>) from its newest checkpoint; the run's
-    saved config is used, and only the flags in RESUME_FLAGS may be given with it (see
-    README)"""
+    """continue the run in this folder (runs/<name>) from its newest checkpoint, with the folder's
+    config.json. A resume may change only --total-timesteps, --max-seconds, --save-every,
+    --log-every, --log-seconds, --eval-every, --eval-episodes, --capture-video, --track, --wandb-*,
+    --tensorboard, --device, --env-threads, --torch-threads and --dist-timeout: as flags given with
+    --resume, or edited in config.json (a flag wins); a config.json edited in any other field is
+    refused, naming it (see README)"""
 
     # --- logging, tracking, evaluation --------------------------------------------------------
     log_every: int = 1
@@ -402,6 +408,8 @@ def resolve(cfg: Config, info: EnvInfo, world_size: int = 1) -> Config:
     world_size: ranks training together (torchrun's WORLD_SIZE; 1 for a plain run).
     Raises ConfigError (one line, naming the value) on any bad input.
     """
+    check_types(cfg)  # before the defaults are computed from it (1.5 * kl_target of a str...)
+    check_numbers(cfg)
     # filled in, not set by the caller: they do not count as given (config.given_fields)
     fills = {k: v for k, v in KIND_DEFAULTS[env_kind(info)].items() if getattr(cfg, k) is None}
     fills["world_size"] = world_size
@@ -436,8 +444,19 @@ def lr_schedule(cfg: Config) -> str:
     return schedule or ("anneal" if cfg.anneal_lr else "constant")
 
 
-INT32_MAX = 2**31 - 1
 MAX_DIST_TIMEOUT = 365 * 24 * 3600  # torch keeps collective timeouts in milliseconds; a year is plenty
+
+
+def host_memory_available() -> int:
+    """Bytes of host memory available to a new allocation (Linux's MemAvailable)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def available_cpus() -> int:
@@ -448,12 +467,77 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def validate(cfg: Config) -> None:
-    """Raise ConfigError on the first bad value."""
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # ~3.4e38: the networks, losses and optimizer run in float32
+INT64_MAX = 2**63 - 1  # counters and sizes end up in int64 tensors and numpy arrays
+
+
+# The scales of the update's float32 values: the learning rate (Adam's first step divides it by 1 - 0.9), the
+# loss weights, PPO-penalty's beta and TRPO's trust region. Their products with what a working run computes
+# (losses, gradients, activations well below 1e28) must stay within float32's 3.4e38; at 3e38 a CartPole
+# run's first update overflowed (--learning-rate: a traceback in Adam; --vf-coef, --max-kl: NaN).
+SCALES = ("learning_rate", "vf_coef", "ent_coef", "kl_coef", "kl_coef_min", "kl_coef_max", "max_kl")
+SCALE_MAX = 1e10
+
+
+@functools.cache
+def _hints() -> dict[str, object]:
+    """Config's field annotations, resolved (Annotated, e.g. tyro.conf.Suppress, stripped)."""
+    return typing.get_type_hints(Config)
+
+
+def describe_type(hint) -> str:
+    """An annotation in words: "int or None", "one of 'ppo', 'trpo'", "tuple[str, ...]"."""
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(hint)))
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(describe_type(arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return "None"
+    return str(hint) if typing.get_args(hint) else getattr(hint, "__name__", str(hint))
+
+
+def _takes_bool(hint) -> bool:
+    return hint is bool or any(_takes_bool(arg) for arg in typing.get_args(hint))
+
+
+def check_types(cfg: Config, where: str | None = None) -> None:
+    """ConfigError unless every field of cfg has its annotation's type (typeguard, every item of a tuple):
+    Config(algo="sac"), Config(norm_obs="yes") and a config.json's "num_envs": "4" are refused.
+
+    A bool is not taken for a number (Python's bool is an int, but true is no count of envs). `where`
+    names a saved config (its fields are then named as in the file, not as flags).
+    """
+    for name, hint in _hints().items():
+        value = getattr(cfg, name)
+        try:
+            check_type(value, hint, collection_check_strategy=CollectionCheckStrategy.ALL_ITEMS)
+            ok = not isinstance(value, bool) or _takes_bool(hint)
+        except TypeCheckError:
+            ok = False
+        if not ok:
+            field = f"{where}: {name}" if where else f"--{_flag(name)}"
+            raise ConfigError(f"{field} must be {describe_type(hint)}, got {value!r}")
+
+
+def check_numbers(cfg: Config) -> None:
+    """ConfigError for a number no computation of the run can hold: a float that is not finite or
+    beyond float32's range, an int beyond int64's. Each field's own range is validate's."""
     for name in _FIELD_NAMES:
         value = getattr(cfg, name)
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"--{_flag(name)} must be a finite number, got {value}")
+        if isinstance(value, float) and abs(value) > FLOAT32_MAX:
+            raise ConfigError(f"--{_flag(name)} {value:g} is beyond the float32 range fastppo computes in "
+                              f"(|x| <= {FLOAT32_MAX:.3g})")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT64_MAX:
+            raise ConfigError(f"--{_flag(name)} {value} is beyond the int64 range (|x| < 2^63)")
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError on the first bad value: its type (check_types), its range as a number
+    (check_numbers), then the rules of each field and between fields."""
+    check_types(cfg)
+    check_numbers(cfg)
     for name in ("num_envs", "num_steps", "num_minibatches", "update_epochs", "total_timesteps",
                  "target_return_games"):
         value = getattr(cfg, name)
@@ -490,6 +574,10 @@ def validate(cfg: Config) -> None:
     for name in ("ent_coef", "vf_coef", "max_grad_norm", "kl_coef"):
         if not getattr(cfg, name) >= 0:
             raise ConfigError(f"--{_flag(name)} must be >= 0, got {getattr(cfg, name)}")
+    for name in SCALES:
+        if getattr(cfg, name) > SCALE_MAX:
+            raise ConfigError(f"--{_flag(name)} {getattr(cfg, name):g} is more than {SCALE_MAX:g}: it scales the "
+                              f"update's float32 values, and one update would overflow them")
     if cfg.target_kl is not None and not cfg.target_kl > 0:
         raise ConfigError(f"--target-kl must be positive, got {cfg.target_kl}")
     for name in ("gamma", "gae_lambda"):
@@ -497,8 +585,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"--{_flag(name)} must be in [0, 1], got {getattr(cfg, name)}")
     if not 0.0 <= cfg.repeat_action_probability < 1.0:
         raise ConfigError(f"--repeat-action-probability must be in [0, 1), got {cfg.repeat_action_probability}")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: CUDA is not available on this machine (use --device cpu or auto)")
+    check_device(cfg.device)
     for name in ("max_kl", "cg_iters", "line_search_steps"):
         if not getattr(cfg, name) > 0:
             raise ConfigError(f"--{_flag(name)} must be positive, got {getattr(cfg, name)}")
@@ -572,6 +659,22 @@ def device_named(name: str) -> torch.device:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def check_device(name: str, flag: str = "--device") -> torch.device:
+    """The device `name` names (device_named), or ConfigError (one line) for a name torch does not know, a
+    device other than cpu or cuda, CUDA on a machine without it, or a CUDA index the machine does not have."""
+    try:
+        device = torch.device("cpu" if name == "auto" else name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"{flag} {name!r} is not a device (auto, cpu, cuda or cuda:<index>)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"{flag} {name}: fastppo runs on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{flag} {name}: CUDA is not available on this machine (use cpu or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device_named(name)
 
 
 def training_device(cfg: Config) -> torch.device:
@@ -667,12 +770,14 @@ def check_run_dir(path: str, flag: str = "--run-dir") -> None:
 
 
 def save_config(cfg: Config, path: str) -> None:
-    """Write config.json atomically (a resume rewrites it when --total-timesteps is raised)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Write config.json atomically (a resume rewrites it)."""
+    from fastppo.logger import write_atomically
+
+    write_atomically(path, json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def _not_json(token: str):
+    raise ValueError(f"{token} is not JSON")  # Python's json reads NaN and Infinity; fastppo never writes them
 
 
 def read_config(run: str) -> dict:
@@ -680,7 +785,7 @@ def read_config(run: str) -> dict:
     path = os.path.join(run, "config.json")
     try:
         with open(path) as f:
-            config = json.load(f)
+            config = json.load(f, parse_constant=_not_json)
     except FileNotFoundError:
         raise ConfigError(f"{run!r} has no config.json: not a run folder") from None
     except (OSError, ValueError) as e:
@@ -726,16 +831,37 @@ def run_identity(config: dict) -> str:
     """
     import hashlib
 
+    return hashlib.sha256(json.dumps(_identity_fields(config), sort_keys=True, default=list).encode()).hexdigest()[:12]
+
+
+def _identity_fields(config: dict) -> dict:
     config = with_added_fields(config)  # a run saved by an earlier fastppo still resumes after an upgrade
     kept = {k: config.get(k) for k in _FIELD_NAMES if k not in IDENTITY_EXCLUDED}
     kept["world_size"] = config.get("world_size", 1)
-    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=list).encode()).hexdigest()[:12]
+    return kept
 
 
-def resume_config(saved: dict, given: Config) -> Config:
-    """The config of a resumed run: the saved one, with the RESUME_FLAGS the caller set on `given`.
+def config_difference(a: dict, b: dict) -> str | None:
+    """The first field that defines a run (see run_identity) whose value differs between two config dicts."""
+    a, b = _identity_fields(a), _identity_fields(b)
+    return next((k for k in a if json.dumps(a[k], default=list) != json.dumps(b[k], default=list)), None)
 
-    Raises ConfigError naming the first flag that may not change on resume.
+
+# What a resume reads from the folder's config.json, when it was edited there: the fields a resume may change
+# (the RESUME_FLAGS) and the run's name. Every other field must equal the checkpoint's (config_difference).
+CONFIG_EDITABLE = tuple(n for n in RESUME_FLAGS if n != "resume") + ("exp_name",)
+# Config.to_dict's derived sizes: written to config.json for the reader, never read back.
+DERIVED = ("batch_size", "minibatch_size", "global_batch_size", "num_iterations")
+
+
+def resume_config(saved: dict, folder: dict, given: Config, where: str = "config.json") -> Config:
+    """The config of a resumed run: the checkpoint's (`saved`), with the fields of the folder's config.json
+    (`folder`, read from `where`) that a resume may change (CONFIG_EDITABLE), then the RESUME_FLAGS the
+    caller set on `given`.
+
+    The caller has checked that saved and folder agree on every other field (config_difference). Raises
+    ConfigError naming the first flag that may not change on resume, a config.json key that is no option,
+    or a value of the wrong type.
     """
     explicit = given_fields(given)
     refused = sorted(explicit - set(RESUME_FLAGS))
@@ -743,13 +869,17 @@ def resume_config(saved: dict, given: Config) -> Config:
         allowed = ", ".join(f"--{_flag(n)}" for n in RESUME_FLAGS[1:])
         raise ConfigError(f"--{_flag(refused[0])} cannot be given with --resume (the run keeps its config; "
                           f"allowed: {allowed})")
+    unknown = sorted(set(folder) - set(_FIELD_NAMES) - set(DERIVED))
+    if unknown:
+        raise ConfigError(f"{where!r}: {unknown[0]!r} is not an option of fastppo train; remove it")
     values = {k: v for k, v in saved.items() if k in _FIELD_NAMES}
-    if "wandb_tags" in values:
-        values["wandb_tags"] = tuple(values["wandb_tags"])
-    try:
-        cfg = mark_given(Config(**values), set())  # the saved values are the run's; given: this caller's flags
-    except TypeError as e:
-        raise ConfigError(f"the run's saved config does not fit this fastppo: {e}") from None
+    values.update({k: folder[k] for k in CONFIG_EDITABLE if k in folder})
+    hints = _hints()
+    for k, v in values.items():  # JSON has no tuples
+        if isinstance(v, list) and tuple in map(typing.get_origin, (hints[k], *typing.get_args(hints[k]))):
+            values[k] = tuple(v)
+    cfg = mark_given(Config(**values), set())  # the saved values are the run's; given: this caller's flags
+    check_types(cfg, repr(where))
     for name in explicit:
         setattr(cfg, name, getattr(given, name))
     cfg.resume = given.resume

@@ -128,6 +128,88 @@ OWN_OPTIONS = {
 }
 
 
+# The real ranges of the Atari options fastppo sets (EnvPool's atari_env.h), and why: outside them the
+# emulator crashes or never moves, or the network breaks. Their upper bound is a C++ int's. (mode and
+# difficulty are checked by EnvPool itself, with an exception; the other options are bools.)
+ATARI_MINIMUMS = {
+    "stack_num": (1, "frames per observation: 0 leaves none for the network, fewer crash EnvPool"),
+    "frame_skip": (1, "emulator frames per step: below 1 the game never moves"),
+    "noop_max": (1, "EnvPool draws the no-op count from [0, noop_max - 1]: below 1 that range is empty and it "
+                    "crashes"),
+    "img_height": (1, "a frame's height: below 1 the resize aborts"),
+    "img_width": (1, "a frame's width: below 1 the resize aborts"),
+}
+ATARI_CHECKED = set(ATARI_MINIMUMS) | {"task", "mode", "difficulty", "zero_discount_on_life_loss", "use_fire_reset",
+                                      "full_action_space", "use_inter_area_resize", "gray_scale"}
+INT32_MAX = 2**31 - 1  # EnvPool's (C++) ints: seeds, sizes, counts
+
+
+def check_env_options(env_id: str, family: str, kwargs: tuple[tuple[str, object], ...],
+                      fields: dict[str, object]) -> None:
+    """EnvError (one line) for an --env-kwargs value outside its real range, before EnvPool sees it: some
+    values crash the process (a segfault, an abort, the emulator's exit(1) on a missing ROM) where no
+    exception could be caught.
+
+    Atari's options have known ranges (ATARI_MINIMUMS, the ROMs for task). Any other option is tried
+    first in a child process (EnvPool makes the env, resets and steps it): a crash there is a one-line
+    EnvError here.
+    """
+    options = dict(kwargs)
+    if family == "atari":
+        for key, (low, why) in ATARI_MINIMUMS.items():
+            if key in options and not low <= options[key] <= INT32_MAX:
+                raise EnvError(f"--env-kwargs {key}={options[key]} must be in [{low}, 2^31): {why}")
+        if "task" in options:
+            import os
+
+            roms = os.path.join(str(fields["base_path"]), "atari", "roms")
+            tasks = sorted(f[:-4] for f in os.listdir(roms) if f.endswith(".bin")) if os.path.isdir(roms) else []
+            if options["task"] not in tasks:
+                close = difflib.get_close_matches(str(options["task"]), tasks, n=3)
+                raise EnvError(f"--env-kwargs task={options['task']!r}: EnvPool has no such Atari ROM"
+                               + (f"; close names: {', '.join(close)}" if close else ""))
+        if set(options) <= ATARI_CHECKED:
+            return
+    if options:
+        _probe(env_id, options)
+
+
+# Makes the env, resets it and steps it with random actions: what fastppo's start does with it.
+_PROBE = """
+import json, sys, warnings
+warnings.filterwarnings("ignore")
+import envpool
+env_id, kwargs = sys.argv[1], json.loads(sys.argv[2])
+envs = envpool.make(env_id, env_type="gymnasium", num_envs=1, **kwargs)
+envs.reset()
+for _ in range(4):
+    envs.step(envs.action_space.sample()[None])
+envs.close()
+"""
+
+
+def _probe(env_id: str, options: dict[str, object]) -> None:
+    """EnvError naming the options when EnvPool cannot make, reset and step env_id with them in a child process
+    (one second or so: the child imports EnvPool)."""
+    import signal
+    import subprocess
+    import sys
+
+    shown = " ".join(f"{k}={v}" for k, v in options.items())
+    try:
+        proc = subprocess.run([sys.executable, "-c", _PROBE, env_id, json.dumps(options)], capture_output=True,
+                              text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        raise EnvError(f"EnvPool did not make and step {env_id} with --env-kwargs {shown} within 300 s") from None
+    if proc.returncode != 0:
+        if proc.returncode < 0:
+            why = f"it crashed ({signal.Signals(-proc.returncode).name})"
+        else:
+            lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+            why = lines[-1][:300] if lines else f"exit code {proc.returncode}"
+        raise EnvError(f"EnvPool cannot make {env_id} with --env-kwargs {shown}: {why}")
+
+
 def parse_env_kwargs(env_id: str, items: tuple[str, ...], fields: dict[str, object]) -> tuple[tuple[str, object], ...]:
     """--env-kwargs key=value ... -> ((key, value), ...), each value of the option's own type.
 
@@ -190,10 +272,12 @@ def env_info(env_id: str, env_kwargs: tuple[str, ...] = ()) -> EnvInfo:
         close = difflib.get_close_matches(env_id, known, n=4, cutoff=0.6)
         hint = f"; close names: {', '.join(close)}" if close else "; see envpool.list_all_envs()"
         raise EnvError(f"unknown --env-id {env_id!r}{hint}")
+    family = env_family(env_id)
     try:
         with _quiet_spaces():  # the spaces are built lazily, on first access
             fields = envpool.make_spec(env_id).config._asdict()
             kwargs = parse_env_kwargs(env_id, env_kwargs, fields)
+            check_env_options(env_id, family, kwargs, fields)
             spec = envpool.make_spec(env_id, **dict(kwargs))
             space, obs_space = spec.action_space, spec.observation_space
     except EnvError:
@@ -201,8 +285,7 @@ def env_info(env_id: str, env_kwargs: tuple[str, ...] = ()) -> EnvInfo:
     except Exception as e:  # EnvPool's own checks (a missing scenario file, an option out of range, ...)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EnvError(f"EnvPool cannot make {env_id} with these options: {first[:300]}") from None
-    info = dict(env_id=env_id, is_atari="episodic_life" in spec.config._fields, family=env_family(env_id),
-                env_kwargs=kwargs)
+    info = dict(env_id=env_id, is_atari="episodic_life" in spec.config._fields, family=family, env_kwargs=kwargs)
     if isinstance(space, gymnasium.spaces.Discrete):
         info.update(num_actions=int(space.n))
     elif isinstance(space, gymnasium.spaces.Box) and len(space.shape) == 1:
@@ -234,6 +317,8 @@ def env_info(env_id: str, env_kwargs: tuple[str, ...] = ()) -> EnvInfo:
         info.update(obs_shape=(size,), obs_dtype=np.dtype(np.float32), dict_spec=tuple(dict_spec))
     elif isinstance(obs_space, gymnasium.spaces.Box):
         shape, dtype = tuple(obs_space.shape), np.dtype(obs_space.dtype)
+        if 0 in shape:
+            raise EnvError(f"--env-id {env_id!r} with these options observes {shape}: an empty observation")
         if len(shape) == 3 and dtype == np.uint8:
             if shape[-1] <= 4 < shape[0]:
                 raise EnvError(f"--env-id {env_id!r} observes (H, W, C) = {shape} frames; fastppo's Nature CNN "

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-import torch
 import tyro
 from torch import nn
 
 from fastppo.agent import Agent, load, make_env
-from fastppo.config import ConfigError
+from fastppo.checkpoint import check_belongs, run_folder
+from fastppo.config import INT32_MAX, ConfigError, check_device, host_memory_available, read_config
 from fastppo.envs import EnvInfo, expose_egl
 
 EVAL_SEED_OFFSET = 1_000_000  # eval pools never share a seed with the training envs (seed .. seed + N - 1)
@@ -110,6 +110,25 @@ def eval_metrics(policy: nn.Module, info: EnvInfo, cfg, iteration: int, obs_norm
     return out
 
 
+# Host memory per env of an eval pool, EnvPool's own (measured with EnvPool 1.2.5: about 1.3 MB per Atari env,
+# its emulator; 8 KB per classic-control env; 64 KiB for the others), and per game its score and length in
+# Python lists.
+ENV_BYTES = {"atari": 3 * 2**19}
+BYTES_PER_GAME = 64
+
+
+def check_eval_memory(info: EnvInfo, episodes: int, num_envs: int | None) -> None:
+    """ConfigError when --episodes games on --num-envs envs cannot fit in host memory (they were OOM-killed
+    at 23 GB), naming the estimate."""
+    n = min(num_envs or 8, episodes)
+    per_env = ENV_BYTES.get(info.family, 2**16) + 8 * info.obs_bytes  # + the state queue's and network's copies
+    need = n * per_env + episodes * BYTES_PER_GAME
+    free = host_memory_available()
+    if need > free:
+        raise ConfigError(f"--episodes {episodes} on --num-envs {n} need about {need / 2**30:,.1f} GiB, more than the "
+                          f"{free / 2**30:,.1f} GiB available in host memory")
+
+
 def check_video(info: EnvInfo, flag: str) -> None:
     """ConfigError (one line) unless a video of this env can be written here: imageio and its ffmpeg,
     and an env EnvPool can render."""
@@ -171,14 +190,6 @@ def write_video(frames: list[np.ndarray], path: str, fps: int) -> None:
     imageio.mimwrite(path, frames, fps=fps, codec="libx264", pixelformat="yuv420p", macro_block_size=2)
 
 
-def run_folder(path: str) -> str:
-    """The run folder of a run folder or of one of its checkpoint files (<run>/checkpoints/ckpt_*.pt)."""
-    if os.path.isdir(path):
-        return path
-    parent = os.path.dirname(os.path.abspath(path))
-    return os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else parent
-
-
 def run_eval(ecfg: EvalConfig, stream=None) -> Games:
     """``fastppo eval``: print the scores; write (and log) the video. Raises ConfigError / CheckpointError."""
     import sys
@@ -188,15 +199,19 @@ def run_eval(ecfg: EvalConfig, stream=None) -> Games:
     stream = stream if stream is not None else sys.stdout
     if ecfg.episodes <= 0:
         raise ConfigError(f"--episodes must be positive, got {ecfg.episodes}")
-    if ecfg.num_envs is not None and ecfg.num_envs <= 0:
-        raise ConfigError(f"--num-envs must be positive, got {ecfg.num_envs}")
-    if ecfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: CUDA is not available on this machine (use --device cpu or auto)")
+    if ecfg.num_envs is not None and not 0 < ecfg.num_envs <= INT32_MAX:
+        raise ConfigError(f"--num-envs must be in [1, 2^31), got {ecfg.num_envs}")
+    check_device(ecfg.device)
     agent = load(ecfg.checkpoint if ecfg.checkpoint is not None else ecfg.run, ecfg.device, seed=ecfg.seed)
     run_dir = run_folder(ecfg.run)
+    if ecfg.checkpoint is not None and os.path.isfile(os.path.join(run_dir, "config.json")):
+        # its scores and video go to this run (its videos/, its W&B run): another run's model would lie there
+        check_belongs({"config": agent.config, "path": agent.checkpoint}, read_config(run_dir),
+                      os.path.join(run_dir, "config.json"))
     known = tracked_run(run_dir) if ecfg.track else None  # a damaged record is an error before any game
     if ecfg.video:
         check_video(agent.info, "--video")
+    check_eval_memory(agent.info, ecfg.episodes, ecfg.num_envs)
     games = play(agent, ecfg.episodes, ecfg.seed, num_envs=ecfg.num_envs, greedy=ecfg.greedy, video=ecfg.video)
     r = games.returns
     how = "greedy" if ecfg.greedy else "sampled"

@@ -17,6 +17,7 @@ recent return, the last evaluation, phase) instead of lines.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -194,10 +195,22 @@ def keep_metrics_until(run_dir: str, iteration: int) -> int:
             else:
                 dropped += 1
     if dropped:
-        with open(path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(path + ".tmp", path)
+        write_atomically(path, "".join(kept))
     return dropped
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Write text to path.tmp, then rename it over path: a reader sees the old file or the new one. A failed
+    write (a full disk) leaves the old file and no path.tmp."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def _fmt(v, spec: str) -> str:
@@ -338,7 +351,4 @@ def write_model_card(run_dir: str, cfg, metrics: dict, *, command: str, best: fl
         f"agent = fastppo.load({run_dir!r})", "env = fastppo.make_env(agent)", "obs, _ = env.reset()",
         "obs, reward, terminated, truncated, info = env.step(agent.act(obs))", "```", "",
     ])
-    path = os.path.join(run_dir, "README.md")
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    write_atomically(os.path.join(run_dir, "README.md"), text)

@@ -125,8 +125,8 @@ class Run:
 
 
 def check_lines(run: str, lines: list[dict]) -> list[dict]:
-    """The lines, with a non-finite number of METRICS read as None; ConfigError on a value that is not
-    a number, or on a global_step that goes back (two runs in one file)."""
+    """The lines, checked: ConfigError on a value of METRICS that is not a finite number (fastppo writes
+    null for no value, never NaN or Infinity), or on a global_step that goes back (two runs in one file)."""
     path = os.path.join(run, "metrics.jsonl")
     previous = None
     out = []
@@ -136,10 +136,8 @@ def check_lines(run: str, lines: list[dict]) -> list[dict]:
             v = m.get(key)
             if v is None:
                 continue
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise ConfigError(f"{path!r}: {key} is {v!r} at iteration {m['iteration']}, not a number")
-            if not math.isfinite(v):
-                m[key] = None
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ConfigError(f"{path!r}: {key} is {v!r} at iteration {m['iteration']}, not a finite number")
         if previous is not None and m["global_step"] <= previous["global_step"]:
             raise ConfigError(f"{path!r}: global_step goes from {previous['global_step']} back to {m['global_step']} "
                               f"at iteration {m['iteration']} (two runs in one file?)")

@@ -9,6 +9,11 @@
   starts. If the start fails or a SIGINT/SIGTERM arrives first, :meth:`RunFolder.abandon` removes
   what the start made (the folder itself when it made it, else only the entries that were not in it
   before), so the same command can simply be run again.
+* Identity. The folder and its lock file are known by their (device, inode) from the moment they are
+  locked. :meth:`RunFolder.check` (before each write of the training loop, and at its end) stops the
+  run with one line when either is gone or is another file now (``rm -rf``, a lazy unmount, a ``mv``
+  and a new folder of the same name): the run never reports success, re-creates the folder, or writes
+  into one that is not its own.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ import contextlib
 import fcntl
 import os
 import shutil
+import time
 
+from fastppo.checkpoint import WriteFailed
 from fastppo.config import ConfigError, check_run_dir
 
 LOCK_FILE = ".lock"
@@ -33,6 +40,7 @@ class RunFolder:
         self.new = new  # a new run (not a resume)
         self.before = before  # what a folder that existed held before this start (the user's: kept)
         self.committed = not new
+        self.identity = _identity(os.stat(path)), _identity(os.fstat(fd))  # the folder's and its lock file's
 
     @classmethod
     def claim_new(cls, path: str, flag: str = "--run-dir") -> RunFolder:
@@ -60,6 +68,16 @@ class RunFolder:
             raise ConfigError(f"--resume {path!r}: no such run folder")
         return cls(path, _lock(path), made=False, new=False)
 
+    def check(self) -> None:
+        """WriteFailed when the folder or its lock file was removed or replaced since it was locked."""
+        try:
+            now = _identity(os.stat(self.path)), _identity(os.stat(os.path.join(self.path, LOCK_FILE)))
+        except OSError:
+            now = None
+        if now != self.identity:
+            raise WriteFailed(f"the run folder {self.path!r} was removed or replaced while this run used it; "
+                              f"stopping without writing there")
+
     def commit(self) -> None:
         """Training starts: from here on the folder holds a run and is never removed."""
         self.committed = True
@@ -86,6 +104,35 @@ class RunFolder:
             self.fd = -1
 
 
+def _holder(fd: int, wait: float = 2.0) -> str:
+    """The PID of the process holding the lock on fd, from the lock file.
+
+    A process that has just taken the lock writes its PID a moment later; until then the file is empty or
+    names an earlier holder that has ended (two launches at the same instant). So the file is read again
+    until it names a live process, for up to `wait` seconds.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if (text.isdigit() and _alive(int(text))) or time.monotonic() > deadline:
+            return text or "unknown"
+        time.sleep(0.01)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, as another user's
+        return True
+    return True
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
 def _lock(path: str) -> int:
     """Take the folder's lock (non-blocking) and write this PID in it; ConfigError naming the holder."""
     lock_path = os.path.join(path, LOCK_FILE)
@@ -96,10 +143,15 @@ def _lock(path: str) -> int:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        holder = _holder(fd)
         os.close(fd)
         raise ConfigError(f"the run folder {path!r} is in use by process {holder} (another fastppo train); "
                           f"wait for it to end or stop it first") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        pid = f"{os.getpid()}\n".encode()
+        os.pwrite(fd, pid, 0)  # then cut what is left of a longer PID: the file never reads empty
+        os.ftruncate(fd, len(pid))
+    except OSError as e:  # a full disk, say: one line, and the lock goes with the descriptor
+        os.close(fd)
+        raise ConfigError(f"cannot lock the run folder {path!r}: writing {lock_path!r} failed ({e.strerror})") from None
     return fd

@@ -46,7 +46,9 @@ from fastppo.checkpoint import (
     CheckpointError,
     StopOnSignal,
     WriteFailed,
+    bad_actions,
     best_score,
+    check_belongs,
     checkpoint_path,
     last_checkpoint_note,
     load_resumable,
@@ -59,10 +61,12 @@ from fastppo.config import (
     Config,
     ConfigError,
     check_options_read,
+    check_types,
     default_run_dir,
     env_id_notice,
     env_kind,
     given_fields,
+    host_memory_available,
     read_config,
     resolve,
     resume_config,
@@ -381,9 +385,14 @@ def evaluate(cfg: Config, info: EnvInfo, s: Session) -> dict:
     score = out["eval/episodic_return"]
     if score > s.progress.best_eval:
         s.progress.best_eval = score
-        save_best(cfg.run_dir, {"model": s.policy.state_dict(), "config": cfg.to_dict(),
-                                "iteration": s.progress.iteration, "global_step": s.progress.global_step,
-                                "normalizer": norms.state_dict(), "eval_return": score})
+        try:
+            save_best(cfg.run_dir, {"model": s.policy.state_dict(), "config": cfg.to_dict(),
+                                    "identity": run_identity(cfg.to_dict()), "iteration": s.progress.iteration,
+                                    "global_step": s.progress.global_step, "normalizer": norms.state_dict(),
+                                    "eval_return": score})
+        except ValueError as e:  # a value of the state is not finite (checkpoint.bad_value): never a best.pt
+            raise TrainingDiverged(f"{e} at iteration {s.progress.iteration}; stopping, "
+                                   f"{last_checkpoint_note(cfg.run_dir, 'last good')}") from None
     out["eval/best_return"] = s.progress.best_eval
     out["perf/eval_time"] = time.perf_counter() - t
     s.progress.eval_time += out["perf/eval_time"]
@@ -440,16 +449,19 @@ def checkpoint_state(cfg: Config, policy: nn.Module, optimizer: torch.optim.Opti
     return state
 
 
-def save(cfg: Config, state: dict | None, progress: Progress, metrics: dict) -> str:
+def save(cfg: Config, info: EnvInfo, state: dict | None, progress: Progress, metrics: dict) -> str:
     """save_checkpoint on rank 0 (state None elsewhere: see checkpoint_state), then the run's model card
     (logger.write_model_card); the checkpoint's path.
 
-    A state with non-finite parameters is never written (TrainingDiverged: the last checkpoint stays
-    the last good one).
+    A state holding a value that is not finite or out of its range (checkpoint.bad_value, an action
+    outside the env's) is never written (TrainingDiverged: the last checkpoint stays the last good one).
     """
     if state is None:
         return checkpoint_path(cfg.run_dir, progress.iteration)
     try:
+        wrong = bad_actions(state["actions"], info.num_actions, info.continuous)
+        if wrong is not None:
+            raise ValueError(wrong)
         path = save_checkpoint(cfg.run_dir, progress.iteration, state)
     except ValueError as e:  # Host-device sync, deliberate: the finiteness check reads every tensor once per save
         kept = last_checkpoint_note(cfg.run_dir, "last good")
@@ -543,18 +555,6 @@ def check_memory(cfg: Config, info: EnvInfo, device: torch.device) -> None:
                               f"{need / 2**30:,.1f} GiB, more than the {free / 2**30:,.1f} GiB {where}")
 
 
-def host_memory_available() -> int:
-    """Bytes of host memory available to a new allocation (Linux's MemAvailable)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def prepare(cfg: Config, world: World | None = None) -> Prepared:
     """Validate everything the caller gave, before any env, file, device memory or process group exists.
 
@@ -562,6 +562,7 @@ def prepare(cfg: Config, world: World | None = None) -> Prepared:
     Raises EnvError / ConfigError (one line each).
     """
     world = world or World()
+    check_types(cfg)
     cfg = with_env_id(cfg)
     info = env_info(cfg.env_id, cfg.env_kwargs)
     cfg = apply_preset(cfg, env_kind(info))
@@ -586,27 +587,27 @@ def prepare_resume(cfg: Config, world: World | None = None) -> Prepared:
     """--resume: lock the run folder (rank 0), load and check its newest checkpoint against the folder,
     and merge the config, changing no file.
 
-    The checkpoint must belong to the folder: its config has the identity (env, algorithm, seed,
-    sizes: config.run_identity) of the folder's config.json, and its model, optimizer state and
-    action log fit that config. Under torchrun every rank reads the same checkpoint (the run folder
-    must be visible to all). Raises CheckpointError / ConfigError / EnvError (one line each).
+    The checkpoint must belong to the folder: its config agrees with the folder's config.json on every
+    field that defines the run (env, algorithm, seed, sizes: config.config_difference), and its model,
+    optimizer state and action log fit that config. The fields a resume may change are taken from
+    config.json (a user may edit them there), then from the caller's flags. Under torchrun every rank
+    reads the same checkpoint (the run folder must be visible to all). Raises CheckpointError /
+    ConfigError / EnvError (one line each).
     """
     world = world or World()
     folder = RunFolder.lock_existing(cfg.resume) if world.rank == 0 else None
     try:
         state = load_resumable(cfg.resume)
         folder_config = read_config(cfg.resume)
-        path = state["path"]
-        if run_identity(state["config"]) != run_identity(folder_config):
-            raise CheckpointError(
-                f"{path!r} belongs to another run ({state['config']['env_id']}, identity "
-                f"{run_identity(state['config'])}) than its folder ({folder_config.get('env_id')}, identity "
-                f"{run_identity(folder_config)}); remove it or resume its own run")
+        path, config_path = state["path"], os.path.join(cfg.resume, "config.json")
+        check_belongs(state, folder_config, config_path)
+        # best.pt too: a foreign one (its score forged, say) would be kept, logged as eval/best_return, played
+        state["best_eval"] = max(state.get("best_eval", -math.inf), best_score(cfg.resume, folder_config))
         saved_world = state["config"].get("world_size", 1)
         if saved_world != world.size:
             raise ConfigError(f"the run in {cfg.resume!r} was trained by {saved_world} rank(s); resume it with "
                               f"{saved_world} (this launch has {world.size})")
-        cfg = resume_config(state["config"], cfg)
+        cfg = resume_config(state["config"], folder_config, cfg, config_path)
         if cfg.track:
             tracking.tracked_run(cfg.run_dir)  # a damaged W&B record is an error now, not after the envs exist
         info = env_info(cfg.env_id, cfg.env_kwargs)
@@ -650,8 +651,9 @@ def make_normalizers(cfg: Config, info: EnvInfo, device: torch.device) -> Normal
 
 
 def check_loadable(state: dict, info: EnvInfo, cfg: Config) -> None:
-    """CheckpointError unless the checkpoint's model, optimizer state, normalisation statistics, adaptive
-    learning rate and per-rank collection state load into this run's networks and collectors."""
+    """CheckpointError unless the checkpoint's model, optimizer state, action log (every action one the
+    env takes), normalisation statistics, adaptive learning rate and per-rank collection state load into
+    this run's networks, envs and collectors."""
     policy = make_policy(info)
     expected = {k: tuple(v.shape) for k, v in policy.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state["model"].items()}
@@ -669,6 +671,9 @@ def check_loadable(state: dict, info: EnvInfo, cfg: Config) -> None:
                 raise ValueError(f"Adam's state of a parameter of shape {tuple(p.shape)} is {sorted(slots)}")
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as e:
         raise CheckpointError(f"{state['path']!r} is damaged: its optimizer state does not load ({e})") from None
+    wrong = bad_actions(state["actions"], info.num_actions, info.continuous)
+    if wrong is not None:
+        raise CheckpointError(f"{state['path']!r} is damaged: its {wrong}")
     if cfg.lr_schedule == "adaptive":
         lr = state.get("adaptive_lr")
         if not (isinstance(lr, float) and cfg.lr_min <= lr <= cfg.lr_max):
@@ -706,6 +711,7 @@ def train(cfg: Config) -> dict:
     0 prints and writes the run folder.
     """
     world = World.from_env()
+    check_types(cfg)  # a Config from Python is not parsed: Config(algo="sac") stops here
     if cfg.resume is not None:  # the saved config holds its preset's values (--preset is refused with --resume)
         prepared = prepare_resume(cfg, world)
     else:
@@ -796,7 +802,7 @@ def build(prepared: Prepared, world: World) -> Session:
         session.recent.extend(state["recent_returns"])
         p = session.progress
         p.iteration, p.global_step, p.elapsed_before = state["iteration"], state["global_step"], state["elapsed"]
-        p.best_eval = max(state.get("best_eval", -math.inf), best_score(cfg.run_dir))
+        p.best_eval = state["best_eval"]
         p.start_step = p.global_step
     return session
 
@@ -830,7 +836,7 @@ def _train(prepared: Prepared, world: World) -> dict:
         try:
             if folder is not None:
                 folder.commit()
-            return _loop(cfg, prepared, session, logger, tracker, stop, device)
+            return _loop(cfg, prepared, session, logger, tracker, stop, device, folder)
         finally:
             session.collection.close()
     finally:
@@ -842,6 +848,7 @@ def _train(prepared: Prepared, world: World) -> dict:
 def start_outputs(cfg: Config, prepared: Prepared, folder: RunFolder):
     """Rank 0: config.json (a resume keeps its metrics up to the checkpoint), metrics logger, W&B."""
     run_dir = cfg.run_dir
+    folder.check()  # still the folder it locked (RunFolder.check)
     notice = env_id_notice(cfg) if prepared.resume is None else None
     if notice is not None:
         print(f"fastppo: {notice}", flush=True)
@@ -880,8 +887,12 @@ def start_outputs(cfg: Config, prepared: Prepared, folder: RunFolder):
 
 
 def _loop(cfg: Config, prepared: Prepared, s: Session, logger, tracker, stop: StopOnSignal,
-          device: torch.device) -> dict:
-    """The training loop (see the module docstring); returns the last metrics line with "stopped_by"."""
+          device: torch.device, folder: RunFolder | None) -> dict:
+    """The training loop (see the module docstring); returns the last metrics line with "stopped_by".
+
+    folder: rank 0's locked run folder (None on the other ranks), checked before each write and at the
+    end: a run whose folder was removed or replaced under it stops with WriteFailed, never "finished".
+    """
     ops, progress, run_dir = prepared.ops, s.progress, cfg.run_dir
     metrics: dict = {}
     reason: str | None = None
@@ -915,6 +926,8 @@ def _loop(cfg: Config, prepared: Prepared, s: Session, logger, tracker, stop: St
             t_updated = time.perf_counter()
             progress.global_step += cfg.global_batch_size
             check_finite(values, progress, run_dir)
+            if folder is not None:
+                folder.check()
             # beta and the adaptive learning rate move on the KL averaged over the ranks (host_values): the
             # same decision on every rank, taken where the iteration syncs anyway
             if cfg.loss == "penalty":
@@ -935,11 +948,16 @@ def _loop(cfg: Config, prepared: Prepared, s: Session, logger, tracker, stop: St
             reason = stop_reason(cfg, s.recent, progress, stop, device)
             if save_due(cfg, iteration, reason):
                 logger.phase("checkpoint")
+                if folder is not None:
+                    folder.check()
                 with write_errors(run_dir):
-                    path = save(cfg, checkpoint_state(cfg, s.policy, s.optimizer, progress, s.kl_ctl, s.collection,
-                                                      s.recent, prepared.command, s.lr_ctl), progress, metrics)
+                    path = save(cfg, prepared.info, checkpoint_state(cfg, s.policy, s.optimizer, progress, s.kl_ctl,
+                                                                     s.collection, s.recent, prepared.command,
+                                                                     s.lr_ctl), progress, metrics)
             if reason is not None:
                 break
+        if folder is not None:
+            folder.check()
         logger.announce(result_line(cfg, reason, progress, s.recent, stop))
         if reason == "signal":
             signum = stop.signum or signal.SIGTERM  # a rank stopped by another rank's signal

@@ -358,7 +358,14 @@ def _metrics(text):
     (_bad_config('{"seed": 1}'), ["{run}"], "config.json' names no env_id"),
     (_metrics('[1, 2]\n"text"\n'), ["{run}"], "metrics.jsonl' holds no metrics yet"),
     (_metrics('{"global_step": 8, "iteration": 1, "time/elapsed": "soon"}\n'), ["{run}"],
-     "metrics.jsonl': time/elapsed is 'soon' at iteration 1, not a number"),
+     "metrics.jsonl': time/elapsed is 'soon' at iteration 1, not a finite number"),
+    # fastppo writes null for no value: NaN and Infinity were plotted (as gaps) without a word
+    (_metrics('{"global_step": 8, "iteration": 1, "time/elapsed": NaN}\n'), ["{run}"],
+     "metrics.jsonl': time/elapsed is nan at iteration 1, not a finite number"),
+    (_metrics('{"global_step": 8, "iteration": 1, "charts/recent_return": -Infinity}\n'), ["{run}"],
+     "metrics.jsonl': charts/recent_return is -inf at iteration 1, not a finite number"),
+    (_bad_config('{"env_id": "CartPole-v1", "gamma": NaN}'), ["{run}"], "config.json' does not read as JSON (NaN is "
+                                                                         "not JSON)"),
     (_metrics('{"global_step": 8, "iteration": 1}\n{"global_step": 4, "iteration": 1}\n'), ["{run}"],
      "metrics.jsonl': global_step goes from 8 back to 4 at iteration 1 (two runs in one file?)"),
     (None, ["{run}", "--out", "x.jpg"], "--out 'x.jpg' must end in .png"),

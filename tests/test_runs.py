@@ -66,6 +66,7 @@ def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
 def test_checkpoint_killed_between_write_and_rename_keeps_the_previous_one(tmp_path):
     """A process killed (SIGKILL) after writing its temporary file, before the rename."""
     run_dir = tmp_path / "run"
+    run_dir.mkdir()  # a checkpoint never makes its run folder (one removed under a run stays removed)
     script = f"""
 import os, signal, torch
 import fastppo.checkpoint as ck
@@ -199,10 +200,11 @@ def test_a_resume_starts_from_the_best_evaluation_on_disk(tmp_path):
     its score still has to be beaten, so best.pt and eval/best_return keep agreeing."""
     from fastppo.checkpoint import best_score, save_best
 
-    assert best_score(str(tmp_path)) == -float("inf")
-    save_best(str(tmp_path), {"model": {"w": torch.ones(2)}, "config": {"env_id": "CartPole-v1"}, "iteration": 9,
-                              "global_step": 9, "eval_return": 7.5})
-    assert best_score(str(tmp_path)) == 7.5
+    config = {"env_id": "CartPole-v1"}
+    assert best_score(str(tmp_path), config) == -float("inf")
+    save_best(str(tmp_path), {"model": {"w": torch.ones(2)}, "config": config, "iteration": 9, "global_step": 9,
+                              "eval_return": 7.5})
+    assert best_score(str(tmp_path), config) == 7.5
 
 
 def test_a_signal_in_the_last_iteration_ends_a_finished_run(tmp_path, monkeypatch, capsys):

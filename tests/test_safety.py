@@ -11,6 +11,7 @@ import errno
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -20,11 +21,17 @@ import pytest
 import torch
 from helpers import folder_digest, read_metrics, subprocess_env, two_iteration_cartpole, wait_for_lines
 
+import fastppo
 import fastppo.checkpoint
+import fastppo.config
+import fastppo.evaluate
 import fastppo.logger
+import fastppo.normalize
+import fastppo.runfolder
 import fastppo.trainer
-from fastppo.checkpoint import list_checkpoints, load_checkpoint
+from fastppo.checkpoint import CheckpointError, list_checkpoints, load_checkpoint
 from fastppo.cli import main
+from fastppo.config import Config, ConfigError
 
 CARTPOLE = ["train", "--env-id", "CartPole-v1", "--device", "cpu"]
 
@@ -135,6 +142,26 @@ def test_resume_with_damaged_normalisation_or_learning_rate_state_is_one_line(tm
     resume_after_damage(run_dir, damage, capsys, "is damaged", message)
 
 
+def test_a_best_checkpoint_from_another_run_is_refused(finished, tmp_path, capsys):
+    """best.pt was trusted without the check the other checkpoints get: another run's, with a forged score,
+    was kept by a resume, logged as eval/best_return and played by eval --checkpoint best.pt."""
+    run_dir = copy_run(finished, tmp_path / "run")
+    state = torch.load(list_checkpoints(str(run_dir))[-1], weights_only=True)
+    state["config"]["seed"] = 7  # another run of the same env: its model loads, only its identity differs
+    state["eval_return"] = 1e9
+    best = run_dir / "checkpoints" / "best.pt"
+    torch.save(state, best)
+    before = folder_digest(run_dir)
+    message = "disagree on seed (7 in the checkpoint, 1 in config.json): the checkpoint belongs to another run"
+    assert main(["eval", str(run_dir), "--checkpoint", str(best), "--episodes", "1"]) == 2
+    one_line_error(capsys, "best.pt", message)
+    assert main(["train", "--resume", str(run_dir), "--total-timesteps", "1536", "--eval-every", "1"]) == 2
+    one_line_error(capsys, "best.pt", message)
+    with pytest.raises(CheckpointError, match="belongs to another run"):
+        fastppo.load(best)
+    assert folder_digest(run_dir) == before
+
+
 # --- 3. no non-finite checkpoint --------------------------------------------------------------------
 
 
@@ -169,9 +196,68 @@ def test_eval_and_resume_refuse_a_non_finite_checkpoint(finished, tmp_path, caps
     state["model"]["critic.1.weight"][0, 0] = float("inf")
     torch.save(state, path)
     assert main(["eval", str(run_dir), "--episodes", "1"]) == 2
-    one_line_error(capsys, "holds a non-finite parameter critic.1.weight")
+    one_line_error(capsys, "cannot be used: its parameter critic.1.weight is not finite")
     assert main(["train", "--resume", str(run_dir), "--total-timesteps", "4096"]) == 2
-    one_line_error(capsys, "cannot be resumed from: its parameter critic.1.weight is not finite")
+    one_line_error(capsys, "cannot be used: its parameter critic.1.weight is not finite")
+
+
+@pytest.fixture(scope="module")
+def normalised(tmp_path_factory):
+    """A finished 1-iteration CartPole run with observation and reward normalisation."""
+    run_dir = tmp_path_factory.mktemp("runs") / "normalised"
+    assert main([*CARTPOLE, "--run-dir", str(run_dir), "--total-timesteps", "512", "--norm-obs", "True",
+                 "--norm-reward", "True"]) == 0
+    return run_dir
+
+
+def nan(t: torch.Tensor) -> None:
+    t.view(-1)[0] = float("nan")
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda s: nan(s["normalizer"]["obs"]["mean"]), "observation statistics' mean is not finite"),
+    (lambda s: s["normalizer"]["reward"]["m2"].fill_(float("inf")), "reward statistics' m2 is not finite"),
+    (lambda s: s["normalizer"]["reward"]["m2"].fill_(-1.0), "reward statistics' m2 is negative"),
+    (lambda s: s["normalizer"]["obs"]["count"].fill_(0.0), "observation statistics' count is not positive"),
+    (lambda s: nan(s["collection"][0]["reward_returns"]), "discounted returns of rank 0's envs is not finite"),
+    (lambda s: s.update(recent_returns=[9.0, float("nan")]), "recent returns is not finite"),
+    (lambda s: s.update(elapsed=float("nan")), "elapsed is not finite"),
+    (lambda s: s.update(elapsed=-5.0), "elapsed is negative (-5.0)"),
+    (lambda s: s.update(best_eval=float("nan")), "best_eval is nan"),
+    (lambda s: s["actions"].view(-1)[5].fill_(7), "its action log holds action 7, outside the env's 0..1"),
+], ids=["obs-mean", "reward-m2-inf", "reward-m2-negative", "obs-count", "reward-returns", "recent-returns",
+        "elapsed-nan", "elapsed-negative", "best-eval", "actions"])
+def test_eval_and_resume_refuse_every_value_out_of_range(normalised, tmp_path, capsys, damage, message):
+    """A NaN observation mean was played by eval and trained on by a resume, which later called the file
+    "the last good checkpoint"; an inf M2 was carried into new checkpoints; NaN returns and clocks, and
+    actions the env does not have, resumed silently."""
+    run_dir = copy_run(normalised, tmp_path / "run")
+    path = list_checkpoints(str(run_dir))[-1]
+    state = torch.load(path, weights_only=True)
+    damage(state)
+    torch.save(state, path)
+    before = folder_digest(run_dir)
+    if "action" not in message:  # eval plays no action log
+        assert main(["eval", str(run_dir), "--episodes", "1"]) == 2
+        one_line_error(capsys, message)
+    assert main(["train", "--resume", str(run_dir), "--total-timesteps", "1024"]) == 2
+    one_line_error(capsys, message)
+    assert folder_digest(run_dir) == before
+
+
+def test_statistics_that_turn_inf_are_never_checkpointed(tmp_path, monkeypatch, capsys):
+    real = fastppo.normalize.Normalizers.state_dict
+
+    def state_dict(self):
+        out = real(self)
+        out["reward"]["m2"] = torch.full_like(out["reward"]["m2"], float("inf"))
+        return out
+
+    monkeypatch.setattr(fastppo.normalize.Normalizers, "state_dict", state_dict)
+    run_dir = tmp_path / "run"
+    assert main([*CARTPOLE, "--run-dir", str(run_dir), "--total-timesteps", "512", "--norm-reward", "True"]) == 1
+    one_line_error(capsys, "reward statistics' m2 is not finite at iteration 1", "no checkpoint was written")
+    assert list_checkpoints(str(run_dir)) == []
 
 
 # --- 4. every flag checked before a folder exists ---------------------------------------------------
@@ -185,9 +271,12 @@ BAD_FLAGS = [
     (["--env-threads", "100000"], "--env-threads 100000 is more than the"),
     (["--torch-threads", "100000"], "--torch-threads 100000 is more than the"),
     (["--num-envs", "20000000", "--num-steps", "128", "--total-timesteps", str(2**62)], "GiB, more than the"),
-    (["--dist-timeout", "1e300"], "--dist-timeout must be in (0, 31536000] seconds, got 1e+300"),
+    (["--dist-timeout", "1e30"], "--dist-timeout must be in (0, 31536000] seconds, got 1e+30"),
     (["--max-episode-steps", str(2**40)], "--max-episode-steps must be in [1, 2^31)"),
     (["--max-seconds", "0"], "--max-seconds must be positive, got 0.0"),
+    (["--learning-rate", "1e39"], "--learning-rate 1e+39 is beyond the float32 range"),  # crashed in the update
+    (["--vf-coef", "-1e300"], "--vf-coef -1e+300 is beyond the float32 range"),
+    (["--vf-coef", "3e38"], "--vf-coef 3e+38 is more than 1e+10: it scales the update's float32 values"),  # NaN
     (["--exp-name", "x" * 300, "--run-dir", None], "the folder name 'CartPole-v1__xxxxxxxxxxx'... is 328 bytes"),
     (["--run-dir", "{tmp}/" + "y" * 256], "is 256 bytes, more than the 255"),
     (["--run-dir", "{tmp}/" + "/".join(["z" * 200] * 21)], "bytes, more than 4095"),
@@ -324,7 +413,7 @@ def test_a_full_disk_when_the_last_metrics_line_is_flushed_is_one_line(tmp_path,
 
     def fake_open(path, *args, **kwargs):
         f = real_open(path, *args, **kwargs)
-        return Full(f) if str(path).endswith("metrics.jsonl") else f
+        return Full(f) if str(path).endswith("metrics.jsonl") and args[:1] == ("a",) else f  # the writer only
 
     monkeypatch.setattr(fastppo.logger, "open", fake_open, raising=False)
     assert main([*CARTPOLE, "--run-dir", str(tmp_path / "full"), "--total-timesteps", "1024"]) == 1
@@ -378,7 +467,7 @@ def test_bad_input_of_eval_plot_and_bench_is_one_line(finished, tmp_path, capsys
     (tmp_path / "text.pt").write_text("hello")
     cases = [
         (["eval", str(run_dir), "--episodes", "0"], "--episodes must be positive"),
-        (["eval", str(run_dir), "--num-envs", "-1"], "--num-envs must be positive"),
+        (["eval", str(run_dir), "--num-envs", "-1"], "--num-envs must be in [1, 2^31), got -1"),
         (["eval", str(tmp_path / "nothing")], "does not exist"),
         (["eval", str(run_dir / "config.json")], "not a torch checkpoint"),
         (["eval", str(tmp_path / "text.pt")], "not a torch checkpoint"),
@@ -409,3 +498,245 @@ def test_non_object_metrics_lines_are_skipped_on_resume(finished, tmp_path):
     assert main(["train", "--resume", str(run_dir), "--total-timesteps", "1536"]) == 0
     assert [m["global_step"] for m in read_metrics(run_dir)] == [512, 1024, 1536]
     assert json.loads((run_dir / "config.json").read_text())["total_timesteps"] == 1536
+
+
+# --- 6. every field typed, and what config.json may change ------------------------------------------
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(algo="sac"), "--algo must be one of 'ppo', 'trpo', got 'sac'"),  # trained PPO, wrote "sac"
+    (dict(norm_obs="yes"), "--norm-obs must be bool or None, got 'yes'"),
+    (dict(num_envs=True), "--num-envs must be int or None, got True"),
+    (dict(wandb_tags=("a", 1)), "--wandb-tags must be tuple[str, ...], got ('a', 1)"),
+], ids=["literal", "bool", "bool-for-int", "tuple-item"])
+def test_the_python_api_checks_the_type_of_every_field(tmp_path, fields, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        fastppo.train(Config(env_id="CartPole-v1", device="cpu", run_dir=str(tmp_path / "r"), total_timesteps=512,
+                             **fields))
+    assert not (tmp_path / "r").exists()
+
+
+def edit_config(run_dir, **fields) -> None:
+    path = run_dir / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+
+@pytest.mark.parametrize("config,checkpoint,message", [
+    ({"total_timesteps": "4096"}, {}, "config.json': total_timesteps must be int or None, got '4096'"),
+    ({"num_envs": "4"}, {"num_envs": "4"}, "config.json': num_envs must be int or None, got '4'"),
+    ({"learning_rate": None}, {}, "disagree on learning_rate (0.00025 in the checkpoint, None in config.json)"),
+    ({"gamma": 0.9}, {}, "disagree on gamma (0.99 in the checkpoint, 0.9 in config.json)"),
+    ({"total_timestep": 4096}, {}, "'total_timestep' is not an option of fastppo train"),
+], ids=["editable-type", "type-in-both", "null", "not-editable", "unknown-key"])
+def test_a_resume_names_the_config_field_it_refuses(finished, tmp_path, capsys, config, checkpoint, message):
+    run_dir = copy_run(finished, tmp_path / "run")
+    edit_config(run_dir, **config)
+    path = list_checkpoints(str(run_dir))[-1]
+    state = torch.load(path, weights_only=True)
+    state["config"].update(checkpoint)
+    torch.save(state, path)
+    before = folder_digest(run_dir)
+    assert main(["train", "--resume", str(run_dir)]) == 2
+    one_line_error(capsys, message)
+    assert folder_digest(run_dir) == before
+
+
+def test_a_resume_honours_the_fields_config_json_may_change(finished, tmp_path):
+    """total_timesteps and eval_every edited in config.json were ignored, and overwritten, by a resume."""
+    run_dir = copy_run(finished, tmp_path / "run")
+    edit_config(run_dir, total_timesteps=1536, eval_every=3, eval_episodes=1)
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    lines = read_metrics(run_dir)
+    assert [m["global_step"] for m in lines] == [512, 1024, 1536] and "eval/episodic_return" in lines[-1]
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert (saved["total_timesteps"], saved["eval_every"]) == (1536, 3)
+
+
+# --- 7. a run whose folder disappears stops -------------------------------------------------------------
+
+
+def remove(run_dir) -> None:
+    shutil.rmtree(run_dir)
+
+
+def replace_folder(run_dir) -> None:
+    os.rename(run_dir, f"{run_dir}.moved")
+    os.mkdir(run_dir)
+
+
+@pytest.mark.parametrize("change", [remove, replace_folder], ids=["rm-rf", "replaced"])
+def test_a_run_whose_folder_is_removed_or_replaced_stops(tmp_path, monkeypatch, capsys, change):
+    """rm -rf RUN mid-run ended "finished", exit 0, with checkpoints/ and README.md re-created and the rest
+    (metrics, config.json, .lock) gone."""
+    run_dir = tmp_path / "run"
+    real = fastppo.trainer.update
+    calls = {"n": 0}
+
+    def update(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # in iteration 2
+            change(run_dir)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fastppo.trainer, "update", update)
+    assert main([*CARTPOLE, "--run-dir", str(run_dir), "--total-timesteps", "1536", "--save-every", "1"]) == 1
+    one_line_error(capsys, f"the run folder {str(run_dir)!r} was removed or replaced while this run used it")
+    assert not run_dir.exists() if change is remove else os.listdir(run_dir) == []
+
+
+# --- 8. EnvPool options within their real ranges ---------------------------------------------------------
+
+
+@pytest.fixture
+def no_envs(monkeypatch):
+    """The options must be refused before any env exists (the old failures were a crash in the first
+    forward pass, a segfault or an abort of the whole process inside EnvPool)."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("an environment was created before the options were checked")
+
+    monkeypatch.setattr(fastppo.trainer, "make_envs", forbidden)
+
+
+@pytest.mark.parametrize("env_id,option,message", [
+    ("Pong-v5", "stack_num=0", "--env-kwargs stack_num=0 must be in [1, 2^31): frames per observation"),
+    ("Pong-v5", "noop_max=-1", "--env-kwargs noop_max=-1 must be in [1, 2^31): EnvPool draws the no-op count"),
+    ("Pong-v5", "frame_skip=0", "--env-kwargs frame_skip=0 must be in [1, 2^31)"),
+    ("MiniGrid-Empty-5x5-v0", "size=0", "EnvPool cannot make MiniGrid-Empty-5x5-v0 with --env-kwargs size=0: "
+                                        "it crashed (SIGABRT)"),
+], ids=["stack-num", "noop-max", "frame-skip", "probed"])
+def test_envpool_options_out_of_their_range_are_one_line_before_any_env(tmp_path, capsys, no_envs, env_id, option,
+                                                                         message):
+    assert main(["train", "--env-id", env_id, "--device", "cpu", "--run-dir", str(tmp_path / "r"), "--env-kwargs",
+                 option]) == 2
+    one_line_error(capsys, message)
+    assert not (tmp_path / "r").exists()
+
+
+def test_an_unknown_atari_task_is_one_line_exit_2(tmp_path):
+    """The emulator exits the process (code 1) on a missing ROM, so the check must come first."""
+    proc = subprocess.run([sys.executable, "-m", "fastppo", "train", "--env-id", "Pong-v5", "--device", "cpu",
+                           "--run-dir", str(tmp_path / "r"), "--env-kwargs", "task=pongg"], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == ("fastppo: error: --env-kwargs task='pongg': EnvPool has no such Atari ROM; close names: "
+                           "pong\n")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_new_run_on_a_full_disk_is_one_line_and_leaves_no_folder(tmp_path, monkeypatch, capsys):
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(fastppo.runfolder.os, "pwrite", full)  # the lock file's PID: the first write of a run
+    assert main([*CARTPOLE, "--run-dir", str(tmp_path / "r")]) == 2
+    one_line_error(capsys, "cannot lock the run folder", "No space left on device")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_resume_on_a_full_disk_leaves_no_temporary_file(finished, tmp_path, monkeypatch, capsys):
+    real_open = open
+
+    def full_open(path, *args, **kwargs):
+        f = real_open(path, *args, **kwargs)  # the file is made; its first write finds the disk full
+        if str(path).endswith(".tmp"):
+            f.close()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return f
+
+    run_dir = copy_run(finished, tmp_path / "run")
+    before = folder_digest(run_dir)
+    for module in (fastppo.config, fastppo.logger):  # where config.json and the metrics are rewritten
+        monkeypatch.setattr(module, "open", full_open, raising=False)
+    assert main(["train", "--resume", str(run_dir), "--total-timesteps", "1536"]) == 1
+    one_line_error(capsys, "cannot write to the run folder", "No space left on device")
+    assert folder_digest(run_dir) == before  # no 0-byte config.json.tmp
+
+
+def test_the_loser_of_two_simultaneous_launches_names_the_winner(tmp_path, monkeypatch, capsys):
+    """The winner of the lock writes its PID a moment after taking it; the loser read the file in between and
+    said "process unknown" (271 of 300 simultaneous launches), or named the folder's earlier holder."""
+    import fcntl
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()  # an earlier holder: its PID is still in the file
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / ".lock").write_text(f"{ended.pid}\n")
+    fd = os.open(run_dir / ".lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the winner, before it wrote its PID
+    real_pread = os.pread
+
+    def pread(*args):
+        text = real_pread(*args)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # the winner writes just after the loser read
+        return text
+
+    monkeypatch.setattr(fastppo.runfolder.os, "pread", pread)
+    try:
+        assert main([*CARTPOLE, "--run-dir", str(run_dir)]) == 2
+        one_line_error(capsys, f"is in use by process {os.getpid()} (another fastppo train)")
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--episodes", str(10**12)], "--episodes 1000000000000 on --num-envs 8 need about 59,604.6 GiB, more than"),
+    (["--episodes", str(10**9), "--num-envs", str(10**9)], "--episodes 1000000000 on --num-envs 1000000000 need"),
+    (["--num-envs", str(2**31)], "--num-envs must be in [1, 2^31), got 2147483648"),
+], ids=["episodes", "num-envs", "int32"])
+def test_eval_refuses_games_that_memory_cannot_hold(finished, monkeypatch, capsys, extra, message):
+    """Absurd --episodes / --num-envs were OOM-killed at 23 GB."""
+
+    def play(*args, **kwargs):
+        raise AssertionError("the games started")
+
+    monkeypatch.setattr(fastppo.evaluate, "play", play)
+    assert main(["eval", str(finished), *extra]) == 2
+    one_line_error(capsys, message)
+
+
+# --- 9. the command line's own errors -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--total-timesteps", "1e6"], "--total-timesteps '1e6' is not an integer or None"),
+    (["train", "--num-envs", "abc"], "--num-envs 'abc' is not an integer or None"),
+    (["train", "--norm-obs", "yes"], "--norm-obs 'yes' is not True or False or None"),
+    (["train", "--num-env", "4"], "unknown flag --num-env of fastppo train; close names: --num-envs"),
+    (["train", "--track", "True"], "fastppo train takes no 'True' (after --track, which takes no value)"),
+    (["plot", "runs/x", "--out"], "--out needs a value (text)"),
+    (["bench", "--num-envs", "4", "x"], "--num-envs 'x' is not an integer"),
+], ids=["float-for-int", "word-for-int", "bool", "unknown", "switch-value", "missing", "tuple-item"])
+def test_malformed_flags_are_one_line(argv, message, capsys):
+    """They were tyro's boxes of 5 to 16 lines."""
+    assert main(argv) == 2
+    one_line_error(capsys, message)
+
+
+def test_ctrl_c_while_fastppo_starts_is_one_line():
+    """A Ctrl-C during the start-up imports (torch's take seconds) printed a long KeyboardInterrupt traceback.
+    The signal is sent as torch's import begins."""
+    script = ("import os, runpy, signal, sys\n"
+              "class Interrupt:\n"
+              "    def find_spec(self, name, path=None, target=None):\n"
+              "        if name == 'torch':\n"
+              "            os.kill(os.getpid(), signal.SIGINT)\n"
+              "sys.meta_path.insert(0, Interrupt())\n"
+              "sys.argv = ['fastppo', 'train', '--env-id', 'CartPole-v1']\n"
+              "runpy.run_module('fastppo', run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", script], env=subprocess_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert (proc.returncode, proc.stderr) == (130, "fastppo: interrupted\n")
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda run: fastppo.load(run, device="cuda:99"), "device cuda:99: "),  # no CUDA, or no 100th GPU
+    (lambda run: fastppo.load(run, device="tpu"), "device 'tpu' is not a device (auto, cpu, cuda or cuda:<index>)"),
+    (lambda run: fastppo.load(run, seed="1"), "seed must be an int in [-2^63, 2^63), got '1'"),
+    (lambda run: fastppo.make_env(run, num_envs=0), "num_envs must be an int in [1, 2^31), got 0"),
+], ids=["cuda-index", "device", "seed", "num-envs"])
+def test_the_python_api_refuses_bad_arguments_with_config_error(finished, call, message):
+    """load(device="cuda:3") and make_env(num_envs=0) raised bare AssertionErrors."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        call(finished)
