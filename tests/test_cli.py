@@ -357,7 +357,8 @@ def test_docs_and_scripts_speak_of_fastppo_only():
     """The README, the scripts and the code name no tool or folder of the team's own machines: the GPU
     check is a script for any machine with CUDA and fastppo installed."""
     root = Path(__file__).resolve().parents[1]
-    files = [root / "README.md", *root.glob("bench/*.py"), *root.glob("bench/*.sh"), *root.glob("fastppo/*.py"),
+    files = [root / "README.md", *root.glob("docs/*.md"), *root.glob("bench/*.py"), *root.glob("bench/*.sh"),
+             *root.glob("fastppo/*.py"),
              *root.glob("kernels/*.py")]
     for path in files:
         text = path.read_text()
