@@ -39,11 +39,11 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 def _subcommands() -> dict[str, type]:
     from fastppo.bench import BenchConfig
-    from fastppo.config import Config
+    from fastppo.config import TrainFlags
     from fastppo.evaluate import EvalConfig
     from fastppo.plot import PlotConfig
 
-    return {"train": Config, "eval": EvalConfig, "plot": PlotConfig, "bench": BenchConfig}
+    return {"train": TrainFlags, "eval": EvalConfig, "plot": PlotConfig, "bench": BenchConfig}
 
 
 def flag_types(cls: type) -> dict[str, object]:
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     import tyro
 
     from fastppo.checkpoint import WriteFailed
-    from fastppo.config import Config, ConfigError, flags_given, mark_given
+    from fastppo.config import ConfigError, TrainFlags, flags_given, mark_given
     from fastppo.evaluate import EvalConfig
     from fastppo.plot import PlotConfig
 
@@ -184,12 +184,12 @@ def main(argv: list[str] | None = None) -> int:
         args=argv,
     )
     try:
-        if isinstance(args, Config):
+        if isinstance(args, TrainFlags):
             from fastppo.distributed import RanksLost
             from fastppo.trainer import TrainingDiverged, TrainingInterrupted, train
 
             try:
-                train(mark_given(args, flags_given(argv[1:])))
+                train(mark_given(args.config(), flags_given(argv[1:])))
             except (TrainingDiverged, RanksLost, WriteFailed) as e:
                 print(f"fastppo: {e}", file=sys.stderr)
                 return 1

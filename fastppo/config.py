@@ -1,5 +1,10 @@
 """Training configuration: one dataclass, a docstring per field (tyro turns them into --help).
 
+The fields are defined by topic (environment, run, algorithm, rollout, speed, outputs, tracking), one
+option class each; :class:`Config` inherits them all and is what the trainer and the Python API take,
+and :class:`TrainFlags` nests them for the command line, so ``fastppo train --help`` shows one group
+per topic with the same flat flag names.
+
 Flag names follow CleanRL's ``ppo_atari_envpool.py`` / ``ppo.py`` so commands and W&B runs compare
 directly. A few defaults depend on the environment (CleanRL's Atari script and its classic-control
 ``ppo.py`` differ): those fields default to ``None`` and :func:`resolve` fills them once the env is
@@ -18,7 +23,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import tyro
@@ -31,82 +36,14 @@ class ConfigError(ValueError):
     """A bad user input; the CLI prints it as one line and exits with code 2."""
 
 
+# The options by topic, one dataclass each; Config inherits them all, so it is one flat set of fields in
+# this order (the environment's first), and fastppo train --help shows each topic as its own group (cli.py).
+
+
 @dataclass
-class Config:
-    """Train on an EnvPool env with PPO (clip or penalty) or TRPO, into a run folder."""
+class EnvironmentOptions:
+    """The environments: which EnvPool env, how many, and what reaches the policy."""
 
-    # --- experiment -------------------------------------------------------------------------
-    exp_name: str = "fastppo"
-    """name of this experiment (part of the default run folder name)"""
-    seed: int = 1
-    """seed of torch, numpy and the environments (env i gets seed + i; under torchrun, env i of
-    rank r gets seed + r * num_envs + i and rank r seeds torch with seed + r)"""
-    torch_deterministic: bool = True
-    """set torch.backends.cudnn.deterministic"""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """training device: auto = cuda when available, else cpu"""
-    run_dir: str | None = None
-    """run folder (config.json, metrics.jsonl, checkpoints); it must not hold a run already
-    (None: runs/<env>__<exp>__<seed>__<time>)"""
-    save_every: int = 0
-    """write a checkpoint every this many iterations (0 = only at the end; SIGINT/SIGTERM also
-    save)"""
-    target_return: float | None = None
-    """stop early once the mean full-game return of the last --target-return-games games
-    reaches this"""
-    target_return_games: int = 10
-    """games in the recent-return window: the mean of the last this many full games is
-    charts/recent_return, the progress display's return and what --target-return compares"""
-    max_seconds: float | None = None
-    """stop after the first iteration that ends past this many seconds of training (per launch:
-    a resumed run counts from its resume); the run ends normally, with a checkpoint"""
-    resume: str | None = None
-    """continue the run in this folder (runs/<name>) from its newest checkpoint, with the folder's
-    config.json. A resume may change only --total-timesteps, --max-seconds, --save-every,
-    --log-every, --log-seconds, --eval-every, --eval-episodes, --capture-video, --track, --wandb-*,
-    --tensorboard, --device, --env-threads, --torch-threads and --dist-timeout: as flags given with
-    --resume, or edited in config.json (a flag wins); a config.json edited in any other field is
-    refused, naming it (see README)"""
-
-    # --- logging, tracking, evaluation --------------------------------------------------------
-    log_every: int = 1
-    """iterations between W&B logs and progress lines (metrics.jsonl gets every iteration)"""
-    log_seconds: float = 1.0
-    """and at least this many seconds between them (0 = no limit); the first and last
-    iteration, and every iteration with an evaluation, are always logged"""
-    track: bool = False
-    """log to Weights & Biases (needs the `track` extra; WANDB_MODE=offline works without a
-    network)"""
-    wandb_project: str = "fastppo"
-    """W&B project"""
-    wandb_entity: str | None = None
-    """W&B entity (user or team; None: your default)"""
-    wandb_group: str | None = None
-    """W&B group"""
-    wandb_tags: tuple[str, ...] = ()
-    """W&B tags"""
-    tensorboard: bool = False
-    """also write every metrics line as TensorBoard scalars to <run_dir>/tensorboard/ (needs
-    the `tensorboard` extra)"""
-    eval_every: int = 0
-    """every this many iterations (and at the end), play --eval-episodes full games on a
-    separate small env pool and log eval/* (0 = never)"""
-    eval_episodes: int = 4
-    """full games per --eval-every evaluation"""
-    capture_video: bool = False
-    """film the first game of each --eval-every evaluation into videos/eval_<iteration>.mp4 in
-    the run folder, also logged to W&B with --track; needs the `video` extra and an env
-    EnvPool renders"""
-
-    preset: Literal["none", "cleanrl", "fast"] = "none"
-    """named settings for the kind of env, overridden by explicit flags. cleanrl: CleanRL's
-    hyperparameters exactly (ppo_atari_envpool, ppo, or ppo_continuous_action), every
-    throughput option off. fast (provisional, not yet tuned on a GPU): 64 async envs (recv
-    num_envs / 2), --overlap, lr 3e-4, clip 0.2; 128 steps, 4 minibatches, 3 epochs for
-    discrete actions, 64 steps, 4 minibatches, 5 epochs for continuous ones.
-    fastppo/presets.py lists them"""
-
-    # --- environment ------------------------------------------------------------------------
     env_id: str | None = None
     """EnvPool env id with Discrete or one-dimensional Box actions: Atari 'Pong-v5', classic
     control 'CartPole-v1' or 'Pendulum-v1', MuJoCo 'HalfCheetah-v4', DMC 'CheetahRun-v1',
@@ -118,13 +55,6 @@ class Config:
     num_envs: int | None = None
     """number of parallel environments, per rank under torchrun (None: 8 for Atari, 4 for other
     discrete actions, 1 for continuous ones)"""
-    env_threads: int = 0
-    """EnvPool worker threads (0 = EnvPool's default; under torchrun with several local ranks,
-    the machine's cores split evenly across them)"""
-    torch_threads: int = 0
-    """torch CPU threads (0 = auto: 1 for the MLP of vector observations, whose tiny matmuls
-    only lose to thread hand-offs and contend with EnvPool's threads; torch's default for
-    the Nature CNN)"""
     repeat_action_probability: float = 0.0
     """Atari sticky actions (0 as in CleanRL; 0.25 for the Machado et al. protocol)"""
     max_episode_steps: int | None = None
@@ -135,16 +65,50 @@ class Config:
     norm_reward: bool | None = None
     """scale rewards by the running std of the discounted return, clipped to +-10 (None: on for
     continuous actions)"""
-    norm_value: bool | None = None
-    """normalise the critic's targets by the running mean and std of the returns, updated with each
-    rollout's returns before its update: the value head learns (G - mean) / std, the rollout's
-    values are de-normalised for GAE and the value clip range is in normalised units (rl_games'
-    normalize_value). None: off for every kind of env, as CleanRL"""
 
-    # --- algorithm --------------------------------------------------------------------------
+
+@dataclass
+class RunOptions:
+    """What to train for how long: the preset, the budget, the seed, the device, the stop rules."""
+
+    preset: Literal["none", "cleanrl", "fast"] = "none"
+    """named settings for the kind of env, overridden by explicit flags. cleanrl: CleanRL's
+    hyperparameters exactly (ppo_atari_envpool, ppo, or ppo_continuous_action), every
+    throughput option off. fast (provisional, not yet tuned on a GPU): 64 async envs (recv
+    num_envs / 2), --overlap, lr 3e-4, clip 0.2; 128 steps, 4 minibatches, 3 epochs for
+    discrete actions, 64 steps, 4 minibatches, 5 epochs for continuous ones.
+    fastppo/presets.py lists them"""
     total_timesteps: int | None = None
     """total agent steps, all ranks together (None: 10M for Atari, 500k for other discrete
     actions, 1M for continuous ones)"""
+    seed: int = 1
+    """seed of torch, numpy and the environments (env i gets seed + i; under torchrun, env i of
+    rank r gets seed + r * num_envs + i and rank r seeds torch with seed + r)"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """training device: auto = cuda when available, else cpu"""
+    target_return: float | None = None
+    """stop early once the mean full-game return of the last --target-return-games games
+    reaches this"""
+    target_return_games: int = 10
+    """games in the recent-return window: the mean of the last this many full games is
+    charts/recent_return, the progress display's return and what --target-return compares"""
+    max_seconds: float | None = None
+    """stop after the first iteration that ends past this many seconds of training (per launch:
+    a resumed run counts from its resume); the run ends normally, with a checkpoint"""
+    torch_deterministic: bool = True
+    """set torch.backends.cudnn.deterministic"""
+
+
+@dataclass
+class AlgorithmOptions:
+    """The update: PPO (clip or penalty) or TRPO, the optimizer and its schedule."""
+
+    algo: Literal["ppo", "trpo"] = "ppo"
+    """policy update: ppo (--loss clip or penalty, K epochs of minibatches) or trpo (one
+    natural gradient step to the edge of the KL trust region --max-kl, then a line search;
+    the critic trained by Adam with --learning-rate, --update-epochs and --num-minibatches)"""
+    loss: Literal["clip", "penalty"] = "clip"
+    """PPO variant: clipped surrogate, or surrogate minus adaptive beta * KL(old || new)"""
     learning_rate: float | None = None
     """Adam learning rate, eps 1e-5 (None: 2.5e-4; 3e-4 for continuous actions)"""
     anneal_lr: bool = True
@@ -165,25 +129,14 @@ class Config:
     lr_factor: float = 1.5
     """--lr-schedule adaptive: the factor by which the learning rate moves per iteration (rl_games'
     lr_multiplier)"""
-    num_steps: int | None = None
-    """steps per env per rollout, T (None: 128; 2048 for continuous actions)"""
-    gamma: float = 0.99
-    """discount factor"""
-    gae_lambda: float = 0.95
-    """GAE lambda"""
+    update_epochs: int | None = None
+    """epochs over each rollout, K (None: 4; 10 for continuous actions)"""
     num_minibatches: int | None = None
     """minibatches per epoch; num_envs * num_steps must divide by it (None: 4; 32 for
     continuous actions)"""
-    update_epochs: int | None = None
-    """epochs over each rollout, K (None: 4; 10 for continuous actions)"""
-    norm_adv: bool = True
-    """normalise advantages per minibatch (TRPO: over the batch), over the valid transitions"""
-    algo: Literal["ppo", "trpo"] = "ppo"
-    """policy update: ppo (--loss clip or penalty, K epochs of minibatches) or trpo (one
-    natural gradient step to the edge of the KL trust region --max-kl, then a line search;
-    the critic trained by Adam with --learning-rate, --update-epochs and --num-minibatches)"""
-    loss: Literal["clip", "penalty"] = "clip"
-    """PPO variant: clipped surrogate, or surrogate minus adaptive beta * KL(old || new)"""
+    minibatch_by: Literal["sample", "env"] = "sample"
+    """minibatches of shuffled samples (CleanRL), or of whole env columns [T, n] (num_envs must
+    divide by num_minibatches)"""
     clip_coef: float | None = None
     """surrogate clip epsilon, also the value clip range (None: 0.1 for Atari, 0.2 otherwise)"""
     clip_vloss: bool = True
@@ -220,17 +173,35 @@ class Config:
     """TRPO: damping added to the Fisher matrix's diagonal (F + damping * I)"""
     line_search_steps: int = 10
     """TRPO: backtracking line-search points at most (the step halves each time)"""
-    kernels: Literal["auto", "torch", "triton"] = "auto"
-    """implementation of GAE and the loss: auto = Triton on CUDA, torch reference on CPU"""
-    minibatch_by: Literal["sample", "env"] = "sample"
-    """minibatches of shuffled samples (CleanRL), or of whole env columns [T, n] (num_envs must
-    divide by num_minibatches)"""
+
+
+@dataclass
+class RolloutOptions:
+    """Each rollout and what is learned from it: its length, the returns and the advantages."""
+
+    num_steps: int | None = None
+    """steps per env per rollout, T (None: 128; 2048 for continuous actions)"""
+    gamma: float = 0.99
+    """discount factor"""
+    gae_lambda: float = 0.95
+    """GAE lambda"""
     advantages: Literal["rollout", "epoch"] = "rollout"
     """compute GAE once per rollout (CleanRL), or again every epoch from the current value
     predictions (Andrychowicz et al. 2021); with --minibatch-by env that is one fused
     GAE+loss op"""
+    norm_adv: bool = True
+    """normalise advantages per minibatch (TRPO: over the batch), over the valid transitions"""
+    norm_value: bool | None = None
+    """normalise the critic's targets by the running mean and std of the returns, updated with each
+    rollout's returns before its update: the value head learns (G - mean) / std, the rollout's
+    values are de-normalised for GAE and the value clip range is in normalised units (rl_games'
+    normalize_value). None: off for every kind of env, as CleanRL"""
 
-    # --- throughput ---------------------------------------------------------------------------
+
+@dataclass
+class SpeedOptions:
+    """How fast: asynchronous envs, overlapped updates, graphs, kernels, threads, torchrun."""
+
     async_envs: bool = False
     """step EnvPool asynchronously (send/recv): each recv returns the --env-batch-size envs
     that finished first; every env's steps still land in its own column, in time order"""
@@ -240,21 +211,92 @@ class Config:
     """update on rollout k while the envs step rollout k+1 with a frozen copy of the weights
     from before the update; the importance ratio uses the recorded behaviour log-probs (off:
     CleanRL's exact on-policy loop)"""
-    compile: bool = False
-    """torch.compile the policy's forward (acting and update)"""
     cudagraphs: bool | None = None
     """capture acting (forward, sampling and the rollout row it writes) in a CUDA graph per batch
     size and replay it every env step: one launch instead of ~30; a graphed step draws exactly the
     noise the eager one would (None: on with CUDA, off on CPU)"""
+    compile: bool = False
+    """torch.compile the policy's forward (acting and update)"""
     bf16: bool = False
     """bf16 autocast for the forward passes (acting and update); losses stay float32"""
-
-    # --- distributed (torchrun) ---------------------------------------------------------------
+    kernels: Literal["auto", "torch", "triton"] = "auto"
+    """implementation of GAE and the loss: auto = Triton on CUDA, torch reference on CPU"""
+    env_threads: int = 0
+    """EnvPool worker threads (0 = EnvPool's default; under torchrun with several local ranks,
+    the machine's cores split evenly across them)"""
+    torch_threads: int = 0
+    """torch CPU threads (0 = auto: 1 for the MLP of vector observations, whose tiny matmuls
+    only lose to thread hand-offs and contend with EnvPool's threads; torch's default for
+    the Nature CNN)"""
     dist_timeout: float = 600.0
     """torchrun only: seconds a rank waits for the others (rendezvous, a collective) before it
     fails with an error instead of hanging"""
     world_size: tyro.conf.Suppress[int] = 1
     """ranks training together; set from torchrun's WORLD_SIZE, not a flag"""
+
+
+@dataclass
+class OutputOptions:
+    """The run folder: where, what it keeps, how to go on, the evaluations and their videos."""
+
+    run_dir: str | None = None
+    """run folder (config.json, metrics.jsonl, checkpoints); it must not hold a run already
+    (None: runs/<env>__<exp>__<seed>__<time>)"""
+    exp_name: str = "fastppo"
+    """name of this experiment (part of the default run folder name)"""
+    resume: str | None = None
+    """continue the run in this folder (runs/<name>) from its newest checkpoint, with the folder's
+    config.json. A resume may change only --total-timesteps, --max-seconds, --save-every,
+    --log-every, --log-seconds, --eval-every, --eval-episodes, --capture-video, --track, --wandb-*,
+    --tensorboard, --device, --env-threads, --torch-threads and --dist-timeout: as flags given with
+    --resume, or edited in config.json (a flag wins); a config.json edited in any other field is
+    refused, naming it (see README)"""
+    save_every: int = 0
+    """write a checkpoint every this many iterations (0 = only at the end; SIGINT/SIGTERM also
+    save)"""
+    log_every: int = 1
+    """iterations between W&B logs and progress lines (metrics.jsonl gets every iteration)"""
+    log_seconds: float = 1.0
+    """and at least this many seconds between them (0 = no limit); the first and last
+    iteration, and every iteration with an evaluation, are always logged"""
+    eval_every: int = 0
+    """every this many iterations (and at the end), play --eval-episodes full games on a
+    separate small env pool and log eval/* (0 = never)"""
+    eval_episodes: int = 4
+    """full games per --eval-every evaluation"""
+    capture_video: bool = False
+    """film the first game of each --eval-every evaluation into videos/eval_<iteration>.mp4 in
+    the run folder, also logged to W&B with --track; needs the `video` extra and an env
+    EnvPool renders"""
+
+
+@dataclass
+class TrackingOptions:
+    """Experiment tracking: Weights & Biases and TensorBoard."""
+
+    track: bool = False
+    """log to Weights & Biases (needs the `track` extra; WANDB_MODE=offline works without a
+    network)"""
+    wandb_project: str = "fastppo"
+    """W&B project"""
+    wandb_entity: str | None = None
+    """W&B entity (user or team; None: your default)"""
+    wandb_group: str | None = None
+    """W&B group"""
+    wandb_tags: tuple[str, ...] = ()
+    """W&B tags"""
+    tensorboard: bool = False
+    """also write every metrics line as TensorBoard scalars to <run_dir>/tensorboard/ (needs
+    the `tensorboard` extra)"""
+
+
+@dataclass
+class Config(TrackingOptions, OutputOptions, SpeedOptions, RolloutOptions, AlgorithmOptions, RunOptions,
+             EnvironmentOptions):
+    """Train on an EnvPool env with PPO (clip or penalty) or TRPO, into a run folder.
+
+    One flat set of fields (``cfg.num_envs``), defined by topic in the option classes above.
+    """
 
     # --- derived sizes (read-only) ------------------------------------------------------------
     @property
@@ -310,6 +352,29 @@ KIND_DEFAULTS: dict[str, dict] = {
 def env_kind(info: EnvInfo) -> str:
     """atari (CNN on frames), continuous (Box actions) or discrete (any other observation)."""
     return "continuous" if info.continuous else "atari" if info.is_image else "discrete"
+
+
+@dataclass
+class TrainFlags:
+    """Train on an EnvPool env with PPO (clip or penalty) or TRPO, into a run folder. Flags that depend on
+    the kind of env default to None and take CleanRL's value for it (Atari / other discrete actions /
+    continuous actions)."""
+
+    environment: Annotated[EnvironmentOptions, tyro.conf.OmitArgPrefixes] = dataclasses.field(
+        default_factory=EnvironmentOptions)
+    run: Annotated[RunOptions, tyro.conf.OmitArgPrefixes] = dataclasses.field(default_factory=RunOptions)
+    algorithm: Annotated[AlgorithmOptions, tyro.conf.OmitArgPrefixes] = dataclasses.field(
+        default_factory=AlgorithmOptions)
+    rollout: Annotated[RolloutOptions, tyro.conf.OmitArgPrefixes] = dataclasses.field(default_factory=RolloutOptions)
+    speed: Annotated[SpeedOptions, tyro.conf.OmitArgPrefixes] = dataclasses.field(default_factory=SpeedOptions)
+    outputs: Annotated[OutputOptions, tyro.conf.OmitArgPrefixes] = dataclasses.field(default_factory=OutputOptions)
+    tracking: Annotated[TrackingOptions, tyro.conf.OmitArgPrefixes] = dataclasses.field(
+        default_factory=TrackingOptions)
+
+    def config(self) -> Config:
+        """The flat Config of these flags (every field counts as set: the command line marks its own)."""
+        return Config(**{f.name: getattr(getattr(self, group.name), f.name) for group in dataclasses.fields(self)
+                         for f in dataclasses.fields(getattr(self, group.name))})
 
 
 # --- which fields the caller set ------------------------------------------------------------------
