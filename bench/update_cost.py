@@ -4,7 +4,7 @@ weights, the three updates interleaved in one process, so their ratios hold on a
     python bench/update_cost.py --env-id CartPole-v1 --device cpu
     python bench/update_cost.py --env-id Hopper-v4 --device cpu --repeats 10
 
-Each algorithm's run is built as fastppo train builds it (trainer.prepare + trainer.build, --preset
+Each algorithm's run is built as fastppo train builds it (prepare.prepare + trainer.build, --preset
 cleanrl unless another is given: its rollout size, epochs and minibatches). One rollout is collected
 by the first run and its advantages computed; then, --repeats times and in rotating order, every
 algorithm starts from the same weights and optimizer state and runs what the loop's "update" phase
@@ -30,7 +30,8 @@ from fastppo.advantage import compute_advantages  # noqa: E402
 from fastppo.bench import machine  # noqa: E402
 from fastppo.config import Config  # noqa: E402
 from fastppo.distributed import World  # noqa: E402
-from fastppo.trainer import build, host_values, prepare, rollout_stats, update  # noqa: E402
+from fastppo.prepare import prepare  # noqa: E402
+from fastppo.trainer import build, host_values, rollout_stats, update  # noqa: E402
 from fastppo.trpo import trpo_update  # noqa: E402
 
 ALGOS = {"clip": dict(algo="ppo", loss="clip"), "penalty": dict(algo="ppo", loss="penalty"), "trpo": dict(algo="trpo")}

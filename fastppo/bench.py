@@ -3,7 +3,7 @@
 Every measured run is a :class:`fastppo.config.Config`: the bench's own flags are the sweep's
 (--num-envs, --seconds, --warmup, --batch-fraction, --out-dir, --name) and every other one is fastppo
 train's (:class:`BenchTraining`, with the bench's defaults T = 32, --async-envs, --overlap). Each
-point's Config goes through ``trainer.prepare`` (``config.resolve``: the same validation and one-line
+point's Config goes through ``prepare.prepare`` (``config.resolve``: the same validation and one-line
 errors as train) before anything is measured. For each num_envs of the sweep, each mode for a fixed
 number of seconds after a warm-up:
 
@@ -138,7 +138,7 @@ class Sweep:
 
     bench: BenchConfig
     device: torch.device
-    points: list  # trainer.Prepared, one per num_envs: resolved Config, env info, device
+    points: list  # prepare.Prepared, one per num_envs: resolved Config, env info, device
     stem: str  # out_dir/name, without .json / .png
 
 
@@ -164,10 +164,10 @@ def resolve_bench(bench: BenchConfig, given: set[str] | None = None) -> Sweep:
     """Check every argument and prepare every point, before anything is measured or written.
 
     given: the training fields the caller set (the command line's flags; None: those bench.training
-    was constructed with). Each point's Config goes through trainer.prepare (config.resolve, the
+    was constructed with). Each point's Config goes through prepare.prepare (config.resolve, the
     memory check, the kernels), so a bad value is the same one-line ConfigError as in fastppo train.
     """
-    from fastppo.trainer import prepare
+    from fastppo.prepare import prepare
 
     given = given_fields(bench.training) if given is None else set(given)
     device = training_device(bench.training)
