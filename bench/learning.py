@@ -26,7 +26,9 @@ beside them, so that two presets compare per env step in one picture (curves wri
 recent return was recorded are drawn as the mean over the latest iterations holding 10 games).
 
 The run folders are kept under ``<out-dir>/runs/`` (git-ignored): ``<name>`` for one seed,
-``<name>_seed<S>`` for several. ``--resume RUN_DIR`` goes on with one such run (its own env, preset,
+``<name>_seed<S>`` for several. ``--report RUN_DIR [...]`` trains nothing and writes the results of
+existing run folders (a run of ``fastppo train`` too), measured against --target-return if given.
+``--resume RUN_DIR`` goes on with one such run (its own env, preset,
 target and seed; ``fastppo train --resume`` rebuilds the envs exactly) for another --max-seconds,
 and writes the results of the whole run: steps and seconds count from its start.
 """
@@ -71,9 +73,18 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                    "target included) and write the results of the whole run")
     p.add_argument("--compare", action="append", default=[], metavar="RESULT.json",
                    help="draw the runs of this result file beside (repeatable)")
+    p.add_argument("--report", nargs="+", default=None, metavar="RUN_DIR",
+                   help="train nothing: write the results of these existing run folders (one per seed), measured "
+                   "against --target-return (default: each run's own)")
     args = p.parse_args(own)
-    if args.resume is None and args.target_return is None:
-        p.error("--target-return is required (unless --resume)")
+    if args.report is not None:
+        if args.resume is not None or train_args:
+            p.error("--report writes the results of runs as they are; it takes neither --resume nor train flags")
+        missing = [r for r in args.report if not (Path(r) / "metrics.jsonl").is_file()]
+        if missing:
+            p.error(f"--report {missing[0]!r}: no such run folder (no metrics.jsonl)")
+    elif args.resume is None and args.target_return is None:
+        p.error("--target-return is required (unless --resume or --report)")
     if args.resume is not None and (args.target_return is not None or args.preset != p.get_default("preset")
                                     or args.env_id != p.get_default("env_id")
                                     or args.seeds != p.get_default("seeds")):
@@ -98,15 +109,17 @@ def curve(run_dir: str) -> list[dict]:
              "games": m["charts/episodes"], "recent": m.get("charts/recent_return")} for m in read_metrics(run_dir)]
 
 
-def run_record(run_dir: str, last: dict, resumed: bool) -> dict:
-    """One run's results: its curve, whether and where the recent return first reached the target, its config."""
+def run_record(run_dir: str, last: dict, resumed: bool, target: float | None = None) -> dict:
+    """One run's results: its curve, whether and where the recent return first reached the target (the run's
+    own --target-return unless `target` is given), its config."""
     points = curve(run_dir)
     config = read_config(run_dir)
-    target = config["target_return"]
-    first = next((p for p in points if p["recent"] is not None and p["recent"] >= target), None)
+    target = config["target_return"] if target is None else target
+    first = None if target is None else next(
+        (p for p in points if p["recent"] is not None and p["recent"] >= target), None)
     return {
         "env_id": config["env_id"], "preset": config["preset"], "target_return": target, "seed": config["seed"],
-        "resumed": resumed, "reached": last["stopped_by"] == "target_return", "stopped_by": last["stopped_by"],
+        "resumed": resumed, "reached": first is not None, "stopped_by": last["stopped_by"],
         "steps": last["global_step"], "seconds": last["time/elapsed"],
         "target_steps": first["global_step"] if first else None, "target_seconds": first["seconds"] if first else None,
         "final_return": last["charts/episodic_return"], "curve": points, "config": config,
@@ -171,10 +184,11 @@ def plot(runs: list[dict], compared: list[tuple[str, dict]], target: float, titl
             if style == "-" and run.get("target_steps") is not None:
                 x = run["target_steps"] if key == "global_step" else run["target_seconds"]
                 ax.plot([x], [target], "o", color=line.get_color(), ms=5)
-        ax.axhline(target, color="k", ls=":", lw=0.8, label=f"target {target:g}")
+        if target is not None:
+            ax.axhline(target, color="k", ls=":", lw=0.8, label=f"target {target:g}")
         ax.set_xlabel(label)
         ax.set_ylabel(f"recent return (last {runs[0]['config']['target_return_games']} games)")
-    axes[0].legend(loc="lower right", fontsize="small")
+    axes[0].legend(loc="upper left", fontsize="small")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -204,6 +218,18 @@ def main(argv: list[str] | None = None) -> int:
                                        *train_args]))
     runs = []
     where = machine_name(info)
+    if args.report is not None:
+        name = args.name or Path(args.report[0]).name
+        for run_dir in args.report:
+            metrics = read_metrics(run_dir)
+            config = read_config(run_dir)
+            done = metrics[-1]["global_step"] >= config["num_iterations"] * config["global_batch_size"]
+            own, recent = config["target_return"], metrics[-1].get("charts/recent_return")
+            at_target = own is not None and recent is not None and recent >= own
+            last = {**metrics[-1], "stopped_by": "target_return" if at_target else
+                    "total_timesteps" if done else "stopped early"}
+            runs.append(run_record(run_dir, last, resumed=False, target=args.target_return))
+        launches = []
     for run_dir, train_argv in launches:
         cfg = tyro.cli(Config, args=train_argv, prog="bench/learning.py -- (fastppo train flags)")
         try:

@@ -134,6 +134,18 @@ def test_learning_bench_runs_several_seeds_and_draws_another_result_beside(tmp_p
     bad = subprocess.run([*script, "--compare", str(out / "one.png")], capture_output=True, text=True)
     assert bad.returncode == 2 and "--compare" in bad.stderr.strip().splitlines()[-1]
 
+    # --report: the results of existing runs, no training, against another target
+    report = [sys.executable, str(ROOT / "bench" / "learning.py"), "--out-dir", str(out), "--target-return", "20"]
+    proc = subprocess.run([*report, "--report", str(out / "runs" / "one"), str(out / "runs" / "multi_seed1"), "--name",
+                           "both"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    both = json.loads((out / "both.json").read_text())
+    assert [r["seed"] for r in both["runs"]] == [3, 1] and both["target_return"] == 20
+    assert both["runs"][0]["curve"] == one["curve"] and both["runs"][0]["stopped_by"] == "total_timesteps"
+    assert both["runs"][1]["target_steps"] <= result["runs"][0]["target_steps"]  # 20 comes before 30
+    missing = subprocess.run([*report, "--report", str(tmp_path / "nothing")], capture_output=True, text=True)
+    assert missing.returncode == 2 and "no such run folder" in missing.stderr.strip().splitlines()[-1]
+
 
 def test_a_preset_fills_only_the_fields_its_caller_did_not_set(tmp_path):
     """One rule for the command line and for Python: what the caller set wins over the preset, even a
