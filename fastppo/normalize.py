@@ -48,6 +48,7 @@ the statistics are simply CleanRL's running ones.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from fastppo import distributed
@@ -60,12 +61,16 @@ class RunningMeanStd:
     """Running mean and variance of vectors of `shape`, float64 on `device`; no host sync.
 
     ``count``, ``mean`` and ``m2`` are the statistics in use; under torchrun ``delta`` is what this
-    rank added since the last :meth:`sync` (a plain run keeps none). Updates are in place, about
-    twenty small kernels each: they run once per env step.
+    rank added since the last :meth:`sync` (a plain run keeps none). Updates are in place and run once
+    per env step. On CUDA they are about a dozen small kernels. On the CPU the same arithmetic
+    (:func:`_batch_stats`, :func:`_merge_`, written once for both) runs in numpy on views of the same
+    tensors (``host``): a tiny array op costs about 1 us in numpy and 4 us in torch, and a step's
+    statistics are some thirty of them (CleanRL's normalisation wrappers are numpy too).
     """
 
-    def __init__(self, shape: tuple[int, ...], device: torch.device):
+    def __init__(self, shape: tuple[int, ...], device: torch.device, host: bool | None = None):
         f64 = dict(dtype=torch.float64, device=device)
+        self.host = torch.device(device).type == "cpu" if host is None else host
         self.count = torch.tensor(1e-4, **f64)  # gymnasium's start: count 1e-4, mean 0, variance 1
         self.mean = torch.zeros(shape, **f64)
         self.m2 = torch.full(shape, 1e-4, **f64)
@@ -74,27 +79,29 @@ class RunningMeanStd:
         self._base = (self.count.clone(), self.mean.clone(), self.m2.clone())
         self.var = torch.ones(shape, **f64)
         self.inv_std = torch.ones(shape, **f64)  # 1 / sqrt(var + 1e-8)
+        # what the per-step arithmetic works on: the tensors, or numpy views of them (changed in place
+        # by both, so loading a checkpoint or syncing ranks, which copy into the tensors, is seen by both)
+        tensors = (self.count, self.mean, self.m2, self.var, self.inv_std, *(self.delta or ()))
+        self._stats = tuple(t.numpy() for t in tensors) if self.host else tensors
         self._set_var()
 
     def _set_var(self) -> None:
-        torch.div(self.m2, self.count, out=self.var)
-        torch.rsqrt(self.var + EPS, out=self.inv_std)
+        count, _, m2, var, inv_std = self._stats[:5]
+        var[...] = m2 / count
+        inv_std[...] = (var + EPS) ** -0.5
 
-    def update(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+    def update(self, x: torch.Tensor | np.ndarray, weight: torch.Tensor | np.ndarray | None = None) -> None:
         """Add the rows of x (B, *shape); weight (B,) of 0/1 leaves rows out."""
-        x = x.to(torch.float64)
-        if weight is None:
-            n = x.new_full((), x.shape[0])  # a fill on the device (torch.tensor(...) would copy from the host)
-            mean = x.mean(0)
-            m2 = (x - mean).square_().sum(0)
+        if self.host:
+            x = _numpy(x).astype(np.float64)
+            weight = None if weight is None else _numpy(weight).astype(np.float64)
         else:
-            w = weight.to(torch.float64).view(-1, *([1] * (x.dim() - 1)))
-            n = w.sum()
-            mean = (w * x).sum(0) / n.clamp_min(1e-300)
-            m2 = (w * (x - mean).square_()).sum(0)
-        _merge_(self.count, self.mean, self.m2, n, mean, m2)
+            x = x.to(torch.float64)
+            weight = None if weight is None else weight.to(torch.float64)
+        n, mean, m2 = _batch_stats(x, weight)
+        _merge_(*self._stats[:3], n, mean, m2)
         if self.delta is not None:
-            _merge_(*self.delta, n, mean, m2)
+            _merge_(*self._stats[5:], n, mean, m2)
         self._set_var()
 
     def sync(self) -> None:
@@ -134,14 +141,32 @@ class RunningMeanStd:
         self._set_var()
 
 
-def _merge_(n_a: torch.Tensor, mean_a: torch.Tensor, m2_a: torch.Tensor, n_b: torch.Tensor, mean_b: torch.Tensor,
-            m2_b: torch.Tensor) -> None:
-    """Chan et al.'s merge of (n_b, mean_b, M2_b) into (n_a, mean_a, M2_a), in place (either count may be 0)."""
+def _numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    """A CPU tensor's numpy view (no copy), or x as it is."""
+    return x.numpy() if isinstance(x, torch.Tensor) else x
+
+
+def _batch_stats(x, weight):
+    """(count, mean, M2) of the rows of x (B, ...) float64, weighted by weight (B,) float64 when given; numpy
+    arrays or tensors alike. An unweighted count is a host number (no device op)."""
+    if weight is None:
+        n = float(x.shape[0])
+        mean = x.mean(0)
+        return n, mean, ((x - mean) ** 2).sum(0)
+    w = weight.reshape(-1, *([1] * (x.ndim - 1)))
+    n = w.sum()
+    mean = (w * x).sum(0) / (n + 1e-300)  # + 1e-300: an empty batch has mean 0, any other is unchanged
+    return n, mean, (w * (x - mean) ** 2).sum(0)
+
+
+def _merge_(n_a, mean_a, m2_a, n_b, mean_b, m2_b) -> None:
+    """Chan et al.'s merge of (n_b, mean_b, M2_b) into (n_a, mean_a, M2_a), in place (either count may be 0);
+    numpy arrays or tensors alike."""
     delta = mean_b - mean_a
-    w = n_b / (n_a + n_b).clamp_min(1e-300)
-    m2_a.add_(m2_b).add_(delta.square() * (n_a * w))
-    mean_a.add_(delta * w)
-    n_a.add_(n_b)
+    w = n_b / (n_a + n_b + 1e-300)
+    m2_a += m2_b + delta * delta * (n_a * w)
+    mean_a += delta * w
+    n_a += n_b
 
 
 class ObsNormalizer:
@@ -157,6 +182,9 @@ class ObsNormalizer:
 
     def normalize(self, obs: torch.Tensor) -> torch.Tensor:
         """Normalise with the statistics as they are (evaluation, the Python API)."""
+        if self.rms.host:
+            _, mean, _, _, inv_std = self.rms._stats[:5]
+            return torch.from_numpy(np.clip((_numpy(obs) - mean) * inv_std, -CLIP, CLIP).astype(np.float32))
         return ((obs - self.rms.mean) * self.rms.inv_std).clamp_(-CLIP, CLIP).to(torch.float32)
 
 
@@ -171,6 +199,15 @@ class RewardScaler:
     def __call__(self, reward: torch.Tensor, terminated: torch.Tensor, valid: torch.Tensor,
                  env_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Scale the rewards (B,) of envs env_ids (all when None); valid (B,) False on EnvPool's reset step."""
+        if self.rms.host:  # the same arithmetic in numpy (see RunningMeanStd)
+            reward, terminated, valid = _numpy(reward), _numpy(terminated), _numpy(valid)
+            returns, idx = self.returns.numpy(), slice(None) if env_ids is None else _numpy(env_ids)
+            g = returns[idx]
+            g = np.where(valid, g * self.gamma * ~terminated + reward, g)
+            returns[idx] = g
+            self.rms.update(g, valid)
+            inv_std = self.rms._stats[4]
+            return torch.from_numpy(np.clip(reward * inv_std, -CLIP, CLIP).astype(np.float32))
         idx = slice(None) if env_ids is None else env_ids
         g = self.returns[idx]
         g = torch.where(valid, g * self.gamma * (~terminated).to(g.dtype) + reward.to(g.dtype), g)

@@ -38,10 +38,16 @@ class GymRunningMeanStd:
         self.var, self.count = m2 / tot, tot
 
 
-def test_observation_normalisation_is_gymnasiums():
+# The statistics' arithmetic runs in numpy on the CPU and in torch on CUDA (RunningMeanStd.host): both, on CPU.
+ARITHMETIC = pytest.mark.parametrize("host", [True, False], ids=["numpy", "torch"])
+
+
+@ARITHMETIC
+def test_observation_normalisation_is_gymnasiums(host):
     """NormalizeObservation then TransformObservation(clip 10): update with the batch, then normalise."""
     gen = np.random.default_rng(0)
     ours, theirs = ObsNormalizer((3,), torch.device("cpu")), GymRunningMeanStd((3,))
+    ours.rms = RunningMeanStd((3,), torch.device("cpu"), host=host)
     for step in range(50):
         obs = gen.normal([5.0, -2.0, 0.0], [3.0, 0.1, 100.0], size=(4, 3))
         if step == 7:
@@ -54,12 +60,14 @@ def test_observation_normalisation_is_gymnasiums():
     np.testing.assert_allclose(ours.rms.var.numpy(), theirs.var, rtol=1e-10)
 
 
-def test_reward_scaling_is_gymnasiums_and_skips_envpools_reset_step():
+@ARITHMETIC
+def test_reward_scaling_is_gymnasiums_and_skips_envpools_reset_step(host):
     """NormalizeReward(gamma) then TransformReward(clip 10): G = gamma G (1 - terminated) + r updates the
     return statistics, and the reward is divided by their std; EnvPool's reset step changes nothing."""
     gen = np.random.default_rng(1)
     gamma, n = 0.99, 3
     ours, theirs = RewardScaler(n, gamma, torch.device("cpu")), GymRunningMeanStd()
+    ours.rms = RunningMeanStd((), torch.device("cpu"), host=host)
     returns = np.zeros(n)
     for _ in range(200):
         reward = gen.normal(1.0, 2.0, n)
@@ -75,11 +83,12 @@ def test_reward_scaling_is_gymnasiums_and_skips_envpools_reset_step():
     np.testing.assert_allclose(ours.returns.numpy(), returns, rtol=1e-6)
 
 
-def test_statistics_are_combined_across_ranks(monkeypatch):
+@ARITHMETIC
+def test_statistics_are_combined_across_ranks(monkeypatch, host):
     """Two ranks' statistics after sync are those of all their data together, the same on both."""
     data = [torch.randn(30, 4, dtype=torch.float64) * 3 + 1, torch.randn(50, 4, dtype=torch.float64) - 2]
     monkeypatch.setattr(fastppo.distributed, "is_distributed", lambda: True)
-    ranks = [RunningMeanStd((4,), torch.device("cpu")) for _ in data]
+    ranks = [RunningMeanStd((4,), torch.device("cpu"), host=host) for _ in data]
     for rms, x in zip(ranks, data, strict=True):
         for chunk in x.split(7):
             rms.update(chunk)
