@@ -264,8 +264,6 @@ def env_info(env_id: str, env_kwargs: tuple[str, ...] = ()) -> EnvInfo:
     spaces, e.g. VizDoom's use_combined_action). Raises EnvError (one line) for an unknown id (with
     close names), a bad option, or a space fastppo does not train on.
     """
-    import gymnasium
-
     envpool = _envpool()
     known = envpool.list_all_envs()
     if env_id not in known:
@@ -286,7 +284,18 @@ def env_info(env_id: str, env_kwargs: tuple[str, ...] = ()) -> EnvInfo:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EnvError(f"EnvPool cannot make {env_id} with these options: {first[:300]}") from None
     info = dict(env_id=env_id, is_atari="episodic_life" in spec.config._fields, family=family, env_kwargs=kwargs)
+    return EnvInfo(**info, **space_fields(env_id, obs_space, space))
+
+
+def space_fields(env_id: str, obs_space, space) -> dict:
+    """EnvInfo's observation and action fields for one env's Gymnasium spaces (EnvPool's, a Gymnasium env's or a
+    device env's). Raises EnvError (one line) for a space fastppo does not train on."""
+    import gymnasium
+
+    info: dict = {}
     if isinstance(space, gymnasium.spaces.Discrete):
+        if int(space.start) != 0:
+            raise EnvError(f"--env-id {env_id!r} has a {space} action space; fastppo's actions start at 0")
         info.update(num_actions=int(space.n))
     elif isinstance(space, gymnasium.spaces.Box) and len(space.shape) == 1:
         low, high = np.broadcast_to(space.low, space.shape), np.broadcast_to(space.high, space.shape)
@@ -299,6 +308,8 @@ def env_info(env_id: str, env_kwargs: tuple[str, ...] = ()) -> EnvInfo:
         raise EnvError(f"--env-id {env_id!r} has a {space} action space; fastppo trains on Discrete and "
                        f"1-D Box actions")
     if isinstance(obs_space, gymnasium.spaces.Discrete):
+        if int(obs_space.start) != 0:
+            raise EnvError(f"--env-id {env_id!r} observes a {obs_space}; fastppo one-hots state indices from 0")
         info.update(obs_shape=(), obs_dtype=np.dtype(np.int64), obs_classes=int(obs_space.n))
     elif isinstance(obs_space, gymnasium.spaces.Dict):
         dict_spec, size = [], 0
@@ -335,7 +346,7 @@ def env_info(env_id: str, env_kwargs: tuple[str, ...] = ()) -> EnvInfo:
     else:
         raise EnvError(f"--env-id {env_id!r} has a {obs_space} observation space; fastppo trains on Box, "
                        f"Discrete and Dict observations")
-    return EnvInfo(**info)
+    return info
 
 
 def adapt_obs(info: EnvInfo, obs):
