@@ -1,4 +1,8 @@
-"""EnvPool environments: validation of the env id, construction, and full-game score accounting.
+"""Environments: validation of the env id, construction, and full-game score accounting.
+
+EnvPool's envs are made here. An env id with a colon is the user's own env (``fastppo.gymenv``): a
+Gymnasium vector env (``gym:<id>``); :func:`env_info` and :func:`make_envs` dispatch to it, and everything
+after (the collectors, evaluation, resume) sees one kind of env.
 
 EnvPool semantics that the rest of fastppo relies on (checked in tests/test_envs.py):
 
@@ -20,7 +24,8 @@ import functools
 import json
 import os
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -35,7 +40,8 @@ TEXT_KEYS = ("mission",)
 
 @dataclass(frozen=True)
 class EnvInfo:
-    """What fastppo needs to know of an env, from EnvPool's spec (no env is created).
+    """What fastppo needs to know of an env, from EnvPool's spec (no env is created), or from the spaces of
+    one env of the user's own (``source`` "gym"; ``maker`` makes them, see ``fastppo.gymenv``).
 
     Observations, as the policy sees them (after :class:`EnvAdapter`): ``obs_shape`` / ``obs_dtype``
     per env; ``obs_classes`` > 0 for a scalar discrete observation (Taxi, FrozenLake: the state index,
@@ -56,7 +62,12 @@ class EnvInfo:
     obs_classes: int = 0
     dict_spec: tuple[tuple[str, int], ...] = ()  # (key, n): n > 0 one-hot of a Discrete key, 0 a Box key
     family: str = ""  # EnvPool's family: atari, classic_control, mujoco, box2d, toy_text, minigrid, ...
-    env_kwargs: tuple[tuple[str, object], ...] = ()  # options passed to EnvPool as they are
+    env_kwargs: tuple[tuple[str, object], ...] = ()  # options passed to EnvPool (or the user's env) as they are
+    source: str = "envpool"  # envpool, or gym (a Gymnasium vector env)
+    # gym: maker(num_envs, render_mode, max_episode_steps) -> a Gymnasium vector env. Not part of the env's
+    # identity (compare=False).
+    maker: Callable | None = field(default=None, compare=False, repr=False)
+    render_fps: int = 0  # frames per second of the env's own renderer (0: unknown)
 
     @property
     def obs_bytes(self) -> int:
@@ -257,13 +268,20 @@ def env_family(env_id: str) -> str:
     return module.split(".")[1] if module.count(".") else module
 
 
-def env_info(env_id: str, env_kwargs: tuple[str, ...] = ()) -> EnvInfo:
+def env_info(env_id: str, env_kwargs: tuple[str, ...] = (), *, env: Callable | None = None) -> EnvInfo:
     """Look the env up in EnvPool's registry without creating any environment.
 
     env_kwargs: --env-kwargs items (key=value), EnvPool options passed through (they may change the
     spaces, e.g. VizDoom's use_combined_action). Raises EnvError (one line) for an unknown id (with
     close names), a bad option, or a space fastppo does not train on.
+
+    An id with a colon (``gym:...``) or an ``env`` factory (``fastppo.train(cfg, env=...)``) is the user's own
+    env: ``fastppo.gymenv.own_env_info`` makes one and checks it.
     """
+    if env is not None or ":" in env_id:
+        from fastppo.gymenv import own_env_info
+
+        return own_env_info(env_id, env_kwargs, env)
     envpool = _envpool()
     known = envpool.list_all_envs()
     if env_id not in known:
@@ -425,11 +443,19 @@ def make_envs(
     settings, and ``info.env_kwargs`` (--env-kwargs) go to EnvPool as they are. Env i gets seed + i
     (seed taken modulo 2^31, EnvPool's range).
 
+    The user's own envs (``info.source``): a Gymnasium vector env behind ``gymenv.GymAdapter``, which
+    looks like the pool above (sync only). Threads, batch size, sticky actions and the Atari settings are
+    EnvPool's.
+
     Atari: episodic_life, reward_clip, 84x84 gray, 4-frame stack, frame skip 4, up to 30 no-op
     starts (all EnvPool's v5 defaults except the first two). ``episodic_life`` and ``reward_clip``
     are for training; evaluation plays full games on raw scores with both off. ``render_mode=
     "rgb_array"`` makes ``envs.render(env_ids=[i])`` return env i's screen, (1, H, W, 3) uint8.
     """
+    if info.source == "gym":
+        from fastppo.gymenv import GymAdapter
+
+        return GymAdapter(info.maker(num_envs, render_mode, max_episode_steps), info, seed % 2**31)
     envpool = _envpool()
     kwargs: dict = dict(env_type="gymnasium", num_envs=num_envs, seed=seed % 2**31)  # EnvPool's seeds are int32
     if batch_size is not None:

@@ -20,7 +20,8 @@ copy of the chosen actions to the host, which EnvPool needs.
 
 Two collectors fill a rollout:
 
-* :class:`Collector` steps a synchronous pool: every env, every step (CleanRL, the default).
+* :class:`Collector` steps a synchronous pool: every env, every step (CleanRL, the default); EnvPool's,
+  or a Gymnasium vector env (``fastppo.gymenv.GymAdapter``).
 * :class:`AsyncCollector` uses EnvPool's ``send``/``recv``: each ``recv`` returns the
   ``batch_size`` envs that finished first, in any order; each column of a rollout is a segment of T
   consecutive steps of one env, and the rollout is the first N segments completed (see the class).
