@@ -105,7 +105,7 @@ def load(path: str | os.PathLike, device: Literal["auto", "cpu", "cuda"] | str =
     if os.path.isfile(os.path.join(run, "config.json")):  # a checkpoint in a run folder is that run's, best.pt too
         check_belongs(state, read_config(run), os.path.join(run, "config.json"))
     config = state["config"]
-    info = _info(config, env)
+    info = _info(config, env, torch_device)
     policy = make_policy(info).to(torch_device)
     try:
         policy.load_state_dict(state["model"])
@@ -135,8 +135,9 @@ def make_env(run: Agent | str | os.PathLike, num_envs: int = 1, seed: int = 0, *
     ``env.render(env_ids=[i])`` (where EnvPool renders the env). ConfigError (one line) for a num_envs
     outside [1, 2^31) or a seed that is not an int.
 
-    A run on your own env gets the same API: a Gymnasium vector env behind ``gymenv.GymAdapter``. env: the
-    run's factory, as for :func:`load` (an Agent already holds it)."""
+    A run on your own env gets the same API: a Gymnasium vector env behind ``gymenv.GymAdapter``, or a device
+    env (made on the agent's device, else the CPU) with numpy in and out (``devenv.HostView``). env: the run's
+    factory, as for :func:`load` (an Agent already holds it)."""
     from fastppo.config import ConfigError
 
     if isinstance(num_envs, bool) or not isinstance(num_envs, int) or not 0 < num_envs <= INT32_MAX:
@@ -145,9 +146,15 @@ def make_env(run: Agent | str | os.PathLike, num_envs: int = 1, seed: int = 0, *
     agent = run if isinstance(run, Agent) else None
     config = agent.config if agent is not None else _run_config(os.fspath(run))
     info = agent.info if agent is not None else _info(config, env)
-    return make_envs(info, num_envs, seed, max_episode_steps=config.get("max_episode_steps"),
+    device = agent.device if agent is not None else "cpu"
+    envs = make_envs(info, num_envs, seed, max_episode_steps=config.get("max_episode_steps"),
                      repeat_action_probability=config.get("repeat_action_probability", 0.0), episodic_life=False,
-                     reward_clip=False, render_mode="rgb_array" if video else None)
+                     reward_clip=False, render_mode="rgb_array" if video else None, device=device)
+    if info.source == "device":
+        from fastppo.devenv import HostView
+
+        return HostView(envs)
+    return envs
 
 
 def check_seed(seed) -> None:
@@ -165,11 +172,11 @@ def _run_config(path: str) -> dict:
     return load_checkpoint(path)["config"]
 
 
-def _info(config: dict, env: Callable | None = None) -> EnvInfo:
+def _info(config: dict, env: Callable | None = None, device: object = "cpu") -> EnvInfo:
     """The run's env; with env (its factory), checked to be the one the run names."""
     from fastppo.envs import env_info
     from fastppo.gymenv import check_same_env
 
     if env is not None:
         check_same_env(env, config["env_id"])
-    return env_info(config["env_id"], tuple(config.get("env_kwargs") or ()), env=env)
+    return env_info(config["env_id"], tuple(config.get("env_kwargs") or ()), env=env, device=device)

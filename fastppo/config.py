@@ -51,7 +51,8 @@ class EnvironmentOptions:
     Box2D, toy text 'Taxi-v3', MiniGrid (None: Pong-v5 when training on CUDA; on the CPU, where
     Pong's 10M steps take days, CartPole-v1, which learns there in minutes, and the run says so).
     Your own env: 'gym:<id>' a Gymnasium id ('gym:<module>:<id>' imports the module that registers
-    it, 'gym:<module>:<factory>' a gymnasium.Env class or function in it)"""
+    it, 'gym:<module>:<factory>' a gymnasium.Env class or function in it), 'torch:CartPole-v1' or
+    'torch:<module>:<factory>' an env on the training device (see the docs' Your own environment)"""
     env_kwargs: tuple[str, ...] = ()
     """EnvPool options as key=value, passed to the envs as they are (checked against the env's
     options and their types), e.g. use_combined_action=true for VizDoom; for your own env, keyword
@@ -507,13 +508,15 @@ def resolve(cfg: Config, info: EnvInfo, world_size: int = 1) -> Config:
 
 
 def own_env_options(cfg: Config, info: EnvInfo) -> Config:
-    """The options of EnvPool's own that a Gymnasium env has no use for: ConfigError when the caller gave them; a
-    preset's --async-envs is dropped (such envs step all together, as the sync loop does)."""
-    what = "a Gymnasium vector env"
+    """The options of EnvPool's own that a Gymnasium or device env has no use for: ConfigError when the caller
+    gave them; a preset's --async-envs is dropped (such envs step all together, as the sync loop does)."""
+    what = "a Gymnasium vector env" if info.source == "gym" else "an env on the device"
     given = given_fields(cfg)
     if cfg.async_envs and "async_envs" in given:
-        raise ConfigError(f"--async-envs is EnvPool's send/recv; {info.env_id} is {what}, stepped all together "
-                          f"(--env-kwargs vectorization_mode=async runs Gymnasium's envs in processes)")
+        hint = " (--env-kwargs vectorization_mode=async runs Gymnasium's envs in processes)" if info.source == "gym" \
+            else ""
+        raise ConfigError(f"--async-envs is EnvPool's send/recv; {info.env_id} is {what}, stepped all together"
+                          f"{hint}")
     if cfg.env_threads and "env_threads" in given:
         raise ConfigError(f"--env-threads sets EnvPool's threads; {info.env_id} is {what}")
     return replace(cfg, given=False, async_envs=False, env_batch_size=None) if cfg.async_envs else cfg

@@ -5,7 +5,7 @@ Atari with all lives (no episodic life) and raw, unclipped scores. The games are
 env pool with a fixed quota per env (each env plays its first k games), so short games are not
 over-represented. ``--video`` films env 0's first game from EnvPool's ``render()``, the real screen in
 colour (210x160 for Atari, 400x600 for CartPole), and writes an MP4 (your own env: its renderer's frames,
-Gymnasium's ``render_mode="rgb_array"``).
+Gymnasium's ``render_mode="rgb_array"`` or a device env's ``render(env_id)``).
 
 During training, ``--eval-every`` calls :func:`play` between iterations on a fresh pool of a few envs
 seeded from the run seed and the iteration, with its own torch generator: training envs and the
@@ -130,15 +130,15 @@ def check_eval_memory(info: EnvInfo, episodes: int, num_envs: int | None) -> Non
                           f"{free / 2**30:,.1f} GiB available in host memory")
 
 
-def check_video(info: EnvInfo, flag: str) -> None:
+def check_video(info: EnvInfo, flag: str, device: object = "cpu") -> None:
     """ConfigError (one line) unless a video of this env can be written here: imageio and its ffmpeg,
-    and an env that renders."""
+    and an env that renders (a device env is tried on `device`)."""
     try:
         import imageio  # noqa: F401
         import imageio_ffmpeg  # noqa: F401
     except ImportError:
         raise ConfigError(f"{flag} needs imageio and imageio-ffmpeg: pip install 'fastppo[video]'") from None
-    problem = render_problem(info)
+    problem = render_problem(info, device)
     if problem is not None:
         raise ConfigError(f"{flag}: {problem}")
 
@@ -152,17 +152,17 @@ VIDEO_FPS = {"atari": 15, "classic_control": 50, "box2d": 50, "mujoco": 30, "min
 EGL_FIX = "install EGL: apt install libegl1 libgl1-mesa-dri (or your GPU driver's EGL)"
 
 
-def render_problem(info: EnvInfo) -> str | None:
+def render_problem(info: EnvInfo, device: object = "cpu") -> str | None:
     """Why this env cannot be filmed here, or None when it can.
 
     Toy-text envs have no renderer. MuJoCo's renders through EGL (envs.expose_egl), and where that
     fails EnvPool aborts the process, so one frame is rendered in a child process first (in a
     temporary folder: MuJoCo writes MUJOCO_LOG.TXT into the current one when it fails). Your own env
-    (a Gymnasium env) renders one frame of one env here: a missing renderer (Gymnasium's classic control
-    needs pygame) is named in one line.
+    (a Gymnasium or device env) renders one frame of one env here: a missing renderer (Gymnasium's
+    classic control needs pygame) or a device env without render() is named in one line.
     """
     if info.source != "envpool":
-        return own_render_problem(info)
+        return own_render_problem(info, device)
     if info.family == "toy_text":
         return f"EnvPool does not render {info.env_id}"
     if info.family == "mujoco":
@@ -187,14 +187,14 @@ def render_problem(info: EnvInfo) -> str | None:
     return None
 
 
-def own_render_problem(info: EnvInfo) -> str | None:
-    """render_problem for a Gymnasium env: one env made with render_mode="rgb_array", reset, and one frame
-    rendered; the first line of what fails, or None."""
+def own_render_problem(info: EnvInfo, device: object) -> str | None:
+    """render_problem for a Gymnasium or device env: one env made with render_mode="rgb_array", reset, and one
+    frame rendered; the first line of what fails, or None."""
     from fastppo.gymenv import first_line
 
     envs = None
     try:
-        envs = make_envs(info, 1, 0, render_mode="rgb_array")
+        envs = make_envs(info, 1, 0, render_mode="rgb_array", device=device)
         envs.reset()
         frame = np.asarray(envs.render(env_ids=[0])[0])
     except Exception as e:  # whatever the env's renderer raises
@@ -240,7 +240,7 @@ def run_eval(ecfg: EvalConfig, stream=None) -> Games:
                       os.path.join(run_dir, "config.json"))
     known = tracked_run(run_dir) if ecfg.track else None  # a damaged record is an error before any game
     if ecfg.video:
-        check_video(agent.info, "--video")
+        check_video(agent.info, "--video", agent.device)
     check_eval_memory(agent.info, ecfg.episodes, ecfg.num_envs)
     games = play(agent, ecfg.episodes, ecfg.seed, num_envs=ecfg.num_envs, greedy=ecfg.greedy, video=ecfg.video)
     r = games.returns

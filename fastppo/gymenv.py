@@ -1,15 +1,18 @@
-"""The user's own envs: Gymnasium vector envs (``gym:`` ids and factories), and how fastppo finds them.
+"""The user's own envs: Gymnasium vector envs (``gym:`` ids and factories), and how fastppo finds any own env.
 
 An env id with a colon is not EnvPool's (EnvPool's ids have none):
 
 * ``gym:<id>``: a registered Gymnasium id (``gym:CartPole-v1``), or ``gym:<module>:<id>``, Gymnasium's own
   form, which imports the module first (its import registers the id), or ``gym:<module>:<callable>``, a
   factory in the module (a class or function, as for ``env=`` below).
+* ``torch:<name>``: an env on the training device (``fastppo.devenv``): ``torch:CartPole-v1`` (fastppo's
+  own, ``fastppo.envs_torch``) or ``torch:<module>:<callable>``, the factory of one.
 * ``python:<name>``: the label of a factory given to ``fastppo.train(cfg, env=...)`` that cannot be imported
   by name (a lambda, a class defined in a notebook); a run with it is made again only with ``env=``.
 
 ``fastppo.train(cfg, env=...)`` takes the factory itself. Which kind it makes follows from its parameters:
 
+* one that takes ``device``: a device env factory, called ``env(num_envs=N, device=D, **env_kwargs)``;
 * one that takes ``num_envs``: a Gymnasium vector env factory, ``env(num_envs=N, **env_kwargs)`` (for
   instance ``functools.partial(gymnasium.make_vec, "MyEnv-v0")``);
 * any other callable makes one ``gymnasium.Env`` (a class, a function): fastppo calls it once per env,
@@ -36,7 +39,7 @@ import numpy as np
 
 from fastppo.envs import EnvAdapter, EnvError, EnvInfo, adapt_obs, space_fields
 
-GYM, PYTHON = "gym:", "python:"
+GYM, DEVICE, PYTHON = "gym:", "torch:", "python:"
 
 
 def first_line(e: BaseException) -> str:
@@ -83,14 +86,15 @@ def takes(fn: Callable, name: str) -> bool:
 
 
 def env_label(env: Callable) -> str:
-    """The env id a run given ``env=`` saves in its config.json: ``gym:<module>:<name>`` when the factory
-    imports by that name (then ``fastppo eval`` and a resume make it again from the id), else
-    ``python:<name>``."""
+    """The env id a run given ``env=`` saves in its config.json: ``gym:<module>:<name>`` or
+    ``torch:<module>:<name>`` when the factory imports by that name (then ``fastppo eval`` and a resume make
+    it again from the id), else ``python:<name>``."""
+    kind = DEVICE if takes(env, "device") else GYM
     module, name = getattr(env, "__module__", None), getattr(env, "__qualname__", None)
     if module and name and module != "__main__" and "<" not in name:
         try:
             if import_entry(f"{module}:{name}") is env:
-                return f"{GYM}{module}:{name}"
+                return f"{kind}{module}:{name}"
         except EnvError:
             pass
     return f"{PYTHON}{name or type(env).__name__}"
@@ -103,23 +107,38 @@ def check_same_env(env: Callable, env_id: str) -> None:
         raise EnvError(f"the run trained on --env-id {env_id!r}; env= is {env_label(env)!r}")
 
 
-def own_env_info(env_id: str, env_kwargs: tuple[str, ...], env: Callable | None) -> EnvInfo:
-    """EnvInfo of the user's own env, named by env_id (``gym:``) or given as env (a factory): one env
+def own_env_info(env_id: str, env_kwargs: tuple[str, ...], env: Callable | None, device: object) -> EnvInfo:
+    """EnvInfo of the user's own env, named by env_id (``gym:``, ``torch:``) or given as env (a factory): one env
     is made, checked (autoreset mode, spaces, a first reset and step) and closed. EnvError (one line) for an
     id that names nothing, a factory that raises, an env fastppo cannot train on."""
     kwargs = parse_env_kwargs(env_kwargs)
     if env is not None:
         if not callable(env):
-            raise EnvError(f"env= must be a factory (a class or function) of a Gymnasium env or a Gymnasium "
-                           f"vector env; got a {type(env).__name__}")
-        target = env
+            raise EnvError(f"env= must be a factory (a class or function) of a Gymnasium env, a Gymnasium vector "
+                           f"env or a device env; got a {type(env).__name__}")
+        target, device_env = env, takes(env, "device")
+    elif env_id.startswith(DEVICE):
+        from fastppo.devenv import BUILTIN
+
+        name = env_id[len(DEVICE):]
+        if ":" not in name and name not in BUILTIN:
+            close = difflib.get_close_matches(name, list(BUILTIN), n=3)
+            raise EnvError(f"unknown --env-id {env_id!r}: fastppo's device envs are {', '.join(BUILTIN)}"
+                           + (f" (close: {', '.join(close)})" if close else "")
+                           + "; a device env of your own is torch:<module>:<factory>")
+        target, device_env = import_entry(BUILTIN.get(name, name)), True
     elif env_id.startswith(GYM):
-        target = gym_target(env_id[len(GYM):])
+        target, device_env = gym_target(env_id[len(GYM):]), False
     elif env_id.startswith(PYTHON):
         raise EnvError(f"--env-id {env_id!r}: this run trained on a Python object given to fastppo.train(env=...); "
                        f"make it from Python with the same env= (fastppo.load, fastppo.make_env, fastppo.train)")
     else:
-        raise EnvError(f"--env-id {env_id!r}: an id with a colon is gym:<Gymnasium id>; EnvPool's ids have none")
+        raise EnvError(f"--env-id {env_id!r}: an id with a colon is gym:<Gymnasium id> or torch:<device env>; "
+                       f"EnvPool's ids have none")
+    if device_env:
+        from fastppo.devenv import device_env_info
+
+        return device_env_info(env_id, target, kwargs, device)
     return gym_env_info(env_id, target, kwargs)
 
 
@@ -182,7 +201,7 @@ def vector_maker(target: str | Callable, kwargs: dict[str, object]) -> Callable:
 
 
 def check_autoreset(env_id: str, metadata: dict) -> None:
-    """EnvError unless the vector env declares Gymnasium's NEXT_STEP autoreset mode, the semantics
+    """EnvError unless the vector env (or device env) declares Gymnasium's NEXT_STEP autoreset mode, the semantics
     the collectors rely on (fastppo.envs)."""
     from gymnasium.vector import AutoresetMode
 

@@ -74,11 +74,12 @@ def select_ops(cfg: Config, device: torch.device) -> kernels.Ops:
 
 
 def check_memory(cfg: Config, info: EnvInfo, device: torch.device) -> None:
-    """ConfigError when the rollout storage (and EnvPool's buffers) cannot fit, naming the bytes."""
+    """ConfigError when the rollout storage (and EnvPool's buffers) cannot fit, naming the bytes (a device env's
+    own memory is not known: not counted)."""
     rollout = storage_bytes(info, cfg.num_steps, cfg.num_envs, buffers=2 if cfg.overlap else 1,
                             async_batch=cfg.recv_batch_size if cfg.async_envs else None)
     # EnvPool's state queue holds a few observations per env (a Gymnasium env's arrays are of that order)
-    envs = 3 * cfg.num_envs * info.obs_bytes
+    envs = 0 if info.source == "device" else 3 * cfg.num_envs * info.obs_bytes
     if device.type == "cuda":
         checks = [(rollout, torch.cuda.mem_get_info(device)[0], f"free on {device}"),
                   (envs, host_memory_available(), "available in host memory")]
@@ -94,15 +95,15 @@ def prepare(cfg: Config, world: World | None = None, env: Callable | None = None
     """Validate everything the caller gave, before any env, file, device memory or process group exists.
 
     Every check here gives the same answer on every rank; the run folder is claimed later, on rank 0.
-    env: the factory given to ``fastppo.train(cfg, env=...)``. The user's own envs (a ``gym:`` id, or env)
-    are made once here, checked and closed (``gymenv.own_env_info``): a factory that raises, an env fastppo
-    cannot train on, is one line before the run folder exists.
+    env: the factory given to ``fastppo.train(cfg, env=...)``. The user's own envs (a ``gym:`` or ``torch:``
+    id, or env) are made once here, checked and closed (``gymenv.own_env_info``): a factory that raises, an
+    env that breaks the protocol, is one line before the run folder exists.
     Raises EnvError / ConfigError (one line each).
     """
     world = world or World()
     check_types(cfg)
     cfg = with_env_id(cfg, env)
-    info = env_info(cfg.env_id, cfg.env_kwargs, env=env)
+    info = env_info(cfg.env_id, cfg.env_kwargs, env=env, device=cfg.device)
     cfg = apply_preset(cfg, env_kind(info))
     check_options_read(cfg)  # with the preset's values: a preset may set what decides which options are read
     cfg = resolve(cfg, info, world.size)
@@ -117,7 +118,7 @@ def place(cfg: Config, info: EnvInfo, world: World) -> torch.device:
     device = distributed.rank_device(training_device(cfg), world)
     check_memory(cfg, info, device)
     if cfg.capture_video:
-        check_video(info, "--capture-video")
+        check_video(info, "--capture-video", device)
     return device
 
 
@@ -151,7 +152,7 @@ def prepare_resume(cfg: Config, world: World | None = None, env: Callable | None
             tracking.tracked_run(cfg.run_dir)  # a damaged W&B record is an error now, not after the envs exist
         if env is not None:
             check_same_env(env, cfg.env_id)
-        info = env_info(cfg.env_id, cfg.env_kwargs, env=env)
+        info = env_info(cfg.env_id, cfg.env_kwargs, env=env, device=cfg.device)
         cfg = resolve(cfg, info, world.size)
         iteration = state["iteration"]
         if cfg.num_iterations <= iteration:

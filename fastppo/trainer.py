@@ -513,9 +513,10 @@ def train(cfg: Config, env: Callable | None = None) -> dict:
     "target_return" or "max_seconds". Writes cfg.run_dir (see README).
 
     env: the env to train on instead of cfg.env_id, a factory (``fastppo.gymenv``): of a Gymnasium env (a
-    ``gymnasium.Env`` class or function), or of a Gymnasium vector env (it takes ``num_envs``). cfg.env_id is
-    then left unset; the run names the env by the factory's import path where it has one (so ``fastppo eval``
-    and a resume make it again), else ``python:<name>``, and a resume then takes the same env= again.
+    ``gymnasium.Env`` class or function), of a Gymnasium vector env (it takes ``num_envs``), or of a device env
+    (it takes ``num_envs`` and ``device``: ``fastppo.devenv.DeviceEnv``). cfg.env_id is then left unset; the
+    run names the env by the factory's import path where it has one (so ``fastppo eval`` and a resume make it
+    again), else ``python:<name>``, and a resume then takes the same env= again.
 
     The fields the caller set (``config.given_fields``: constructor arguments, later assignments, or the
     command line's flags) override cfg.preset's values. With cfg.resume, continues that run: only the
@@ -578,6 +579,7 @@ def build(prepared: Prepared, world: World) -> Session:
         max_episode_steps=cfg.max_episode_steps,
         repeat_action_probability=cfg.repeat_action_probability,
         batch_size=cfg.recv_batch_size if cfg.async_envs else None,
+        device=device,
     )
     try:
         policy = make_policy(info).to(device)
