@@ -7,9 +7,10 @@ and their torch references.
 The Python API (imported on first use, so ``import fastppo`` stays light):
 
     fastppo.Config          the training options (the fields of ``fastppo train --help``)
-    fastppo.train(cfg)      train; returns the last metrics line (see trainer.train)
+    fastppo.train(cfg)      train; returns the last metrics line (see trainer.train); env=: your own env's
+                            factory (a Gymnasium env, a Gymnasium vector env or a device env: gymenv)
     fastppo.load(path)      an Agent from a run folder or checkpoint: act(obs), value(obs)
-    fastppo.make_env(run)   the EnvPool env the run trained on, for playing full games
+    fastppo.make_env(run)   the env the run trained on, for playing full games
 """
 
 __version__ = "0.1.0"

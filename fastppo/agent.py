@@ -16,6 +16,7 @@ give the same scores for the same seed.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -83,9 +84,12 @@ class Agent:
         return value.cpu().numpy()
 
 
-def load(path: str | os.PathLike, device: Literal["auto", "cpu", "cuda"] | str = "auto", seed: int = 0) -> Agent:
+def load(path: str | os.PathLike, device: Literal["auto", "cpu", "cuda"] | str = "auto", seed: int = 0,
+         env: Callable | None = None) -> Agent:
     """An Agent from a run folder (its newest checkpoint) or a checkpoint file, on `device`.
 
+    env: the factory a run trained on with ``fastppo.train(cfg, env=...)``, where its config.json names it
+    ``python:<name>`` (one that imports by name is made from its id without it).
     Raises CheckpointError (a missing, damaged or non-finite checkpoint, or one of another run than its
     folder's), ConfigError (a device this machine does not have, a seed that is not an int) or EnvError
     (the env cannot be made with the run's options), each one line.
@@ -101,7 +105,7 @@ def load(path: str | os.PathLike, device: Literal["auto", "cpu", "cuda"] | str =
     if os.path.isfile(os.path.join(run, "config.json")):  # a checkpoint in a run folder is that run's, best.pt too
         check_belongs(state, read_config(run), os.path.join(run, "config.json"))
     config = state["config"]
-    info = _info(config)
+    info = _info(config, env, torch_device)
     policy = make_policy(info).to(torch_device)
     try:
         policy.load_state_dict(state["model"])
@@ -122,13 +126,18 @@ def load(path: str | os.PathLike, device: Literal["auto", "cpu", "cuda"] | str =
                  global_step=state["global_step"], value_norm=value_norm)
 
 
-def make_env(run: Agent | str | os.PathLike, num_envs: int = 1, seed: int = 0, *, video: bool = False):
+def make_env(run: Agent | str | os.PathLike, num_envs: int = 1, seed: int = 0, *, video: bool = False,
+             env: Callable | None = None):
     """The EnvPool env a run trained on, for playing full games: the run's env id, options, time limit
     and sticky actions; Atari without episodic life and with raw (unclipped) rewards, so a game's
     summed rewards are its score. Observations and actions pass through the same adapter as in
     training (dict observations flattened, continuous actions clipped). video: frames from
     ``env.render(env_ids=[i])`` (where EnvPool renders the env). ConfigError (one line) for a num_envs
-    outside [1, 2^31) or a seed that is not an int."""
+    outside [1, 2^31) or a seed that is not an int.
+
+    A run on your own env gets the same API: a Gymnasium vector env behind ``gymenv.GymAdapter``, or a device
+    env (made on the agent's device, else the CPU) with numpy in and out (``devenv.HostView``). env: the run's
+    factory, as for :func:`load` (an Agent already holds it)."""
     from fastppo.config import ConfigError
 
     if isinstance(num_envs, bool) or not isinstance(num_envs, int) or not 0 < num_envs <= INT32_MAX:
@@ -136,10 +145,16 @@ def make_env(run: Agent | str | os.PathLike, num_envs: int = 1, seed: int = 0, *
     check_seed(seed)
     agent = run if isinstance(run, Agent) else None
     config = agent.config if agent is not None else _run_config(os.fspath(run))
-    info = agent.info if agent is not None else _info(config)
-    return make_envs(info, num_envs, seed, max_episode_steps=config.get("max_episode_steps"),
+    info = agent.info if agent is not None else _info(config, env)
+    device = agent.device if agent is not None else "cpu"
+    envs = make_envs(info, num_envs, seed, max_episode_steps=config.get("max_episode_steps"),
                      repeat_action_probability=config.get("repeat_action_probability", 0.0), episodic_life=False,
-                     reward_clip=False, render_mode="rgb_array" if video else None)
+                     reward_clip=False, render_mode="rgb_array" if video else None, device=device)
+    if info.source == "device":
+        from fastppo.devenv import HostView
+
+        return HostView(envs)
+    return envs
 
 
 def check_seed(seed) -> None:
@@ -157,7 +172,11 @@ def _run_config(path: str) -> dict:
     return load_checkpoint(path)["config"]
 
 
-def _info(config: dict) -> EnvInfo:
+def _info(config: dict, env: Callable | None = None, device: object = "cpu") -> EnvInfo:
+    """The run's env; with env (its factory), checked to be the one the run names."""
     from fastppo.envs import env_info
+    from fastppo.gymenv import check_same_env
 
-    return env_info(config["env_id"], tuple(config.get("env_kwargs") or ()))
+    if env is not None:
+        check_same_env(env, config["env_id"])
+    return env_info(config["env_id"], tuple(config.get("env_kwargs") or ()), env=env, device=device)

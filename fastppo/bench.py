@@ -8,7 +8,9 @@ errors as train) before anything is measured. For each num_envs of the sweep, ea
 number of seconds after a warm-up:
 
 1. EnvPool alone with random actions: synchronous (``step``) and asynchronous (``send``/``recv``
-   with the same batch size as the trainer), the ceiling;
+   with the same batch size as the trainer), the ceiling; for a Gymnasium vector env (``gym:``) or an
+   env on the device (``torch:``), the env alone, stepped all together (its random actions drawn on the
+   device beforehand), the JSON's ``envpool_sync`` (``env_source`` says which kind it was);
 2. envs + inference: ``trainer.build``'s envs, networks and collection (``rollout.make_collection``,
    the trainer's seeds and torch thread rule) asked for rollouts, no update;
 3. full training: ``trainer.train`` with the same Config, stopped by its --max-seconds, timed from
@@ -25,11 +27,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import functools
 import io
 import json
 import math
 import os
 import platform
+import re
 import subprocess
 import tempfile
 import time
@@ -147,15 +151,17 @@ def async_batch(cfg: Config, bench: BenchConfig) -> int:
     return max(1, int(cfg.num_envs * bench.batch_fraction))
 
 
-def point_config(bench: BenchConfig, num_envs: int, env_id: str, given: set[str], kind: str) -> Config:
+def point_config(bench: BenchConfig, num_envs: int, env_id: str, given: set[str], kind: str,
+                 source: str = "envpool") -> Config:
     """The Config of one point: the training options (the preset for the env's `kind` applied to the
     fields not in `given`, as fastppo train does), then the bench's own settings for the point. Not
-    resolved."""
+    resolved. A Gymnasium or device env (`source`) steps all its envs together: no recv batch (config.resolve
+    drops the bench's default --async-envs for it)."""
     values = {name: getattr(bench.training, name) for name in TRAINING_FIELDS}
     cfg = apply_preset(mark_given(Config(**values), given & set(TRAINING_FIELDS)), kind)
     cfg.env_id = env_id
     cfg.num_envs = num_envs
-    cfg.env_batch_size = async_batch(cfg, bench) if cfg.async_envs else None
+    cfg.env_batch_size = async_batch(cfg, bench) if cfg.async_envs and source == "envpool" else None
     cfg.total_timesteps = num_envs * cfg.num_steps * 1_000_000  # the training run sets its own (see training)
     return cfg
 
@@ -187,12 +193,13 @@ def resolve_bench(bench: BenchConfig, given: set[str] | None = None) -> Sweep:
         raise ConfigError(f"--batch-fraction must be in (0, 1], got {bench.batch_fraction}")
     if len(set(bench.num_envs)) != len(bench.num_envs):
         raise ConfigError(f"--num-envs lists a value twice: {' '.join(map(str, bench.num_envs))}")
-    kind = env_kind(env_info(env_id, bench.training.env_kwargs))  # --env-kwargs may change the spaces
-    points = [prepare(point_config(bench, n, env_id, given, kind)) for n in bench.num_envs]
+    info = env_info(env_id, bench.training.env_kwargs, device=device)  # --env-kwargs may change the spaces
+    points = [prepare(point_config(bench, n, env_id, given, env_kind(info), info.source)) for n in bench.num_envs]
     name = bench.name
     if name is None:
         gpu = torch.cuda.get_device_name(device) if cuda else None
-        name = "bench_{}_{}_{}".format(env_id, (gpu or "cpu").replace(" ", "-"), datetime.date.today().isoformat())
+        name = "bench_{}_{}_{}".format(re.sub(r"[^A-Za-z0-9_.-]", "_", env_id), (gpu or "cpu").replace(" ", "-"),
+                                       datetime.date.today().isoformat())
     if not name or name in (".", "..") or os.sep in name or (os.altsep and os.altsep in name):
         raise ConfigError(f"--name must be a file name (no folder), got {name!r}")
     check_out_dir(bench.out_dir)
@@ -213,28 +220,39 @@ def check_out_dir(path: str) -> None:
         raise ConfigError(f"--out-dir {path!r} is not writable")
 
 
-def timed(step, warmup: float, seconds: float) -> tuple[float, int]:
-    """Run step() (returning the agent steps it made) for warmup, then for seconds: (elapsed, steps)."""
+def timed(step, warmup: float, seconds: float, sync=lambda: None) -> tuple[float, int]:
+    """Run step() (returning the agent steps it made) for warmup, then for seconds: (elapsed, steps). sync()
+    waits for work step() queued (a device env's kernels) before each clock reading that counts."""
     end = time.perf_counter() + warmup
     while time.perf_counter() < end:
         step()
+    sync()
     steps, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < seconds:
+    while time.perf_counter() - start < seconds:
         steps += step()
-    return elapsed, steps
+    sync()
+    return time.perf_counter() - start, steps
 
 
-def envpool_ceiling(cfg: Config, info, bench: BenchConfig, batch_size: int | None) -> float:
+def envpool_ceiling(cfg: Config, info, bench: BenchConfig, batch_size: int | None,
+                    device: torch.device | None = None) -> float:
     """Agent steps/s of EnvPool alone with random actions, with the point's env settings; async
-    (send/recv) when batch_size is given."""
+    (send/recv) when batch_size is given. The same for a Gymnasium vector env (sync), and for a device env
+    on `device` (its random actions drawn there beforehand, so that the env alone is timed)."""
     num_envs = cfg.num_envs
     envs = make_envs(info, num_envs, cfg.seed, num_threads=cfg.env_threads, batch_size=batch_size,
-                     max_episode_steps=cfg.max_episode_steps, repeat_action_probability=cfg.repeat_action_probability)
+                     max_episode_steps=cfg.max_episode_steps, repeat_action_probability=cfg.repeat_action_probability,
+                     device=device)
     rng = np.random.default_rng(cfg.seed)
     if info.continuous:  # uniform in the Box
         bank = rng.uniform(info.action_low, info.action_high, (64, num_envs, info.num_actions)).astype(np.float32)
     else:
         bank = rng.integers(0, info.num_actions, (64, num_envs))
+    if info.source == "device":
+        bank = torch.from_numpy(bank).to(device)
+    # a device env's steps are kernels queued on the GPU: the clock counts them once they ran
+    on_gpu = info.source == "device" and device.type == "cuda"
+    sync = functools.partial(torch.cuda.synchronize, device) if on_gpu else (lambda: None)
     i = 0
     if batch_size is None:
         envs.reset()
@@ -255,7 +273,7 @@ def envpool_ceiling(cfg: Config, info, bench: BenchConfig, batch_size: int | Non
             return len(env_id)
 
     try:
-        elapsed, steps = timed(step, bench.warmup, bench.seconds)
+        elapsed, steps = timed(step, bench.warmup, bench.seconds, sync)
     finally:
         envs.close()
     return steps / elapsed
@@ -347,7 +365,7 @@ def machine() -> dict:
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
-    for name in ("envpool", "triton"):
+    for name in ("envpool", "gymnasium", "triton"):
         with contextlib.suppress(ImportError):
             versions[name] = __import__(name).__version__
     from fastppo import __version__
@@ -386,14 +404,17 @@ def run_bench(bench: BenchConfig, given: set[str] | None = None) -> dict:
     bench = sweep.bench
     warnings.filterwarnings("ignore", message=".*precision lowered by casting.*")  # gymnasium, on every make
     points = []
-    result = {"machine": machine(), "device": str(sweep.device), "settings": settings(sweep), "points": points}
+    result = {"machine": machine(), "device": str(sweep.device), "settings": settings(sweep), "points": points,
+              "env_source": sweep.points[0].info.source}  # envpool, gym or device: what "envpool_*" measured
     sweep_started = time.perf_counter()
     for prepared in sweep.points:
         started = time.perf_counter()
         cfg, info = prepared.cfg, prepared.info
         point = {"num_envs": cfg.num_envs, "batch_size": cfg.recv_batch_size}
-        point["envpool_sync"] = envpool_ceiling(cfg, info, bench, None)
-        point["envpool_async"] = envpool_ceiling(cfg, info, bench, async_batch(cfg, bench))
+        point["envpool_sync"] = envpool_ceiling(cfg, info, bench, None, prepared.device)
+        # a Gymnasium or device env has no send/recv: its ceiling is the env alone, stepped all together
+        point["envpool_async"] = (envpool_ceiling(cfg, info, bench, async_batch(cfg, bench))
+                                  if info.source == "envpool" else None)
         point["ceiling"] = point["envpool_async"] if cfg.async_envs else point["envpool_sync"]
         point["inference"], point["inference_phases"], point["torch_threads"] = envs_and_inference(prepared, bench)
         point["training"], point["training_phases"], point["training_iterations"] = training(
@@ -402,7 +423,7 @@ def run_bench(bench: BenchConfig, given: set[str] | None = None) -> dict:
         point["training_pct_of_ceiling"] = 100.0 * point["training"] / point["ceiling"]
         points.append(point)
         result["seconds"] = time.perf_counter() - sweep_started  # the whole sweep's wall time so far
-        print(f"num_envs {cfg.num_envs}: EnvPool {point['ceiling']:,.0f}  envs+inference "
+        print(f"num_envs {cfg.num_envs}: {SOURCE_NAMES[info.source]} {point['ceiling']:,.0f}  envs+inference "
               f"{point['inference']:,.0f}  training {point['training']:,.0f} steps/s "
               f"({point['training_pct_of_ceiling']:.0f}%)", flush=True)
         with open(sweep.stem + ".json", "w") as f:  # after every point: a sweep cut short keeps what it measured
@@ -412,6 +433,14 @@ def run_bench(bench: BenchConfig, given: set[str] | None = None) -> dict:
     print_table(result)
     print(f"wrote {sweep.stem}.json and {sweep.stem}.png")
     return result
+
+
+# What the bench calls the env alone (its "envpool_*" numbers), by EnvInfo.source.
+SOURCE_NAMES = {"envpool": "EnvPool", "gym": "Gymnasium", "device": "device env"}
+
+
+def _steps(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
 
 
 def print_table(result: dict) -> None:
@@ -424,14 +453,14 @@ def print_table(result: dict) -> None:
              f"T={s['num_steps']}, {s['update_epochs']} epochs, async={s['async_envs']}, overlap={s['overlap']}"
              + (f", torch threads {'/'.join(map(str, threads))}" if threads else ""))
     table = Table(title=title)
-    for col in ("num_envs", "batch", "EnvPool sync", "EnvPool async", "envs+inference", "training", "% of ceiling",
+    alone = SOURCE_NAMES[result.get("env_source", "envpool")]
+    for col in ("num_envs", "batch", f"{alone} sync", f"{alone} async", "envs+inference", "training", "% of ceiling",
                 "training: " + " / ".join(PHASES) + " (% of iteration)"):
         table.add_column(col, justify="right")
     for p in result["points"]:
         phases = " / ".join(f"{100 * p['training_phases'][k]:.0f}" for k in PHASES)
-        table.add_row(str(p["num_envs"]), str(p["batch_size"]), f"{p['envpool_sync']:,.0f}",
-                      f"{p['envpool_async']:,.0f}", f"{p['inference']:,.0f}", f"{p['training']:,.0f}",
-                      f"{p['training_pct_of_ceiling']:.0f}%", phases)
+        table.add_row(str(p["num_envs"]), str(p["batch_size"]), _steps(p["envpool_sync"]), _steps(p["envpool_async"]),
+                      _steps(p["inference"]), _steps(p["training"]), f"{p['training_pct_of_ceiling']:.0f}%", phases)
     Console(width=200).print(table)
 
 
@@ -449,8 +478,10 @@ def plot(result: dict, path: str) -> None:
     pts, s, m = result["points"], result["settings"], result["machine"]
     x = [p["num_envs"] for p in pts]
     fig, ax = plt.subplots(figsize=(7.5, 5), layout="constrained")
-    ax.plot(x, [p["envpool_sync"] for p in pts], "k--", marker="o", label="EnvPool alone, sync")
-    ax.plot(x, [p["envpool_async"] for p in pts], "k-", marker="o", label="EnvPool alone, async")
+    alone = SOURCE_NAMES[result.get("env_source", "envpool")]
+    ax.plot(x, [p["envpool_sync"] for p in pts], "k--", marker="o", label=f"{alone} alone, sync")
+    if all(p["envpool_async"] is not None for p in pts):
+        ax.plot(x, [p["envpool_async"] for p in pts], "k-", marker="o", label=f"{alone} alone, async")
     ax.plot(x, [p["inference"] for p in pts], marker="s", label="envs + inference (no update)")
     ax.plot(x, [p["training"] for p in pts], marker="^", label=f"training ({s['update_epochs']} epochs)")
     for p in pts:
@@ -461,7 +492,7 @@ def plot(result: dict, path: str) -> None:
     ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlim(min(x) / 1.4, max(x) * 1.4)
     ax.set_yscale("log")
-    ys = [p[k] for p in pts for k in ("envpool_sync", "envpool_async", "inference", "training") if p[k] > 0]
+    ys = [p[k] for p in pts for k in ("envpool_sync", "envpool_async", "inference", "training") if (p[k] or 0) > 0]
     if ys:
         ax.set_ylim(min(ys) / 1.8, max(ys) * 1.5)  # room for the % labels under the training points
     ax.yaxis.set_major_formatter(FuncFormatter(si_label))

@@ -22,6 +22,7 @@ import os
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -48,10 +49,15 @@ class EnvironmentOptions:
     """EnvPool env id with Discrete or one-dimensional Box actions: Atari 'Pong-v5', classic
     control 'CartPole-v1' or 'Pendulum-v1', MuJoCo 'HalfCheetah-v4', DMC 'CheetahRun-v1',
     Box2D, toy text 'Taxi-v3', MiniGrid (None: Pong-v5 when training on CUDA; on the CPU, where
-    Pong's 10M steps take days, CartPole-v1, which learns there in minutes, and the run says so)"""
+    Pong's 10M steps take days, CartPole-v1, which learns there in minutes, and the run says so).
+    Your own env: 'gym:<id>' a Gymnasium id ('gym:<module>:<id>' imports the module that registers
+    it, 'gym:<module>:<factory>' a gymnasium.Env class or function in it), 'torch:CartPole-v1' or
+    'torch:<module>:<factory>' an env on the training device (see the docs' Your own environment)"""
     env_kwargs: tuple[str, ...] = ()
     """EnvPool options as key=value, passed to the envs as they are (checked against the env's
-    options and their types), e.g. use_combined_action=true for VizDoom"""
+    options and their types), e.g. use_combined_action=true for VizDoom; for your own env, keyword
+    arguments of its factory (values read as JSON where they read), and vectorization_mode=async
+    for Gymnasium's one-process-per-env vector env"""
     num_envs: int | None = None
     """number of parallel environments, per rank under torchrun (None: 8 for Atari, 4 for other
     discrete actions, 1 for continuous ones)"""
@@ -453,8 +459,15 @@ def default_env_id(device: str) -> str:
     return "Pong-v5" if cuda else "CartPole-v1"
 
 
-def with_env_id(cfg: Config) -> Config:
-    """cfg with its env id: the caller's, or default_env_id's (a default: not counted as given)."""
+def with_env_id(cfg: Config, env: Callable | None = None) -> Config:
+    """cfg with its env id: the caller's, the label of the factory `env` given to fastppo.train(cfg, env=...)
+    (gymenv.env_label), or default_env_id's (both not counted as given). ConfigError for both an env id and env."""
+    if env is not None:
+        from fastppo.gymenv import env_label
+
+        if cfg.env_id is not None:
+            raise ConfigError(f"env_id {cfg.env_id!r} and env= both name the env; give one of them")
+        return replace(cfg, given=False, env_id=env_label(env))
     return cfg if cfg.env_id is not None else replace(cfg, given=False, env_id=default_env_id(cfg.device))
 
 
@@ -488,8 +501,25 @@ def resolve(cfg: Config, info: EnvInfo, world_size: int = 1) -> Config:
     if cfg.norm_obs and (info.is_image or info.obs_classes):
         what = "frames" if info.is_image else "a state index"
         raise ConfigError(f"--norm-obs needs vector observations; {info.env_id} observes {what}")
+    if info.source != "envpool":
+        cfg = own_env_options(cfg, info)
     validate(cfg)
     return cfg
+
+
+def own_env_options(cfg: Config, info: EnvInfo) -> Config:
+    """The options of EnvPool's own that a Gymnasium or device env has no use for: ConfigError when the caller
+    gave them; a preset's --async-envs is dropped (such envs step all together, as the sync loop does)."""
+    what = "a Gymnasium vector env" if info.source == "gym" else "an env on the device"
+    given = given_fields(cfg)
+    if cfg.async_envs and "async_envs" in given:
+        hint = " (--env-kwargs vectorization_mode=async runs Gymnasium's envs in processes)" if info.source == "gym" \
+            else ""
+        raise ConfigError(f"--async-envs is EnvPool's send/recv; {info.env_id} is {what}, stepped all together"
+                          f"{hint}")
+    if cfg.env_threads and "env_threads" in given:
+        raise ConfigError(f"--env-threads sets EnvPool's threads; {info.env_id} is {what}")
+    return replace(cfg, given=False, async_envs=False, env_batch_size=None) if cfg.async_envs else cfg
 
 
 def lr_schedule(cfg: Config) -> str:

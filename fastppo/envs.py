@@ -1,4 +1,9 @@
-"""EnvPool environments: validation of the env id, construction, and full-game score accounting.
+"""Environments: validation of the env id, construction, and full-game score accounting.
+
+EnvPool's envs are made here. An env id with a colon is the user's own env (``fastppo.gymenv``): a
+Gymnasium vector env (``gym:<id>``) or an env that lives on the training device (``torch:<name>``,
+``fastppo.devenv``); :func:`env_info` and :func:`make_envs` dispatch to them, and everything after
+(the collectors, evaluation, resume) sees one kind of env.
 
 EnvPool semantics that the rest of fastppo relies on (checked in tests/test_envs.py):
 
@@ -20,7 +25,8 @@ import functools
 import json
 import os
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -35,7 +41,8 @@ TEXT_KEYS = ("mission",)
 
 @dataclass(frozen=True)
 class EnvInfo:
-    """What fastppo needs to know of an env, from EnvPool's spec (no env is created).
+    """What fastppo needs to know of an env, from EnvPool's spec (no env is created), or from the spaces of
+    one env of the user's own (``source`` "gym" or "device"; ``maker`` makes them, see ``fastppo.gymenv``).
 
     Observations, as the policy sees them (after :class:`EnvAdapter`): ``obs_shape`` / ``obs_dtype``
     per env; ``obs_classes`` > 0 for a scalar discrete observation (Taxi, FrozenLake: the state index,
@@ -56,7 +63,12 @@ class EnvInfo:
     obs_classes: int = 0
     dict_spec: tuple[tuple[str, int], ...] = ()  # (key, n): n > 0 one-hot of a Discrete key, 0 a Box key
     family: str = ""  # EnvPool's family: atari, classic_control, mujoco, box2d, toy_text, minigrid, ...
-    env_kwargs: tuple[tuple[str, object], ...] = ()  # options passed to EnvPool as they are
+    env_kwargs: tuple[tuple[str, object], ...] = ()  # options passed to EnvPool (or the user's env) as they are
+    source: str = "envpool"  # envpool, gym (a Gymnasium vector env) or device (fastppo.devenv.DeviceEnv)
+    # gym: maker(num_envs, render_mode, max_episode_steps) -> a Gymnasium vector env; device: maker(num_envs,
+    # device, max_episode_steps) -> a DeviceEnv. Not part of the env's identity (compare=False).
+    maker: Callable | None = field(default=None, compare=False, repr=False)
+    render_fps: int = 0  # frames per second of the env's own renderer (0: unknown)
 
     @property
     def obs_bytes(self) -> int:
@@ -257,15 +269,21 @@ def env_family(env_id: str) -> str:
     return module.split(".")[1] if module.count(".") else module
 
 
-def env_info(env_id: str, env_kwargs: tuple[str, ...] = ()) -> EnvInfo:
+def env_info(env_id: str, env_kwargs: tuple[str, ...] = (), *, env: Callable | None = None,
+             device: object = "cpu") -> EnvInfo:
     """Look the env up in EnvPool's registry without creating any environment.
 
     env_kwargs: --env-kwargs items (key=value), EnvPool options passed through (they may change the
     spaces, e.g. VizDoom's use_combined_action). Raises EnvError (one line) for an unknown id (with
     close names), a bad option, or a space fastppo does not train on.
-    """
-    import gymnasium
 
+    An id with a colon (``gym:...``, ``torch:...``) or an ``env`` factory (``fastppo.train(cfg, env=...)``) is
+    the user's own env: ``fastppo.gymenv.own_env_info`` makes one and checks it (a device env on `device`).
+    """
+    if env is not None or ":" in env_id:
+        from fastppo.gymenv import own_env_info
+
+        return own_env_info(env_id, env_kwargs, env, device)
     envpool = _envpool()
     known = envpool.list_all_envs()
     if env_id not in known:
@@ -286,7 +304,18 @@ def env_info(env_id: str, env_kwargs: tuple[str, ...] = ()) -> EnvInfo:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EnvError(f"EnvPool cannot make {env_id} with these options: {first[:300]}") from None
     info = dict(env_id=env_id, is_atari="episodic_life" in spec.config._fields, family=family, env_kwargs=kwargs)
+    return EnvInfo(**info, **space_fields(env_id, obs_space, space))
+
+
+def space_fields(env_id: str, obs_space, space) -> dict:
+    """EnvInfo's observation and action fields for one env's Gymnasium spaces (EnvPool's, a Gymnasium env's or a
+    device env's). Raises EnvError (one line) for a space fastppo does not train on."""
+    import gymnasium
+
+    info: dict = {}
     if isinstance(space, gymnasium.spaces.Discrete):
+        if int(space.start) != 0:
+            raise EnvError(f"--env-id {env_id!r} has a {space} action space; fastppo's actions start at 0")
         info.update(num_actions=int(space.n))
     elif isinstance(space, gymnasium.spaces.Box) and len(space.shape) == 1:
         low, high = np.broadcast_to(space.low, space.shape), np.broadcast_to(space.high, space.shape)
@@ -299,6 +328,8 @@ def env_info(env_id: str, env_kwargs: tuple[str, ...] = ()) -> EnvInfo:
         raise EnvError(f"--env-id {env_id!r} has a {space} action space; fastppo trains on Discrete and "
                        f"1-D Box actions")
     if isinstance(obs_space, gymnasium.spaces.Discrete):
+        if int(obs_space.start) != 0:
+            raise EnvError(f"--env-id {env_id!r} observes a {obs_space}; fastppo one-hots state indices from 0")
         info.update(obs_shape=(), obs_dtype=np.dtype(np.int64), obs_classes=int(obs_space.n))
     elif isinstance(obs_space, gymnasium.spaces.Dict):
         dict_spec, size = [], 0
@@ -335,7 +366,7 @@ def env_info(env_id: str, env_kwargs: tuple[str, ...] = ()) -> EnvInfo:
     else:
         raise EnvError(f"--env-id {env_id!r} has a {obs_space} observation space; fastppo trains on Box, "
                        f"Discrete and Dict observations")
-    return EnvInfo(**info)
+    return info
 
 
 def adapt_obs(info: EnvInfo, obs):
@@ -409,16 +440,29 @@ def make_envs(
     episodic_life: bool = True,
     reward_clip: bool = True,
     render_mode: str | None = None,
+    device: object = "cpu",
 ):
     """An EnvPool pool with the gymnasium API, seen through :class:`EnvAdapter`; Atari gets CleanRL's
     settings, and ``info.env_kwargs`` (--env-kwargs) go to EnvPool as they are. Env i gets seed + i
     (seed taken modulo 2^31, EnvPool's range).
+
+    The user's own envs (``info.source``): a Gymnasium vector env behind ``gymenv.GymAdapter``, which
+    looks like the pool above (sync only), or a device env made on `device` behind ``devenv.DeviceEnvs``
+    (torch tensors in and out). Threads, batch size, sticky actions and the Atari settings are EnvPool's.
 
     Atari: episodic_life, reward_clip, 84x84 gray, 4-frame stack, frame skip 4, up to 30 no-op
     starts (all EnvPool's v5 defaults except the first two). ``episodic_life`` and ``reward_clip``
     are for training; evaluation plays full games on raw scores with both off. ``render_mode=
     "rgb_array"`` makes ``envs.render(env_ids=[i])`` return env i's screen, (1, H, W, 3) uint8.
     """
+    if info.source == "gym":
+        from fastppo.gymenv import GymAdapter
+
+        return GymAdapter(info.maker(num_envs, render_mode, max_episode_steps), info, seed % 2**31)
+    if info.source == "device":
+        from fastppo.devenv import DeviceEnvs
+
+        return DeviceEnvs(info.maker(num_envs, device, max_episode_steps), info, seed % 2**31, device)
     envpool = _envpool()
     kwargs: dict = dict(env_type="gymnasium", num_envs=num_envs, seed=seed % 2**31)  # EnvPool's seeds are int32
     if batch_size is not None:

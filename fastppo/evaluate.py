@@ -4,7 +4,8 @@
 Atari with all lives (no episodic life) and raw, unclipped scores. The games are split over a small
 env pool with a fixed quota per env (each env plays its first k games), so short games are not
 over-represented. ``--video`` films env 0's first game from EnvPool's ``render()``, the real screen in
-colour (210x160 for Atari, 400x600 for CartPole), and writes an MP4.
+colour (210x160 for Atari, 400x600 for CartPole), and writes an MP4 (your own env: its renderer's frames,
+Gymnasium's ``render_mode="rgb_array"`` or a device env's ``render(env_id)``).
 
 During training, ``--eval-every`` calls :func:`play` between iterations on a fresh pool of a few envs
 seeded from the run seed and the iteration, with its own torch generator: training envs and the
@@ -24,7 +25,7 @@ from torch import nn
 from fastppo.agent import Agent, load, make_env
 from fastppo.checkpoint import check_belongs, run_folder
 from fastppo.config import INT32_MAX, ConfigError, check_device, host_memory_available, read_config
-from fastppo.envs import EnvInfo, expose_egl
+from fastppo.envs import EnvInfo, expose_egl, make_envs
 
 EVAL_SEED_OFFSET = 1_000_000  # eval pools never share a seed with the training envs (seed .. seed + N - 1)
 
@@ -106,7 +107,7 @@ def eval_metrics(policy: nn.Module, info: EnvInfo, cfg, iteration: int, obs_norm
            "eval/episodic_length": float(games.lengths.mean())}
     if cfg.capture_video:
         out["eval/video"] = os.path.join("videos", f"eval_{iteration:07d}.mp4")
-        write_video(games.frames, os.path.join(cfg.run_dir, out["eval/video"]), fps=VIDEO_FPS.get(info.family, 30))
+        write_video(games.frames, os.path.join(cfg.run_dir, out["eval/video"]), fps=video_fps(info))
     return out
 
 
@@ -129,15 +130,15 @@ def check_eval_memory(info: EnvInfo, episodes: int, num_envs: int | None) -> Non
                           f"{free / 2**30:,.1f} GiB available in host memory")
 
 
-def check_video(info: EnvInfo, flag: str) -> None:
+def check_video(info: EnvInfo, flag: str, device: object = "cpu") -> None:
     """ConfigError (one line) unless a video of this env can be written here: imageio and its ffmpeg,
-    and an env EnvPool can render."""
+    and an env that renders (a device env is tried on `device`)."""
     try:
         import imageio  # noqa: F401
         import imageio_ffmpeg  # noqa: F401
     except ImportError:
         raise ConfigError(f"{flag} needs imageio and imageio-ffmpeg: pip install 'fastppo[video]'") from None
-    problem = render_problem(info)
+    problem = render_problem(info, device)
     if problem is not None:
         raise ConfigError(f"{flag}: {problem}")
 
@@ -151,13 +152,17 @@ VIDEO_FPS = {"atari": 15, "classic_control": 50, "box2d": 50, "mujoco": 30, "min
 EGL_FIX = "install EGL: apt install libegl1 libgl1-mesa-dri (or your GPU driver's EGL)"
 
 
-def render_problem(info: EnvInfo) -> str | None:
-    """Why EnvPool cannot film this env here, or None when it can.
+def render_problem(info: EnvInfo, device: object = "cpu") -> str | None:
+    """Why this env cannot be filmed here, or None when it can.
 
     Toy-text envs have no renderer. MuJoCo's renders through EGL (envs.expose_egl), and where that
     fails EnvPool aborts the process, so one frame is rendered in a child process first (in a
-    temporary folder: MuJoCo writes MUJOCO_LOG.TXT into the current one when it fails).
+    temporary folder: MuJoCo writes MUJOCO_LOG.TXT into the current one when it fails). Your own env
+    (a Gymnasium or device env) renders one frame of one env here: a missing renderer (Gymnasium's
+    classic control needs pygame) or a device env without render() is named in one line.
     """
+    if info.source != "envpool":
+        return own_render_problem(info, device)
     if info.family == "toy_text":
         return f"EnvPool does not render {info.env_id}"
     if info.family == "mujoco":
@@ -180,6 +185,31 @@ def render_problem(info: EnvInfo) -> str | None:
                         if "OpenGL" in line or "EGL" in line or "ERROR" in line), "the renderer failed")
             return f"EnvPool cannot render {info.env_id} on this machine ({why}): {EGL_FIX}"
     return None
+
+
+def own_render_problem(info: EnvInfo, device: object) -> str | None:
+    """render_problem for a Gymnasium or device env: one env made with render_mode="rgb_array", reset, and one
+    frame rendered; the first line of what fails, or None."""
+    from fastppo.gymenv import first_line
+
+    envs = None
+    try:
+        envs = make_envs(info, 1, 0, render_mode="rgb_array", device=device)
+        envs.reset()
+        frame = np.asarray(envs.render(env_ids=[0])[0])
+    except Exception as e:  # whatever the env's renderer raises
+        return f"{info.env_id} cannot render here ({first_line(e)})"
+    finally:
+        if envs is not None:
+            envs.close()
+    if frame.ndim != 3 or frame.shape[-1] != 3 or frame.dtype != np.uint8:
+        return f"{info.env_id} renders {frame.shape} {frame.dtype} frames; a video needs (H, W, 3) uint8"
+    return None
+
+
+def video_fps(info: EnvInfo) -> int:
+    """Frames per second of a video of this env: its renderer's own pace where it says, else its family's."""
+    return info.render_fps or VIDEO_FPS.get(info.family, 30)
 
 
 def write_video(frames: list[np.ndarray], path: str, fps: int) -> None:
@@ -210,7 +240,7 @@ def run_eval(ecfg: EvalConfig, stream=None) -> Games:
                       os.path.join(run_dir, "config.json"))
     known = tracked_run(run_dir) if ecfg.track else None  # a damaged record is an error before any game
     if ecfg.video:
-        check_video(agent.info, "--video")
+        check_video(agent.info, "--video", agent.device)
     check_eval_memory(agent.info, ecfg.episodes, ecfg.num_envs)
     games = play(agent, ecfg.episodes, ecfg.seed, num_envs=ecfg.num_envs, greedy=ecfg.greedy, video=ecfg.video)
     r = games.returns
@@ -226,7 +256,7 @@ def run_eval(ecfg: EvalConfig, stream=None) -> Games:
     if ecfg.video:
         name = os.path.splitext(os.path.basename(agent.checkpoint))[0]
         video_path = os.path.join("videos", f"{name}_{how}.mp4")  # relative to the run folder
-        write_video(games.frames, os.path.join(run_dir, video_path), fps=VIDEO_FPS.get(agent.info.family, 30))
+        write_video(games.frames, os.path.join(run_dir, video_path), fps=video_fps(agent.info))
         print(f"video: {os.path.join(run_dir, video_path)} ({len(games.frames)} frames of game 1, score {r[0]:.2f})",
               file=stream)
     if known is not None and wandb_installed():

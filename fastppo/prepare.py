@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,7 @@ from fastppo.config import (
 from fastppo.distributed import World
 from fastppo.envs import EnvInfo, env_info
 from fastppo.evaluate import check_video
+from fastppo.gymenv import check_same_env
 from fastppo.normalize import Normalizers, ObsNormalizer, RewardScaler, ValueNormalizer
 from fastppo.policy import make_policy
 from fastppo.presets import apply_preset
@@ -72,10 +74,12 @@ def select_ops(cfg: Config, device: torch.device) -> kernels.Ops:
 
 
 def check_memory(cfg: Config, info: EnvInfo, device: torch.device) -> None:
-    """ConfigError when the rollout storage (and EnvPool's buffers) cannot fit, naming the bytes."""
+    """ConfigError when the rollout storage (and EnvPool's buffers) cannot fit, naming the bytes (a device env's
+    own memory is not known: not counted)."""
     rollout = storage_bytes(info, cfg.num_steps, cfg.num_envs, buffers=2 if cfg.overlap else 1,
                             async_batch=cfg.recv_batch_size if cfg.async_envs else None)
-    envs = 3 * cfg.num_envs * info.obs_bytes  # EnvPool's state queue holds a few observations per env
+    # EnvPool's state queue holds a few observations per env (a Gymnasium env's arrays are of that order)
+    envs = 0 if info.source == "device" else 3 * cfg.num_envs * info.obs_bytes
     if device.type == "cuda":
         checks = [(rollout, torch.cuda.mem_get_info(device)[0], f"free on {device}"),
                   (envs, host_memory_available(), "available in host memory")]
@@ -87,16 +91,19 @@ def check_memory(cfg: Config, info: EnvInfo, device: torch.device) -> None:
                               f"{need / 2**30:,.1f} GiB, more than the {free / 2**30:,.1f} GiB {where}")
 
 
-def prepare(cfg: Config, world: World | None = None) -> Prepared:
+def prepare(cfg: Config, world: World | None = None, env: Callable | None = None) -> Prepared:
     """Validate everything the caller gave, before any env, file, device memory or process group exists.
 
     Every check here gives the same answer on every rank; the run folder is claimed later, on rank 0.
+    env: the factory given to ``fastppo.train(cfg, env=...)``. The user's own envs (a ``gym:`` or ``torch:``
+    id, or env) are made once here, checked and closed (``gymenv.own_env_info``): a factory that raises, an
+    env that breaks the protocol, is one line before the run folder exists.
     Raises EnvError / ConfigError (one line each).
     """
     world = world or World()
     check_types(cfg)
-    cfg = with_env_id(cfg)
-    info = env_info(cfg.env_id, cfg.env_kwargs)
+    cfg = with_env_id(cfg, env)
+    info = env_info(cfg.env_id, cfg.env_kwargs, env=env, device=cfg.device)
     cfg = apply_preset(cfg, env_kind(info))
     check_options_read(cfg)  # with the preset's values: a preset may set what decides which options are read
     cfg = resolve(cfg, info, world.size)
@@ -111,11 +118,11 @@ def place(cfg: Config, info: EnvInfo, world: World) -> torch.device:
     device = distributed.rank_device(training_device(cfg), world)
     check_memory(cfg, info, device)
     if cfg.capture_video:
-        check_video(info, "--capture-video")
+        check_video(info, "--capture-video", device)
     return device
 
 
-def prepare_resume(cfg: Config, world: World | None = None) -> Prepared:
+def prepare_resume(cfg: Config, world: World | None = None, env: Callable | None = None) -> Prepared:
     """--resume: lock the run folder (rank 0), load and check its newest checkpoint against the folder,
     and merge the config, changing no file.
 
@@ -123,7 +130,8 @@ def prepare_resume(cfg: Config, world: World | None = None) -> Prepared:
     field that defines the run (env, algorithm, seed, sizes: config.config_difference), and its model,
     optimizer state and action log fit that config. The fields a resume may change are taken from
     config.json (a user may edit them there), then from the caller's flags. Under torchrun every rank
-    reads the same checkpoint (the run folder must be visible to all). Raises CheckpointError /
+    reads the same checkpoint (the run folder must be visible to all). env: the factory of a run trained
+    with ``fastppo.train(cfg, env=...)``, which must be the one its config.json names. Raises CheckpointError /
     ConfigError / EnvError (one line each).
     """
     world = world or World()
@@ -142,7 +150,9 @@ def prepare_resume(cfg: Config, world: World | None = None) -> Prepared:
         cfg = resume_config(state["config"], folder_config, cfg, config_path)
         if cfg.track:
             tracking.tracked_run(cfg.run_dir)  # a damaged W&B record is an error now, not after the envs exist
-        info = env_info(cfg.env_id, cfg.env_kwargs)
+        if env is not None:
+            check_same_env(env, cfg.env_id)
+        info = env_info(cfg.env_id, cfg.env_kwargs, env=env, device=cfg.device)
         cfg = resolve(cfg, info, world.size)
         iteration = state["iteration"]
         if cfg.num_iterations <= iteration:

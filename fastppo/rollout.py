@@ -18,14 +18,17 @@ into one pinned buffer, :class:`Stager`), one copy of the arrival rows into the 
 pass and one copy of the acting rows (:func:`fastppo.policy.pack_acting`); the only host sync is the
 copy of the chosen actions to the host, which EnvPool needs.
 
-Two collectors fill a rollout:
+Three collectors fill a rollout:
 
-* :class:`Collector` steps a synchronous pool: every env, every step (CleanRL, the default).
+* :class:`Collector` steps a synchronous pool: every env, every step (CleanRL, the default); EnvPool's,
+  or a Gymnasium vector env (``fastppo.gymenv.GymAdapter``).
+* :class:`DeviceCollector` steps envs that live on the training device (``fastppo.devenv``): the same
+  rows, written with torch ops only, no host sync per step.
 * :class:`AsyncCollector` uses EnvPool's ``send``/``recv``: each ``recv`` returns the
   ``batch_size`` envs that finished first, in any order; each column of a rollout is a segment of T
   consecutive steps of one env, and the rollout is the first N segments completed (see the class).
 
-The trainer sees neither: it asks a :class:`Collection` for the next rollout (``next()``), hands it
+The trainer sees none of them: it asks a :class:`Collection` for the next rollout (``next()``), hands it
 the learner's weights after each update (``refresh(policy)``), takes its part of a checkpoint
 (``state()``) and closes it (``close()``). :class:`InlineCollection` collects each rollout when asked,
 acting with the learner itself; :class:`OverlapCollection` (``--overlap``) collects rollout k+1 in a
@@ -486,6 +489,152 @@ class Collector:
         self.carry.copy_(arrival[T])
 
 
+class DeviceGames:
+    """Full-game scores of envs on the device, by :class:`fastppo.envs.EpisodeStats`' rules (a game's summed
+    rewards, reported when it terminates or is truncated, its length counted as EnvPool's elapsed steps), kept
+    on the device: each rollout records which envs ended a game at each step and their running scores, and
+    :meth:`pop` moves the finished games to the host once per rollout instead of once per step."""
+
+    def __init__(self, num_envs: int, device: torch.device):
+        self.returns = torch.zeros(num_envs, dtype=torch.float64, device=device)
+        self.lengths = torch.zeros(num_envs, dtype=torch.int64, device=device)
+        self.done = torch.zeros(num_envs, dtype=torch.bool, device=device)  # the last step ended a game
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # per rollout: ended (T, N), scores (2, T, N)
+
+    def record(self, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Buffers for a rollout's games, filled by :meth:`update` (row t of step t) and read by :meth:`pop`."""
+        n, device = self.returns.shape[0], self.returns.device
+        out = (torch.zeros((num_steps, n), dtype=torch.bool, device=device),
+               torch.zeros((2, num_steps, n), dtype=torch.float64, device=device))  # [return; length]
+        self.pending.append(out)
+        return out
+
+    def update(self, reward: torch.Tensor, terminated: torch.Tensor, truncated: torch.Tensor,
+               out: tuple[torch.Tensor, torch.Tensor] | None = None, t: int = 0) -> None:
+        """Account one step of every env (into row t of `out` when given)."""
+        self.lengths = torch.where(self.done, 0, self.lengths + 1)  # 0 on the reset step, as elapsed_step
+        self.returns += reward
+        self.done = terminated | truncated
+        if out is not None:
+            ended, scores = out
+            ended[t] = self.done
+            scores[0, t] = self.returns
+            scores[1, t] = self.lengths
+        self.returns.masked_fill_(self.done, 0.0)
+
+    def pop(self) -> tuple[list[float], list[int]]:
+        """The (returns, lengths) of the games that ended since the last pop, in the order they ended.
+
+        Host-device sync, deliberate: once per rollout, when the trainer takes its games.
+        """
+        pending, self.pending = self.pending, []
+        returns: list[float] = []
+        lengths: list[int] = []
+        for ended, scores in pending:
+            r, n = scores[:, ended].cpu().tolist()  # row-major: by step, then by env, as EpisodeStats reports
+            returns.extend(r)
+            lengths.extend(int(x) for x in n)
+        return returns, lengths
+
+
+class DeviceCollector(Collector):
+    """Steps envs that live on the training device (``fastppo.devenv.DeviceEnvs``) into a Rollout, with torch
+    ops only.
+
+    The rollout rows, the carry row, the action log, replay and the checkpoint state are :class:`Collector`'s;
+    what differs is that a step never reaches the host: the actions go to the envs as the actor left them, and
+    the envs' tensors are copied into row t + 1's arrival fields (views of the storage, ``RowLayout.views``).
+    There is no host sync per step; the host transfers are once per rollout: the action log (for a resume,
+    when ``record``) and the finished games' scores (:class:`DeviceGames`, when the trainer pops them).
+    With ``--overlap`` it collects on the trainer's CUDA stream (see :class:`BackgroundCollection`).
+    """
+
+    on_device = True  # the envs' tensors are on the training device (BackgroundCollection's stream choice)
+
+    def __init__(self, envs, info: EnvInfo, device: torch.device, generator: torch.Generator | None = None,
+                 timer: PhaseTimer | None = None, norms: Normalizers | None = None, record: bool = True):
+        self.envs = envs
+        self.info = info
+        self.record = record
+        self.device = device
+        self.generator = generator
+        self.timer = timer or PhaseTimer(device)
+        self.norms = norms or Normalizers(None, None)
+        self.layout = RowLayout.of(info)
+        obs = envs.reset()
+        self.num_envs = N = obs.shape[0]
+        self.stats = DeviceGames(N, device)
+        # Row 0 of the next rollout (its arrival part), as in Collector; its fields as (N, ...) views.
+        self.carry_rows = torch.zeros((1, N, self.layout.arrival_bytes), dtype=torch.uint8, device=device)
+        self.carry_fields = {k: v[0] for k, v in self.layout.views(self.carry_rows).items()}
+        self._carry(obs, torch.zeros(N, dtype=torch.bool, device=device), update=None)
+        self.action_dtype = action_log_dtype(info)
+        self.action_log: list[np.ndarray] = []
+
+    def _carry(self, obs: torch.Tensor, done: torch.Tensor, update: bool | None) -> None:
+        """Row 0 of the next rollout: obs, valid unless done; normalised (None: later, by collect)."""
+        self.valid = ~done
+        f = self.carry_fields
+        f["obs"].copy_(obs)
+        f["reward"].zero_()
+        f["terminated"].copy_(done)
+        f["truncated"].zero_()
+        f["valid"].copy_(self.valid)
+        f["prev_valid"].zero_()
+        if update is not None:
+            normalize_arrival(Normalizers(self.norms.obs, None), f, update=update)
+        self.carry_raw = update is None
+
+    def replay(self, actions: np.ndarray) -> None:
+        """Step the freshly reset envs with actions (S, N[, D]), as collect() did (see Collector.replay)."""
+        log = torch.from_numpy(np.ascontiguousarray(actions)).to(self.device)
+        obs = done = None
+        for row in log:
+            obs, reward, terminated, truncated = self.envs.step(row.float() if self.info.continuous else row.long())
+            self.stats.update(reward, terminated, truncated)
+            done = terminated | truncated
+        if obs is not None:
+            self._carry(obs, done, update=False)
+        self.action_log = [np.ascontiguousarray(actions, dtype=self.action_dtype)]
+
+    def collect(self, policy: nn.Module | Actor, buf: Rollout) -> None:
+        """Fill buf with num_steps steps of every env, acting with policy (a module or an Actor)."""
+        actor = _as_actor(policy, self.generator)
+        timer, T, a = self.timer, buf.num_steps, self.layout.arrival_bytes
+        acting = self.layout.words(buf.store)[2].view(T + 1, self.num_envs, -1)
+        fields = self.layout.views(buf.store)  # (T + 1, N, ...)
+        buf.store[0, :, :a].copy_(self.carry_rows[0])
+        if self.carry_raw:
+            if self.norms.obs is not None:
+                fields["obs"][0].copy_(self.norms.obs(fields["obs"][0]))
+            self.carry_raw = False
+        sent = torch.empty((T, self.num_envs, *self.info.action_shape), dtype=torch_dtype(self.action_dtype),
+                           device=self.device)
+        games = self.stats.record(T)
+        valid = self.valid
+        for t in range(T):
+            with timer.phase("inference"):
+                row, action = actor.row(fields["obs"][t])
+                acting[t].copy_(row)
+            sent[t] = action
+            with timer.phase("env_wait"):  # device work here: the envs step on the device
+                obs, reward, terminated, truncated = self.envs.step(action)
+            with timer.phase("h2d"):  # for device envs: the step's tensors copied into row t + 1, on the device
+                self.stats.update(reward, terminated, truncated, games, t)
+                prev_valid, valid = valid, ~(terminated | truncated)
+                for name, value in (("obs", obs), ("reward", reward), ("terminated", terminated),
+                                    ("truncated", truncated), ("valid", valid), ("prev_valid", prev_valid)):
+                    fields[name][t + 1].copy_(value)
+                normalize_arrival(self.norms, {k: fields[k][t + 1] for k in ARRIVAL_FIELDS})
+        self.valid = valid
+        with timer.phase("inference"):
+            buf.values[T] = actor.value(buf.next_obs)
+        self.carry_rows[0].copy_(buf.store[T, :, :a])
+        if self.record:
+            # Host-device sync, deliberate: once per rollout, the actions a resume replays.
+            self.action_log.append(sent.cpu().numpy())
+
+
 class AsyncCollector:
     """Steps an async EnvPool pool (``send``/``recv``, ``batch_size < num_envs``) into Rollouts.
 
@@ -626,6 +775,11 @@ class BackgroundCollection:
     the update's; ``start`` orders that stream after the work already queued on the caller's stream
     (the weight copy, the last reads of buf) and ``wait`` orders the caller's stream after the
     collection.
+
+    A collector whose envs live on the device (``on_device``) stays on the caller's stream instead: such
+    an env replaces its state tensors every step, and a tensor made on one stream and freed after use on
+    another could be handed by the caching allocator to the update while the env's kernel still reads it.
+    On one stream the kernels of both threads queue in order (the host work of the two still overlaps).
     """
 
     def __init__(self, collector: Collector | AsyncCollector, device: torch.device):
@@ -635,7 +789,8 @@ class BackgroundCollection:
         self.device = device
         # High priority: acting kernels go ahead of the update's queued ones, since EnvPool waits
         # for each step's actions (lower numbers are higher priorities; -1 is the highest).
-        self.stream = torch.cuda.Stream(device, priority=-1) if device.type == "cuda" else None
+        own_stream = device.type == "cuda" and not getattr(collector, "on_device", False)
+        self.stream = torch.cuda.Stream(device, priority=-1) if own_stream else None
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
 
@@ -645,9 +800,10 @@ class BackgroundCollection:
 
         def run() -> None:
             try:
-                if self.stream is not None:
+                if self.device.type == "cuda":
                     # A new thread's current device is cuda:0; without this, leaving the stream
-                    # context below would make a context on GPU 0 for every torchrun rank.
+                    # context below would make a context on GPU 0 for every torchrun rank (and a
+                    # device env's work would go to GPU 0's stream).
                     torch.cuda.set_device(self.device)
                 with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
                     self.collector.collect(actor, buf)
@@ -755,13 +911,16 @@ Collection = InlineCollection | OverlapCollection
 
 def make_collection(cfg, envs, info: EnvInfo, device: torch.device, policy: nn.Module, forward: nn.Module,
                     timer: PhaseTimer, rollouts: int, seed: int, norms: Normalizers | None = None) -> Collection:
-    """The collection cfg asks for: sync or async envs (--async-envs), inline or overlapped (--overlap).
+    """The collection cfg asks for: sync or async envs (--async-envs), or envs on the device (info.source
+    "device"); inline or overlapped (--overlap).
 
     policy is the learner and forward its bf16/compiled wrapper; with --overlap the actor evaluates a
     frozen copy instead and draws its noise from its own generator seeded with `seed`. rollouts: how
     many ``next()`` calls the run will make. norms: the run's observation and reward normalisers.
     """
-    if cfg.async_envs:
+    if info.source == "device":
+        collector = DeviceCollector(envs, info, device, timer=timer, norms=norms, record=not cfg.overlap)
+    elif cfg.async_envs:
         collector = AsyncCollector(envs, info, device, cfg.num_envs, cfg.recv_batch_size, timer=timer, norms=norms)
     else:
         collector = Collector(envs, info, device, timer=timer, norms=norms, record=not cfg.overlap)

@@ -35,6 +35,7 @@ import os
 import random
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -461,15 +462,16 @@ def save(cfg: Config, info: EnvInfo, state: dict | None, progress: Progress, met
 
 
 def versions() -> dict[str, str]:
-    """fastppo, torch, envpool and Python versions, for the model card."""
+    """fastppo, torch, envpool, gymnasium and Python versions, for the model card."""
     import platform
 
     import envpool
+    import gymnasium
 
     from fastppo import __version__
 
     return {"fastppo": __version__, "torch": torch.__version__, "envpool": envpool.__version__,
-            "python": platform.python_version()}
+            "gymnasium": gymnasium.__version__, "python": platform.python_version()}
 
 
 def restore(state: dict, policy: nn.Module, optimizer: torch.optim.Optimizer, kl_ctl: AdaptiveKLCoef,
@@ -506,9 +508,15 @@ def restore(state: dict, policy: nn.Module, optimizer: torch.optim.Optimizer, kl
 # --- the run ---------------------------------------------------------------------------------------
 
 
-def train(cfg: Config) -> dict:
+def train(cfg: Config, env: Callable | None = None) -> dict:
     """Train from cfg; returns the last metrics line, with "stopped_by": "total_timesteps",
     "target_return" or "max_seconds". Writes cfg.run_dir (see README).
+
+    env: the env to train on instead of cfg.env_id, a factory (``fastppo.gymenv``): of a Gymnasium env (a
+    ``gymnasium.Env`` class or function), of a Gymnasium vector env (it takes ``num_envs``), or of a device env
+    (it takes ``num_envs`` and ``device``: ``fastppo.devenv.DeviceEnv``). cfg.env_id is then left unset; the
+    run names the env by the factory's import path where it has one (so ``fastppo eval`` and a resume make it
+    again), else ``python:<name>``, and a resume then takes the same env= again.
 
     The fields the caller set (``config.given_fields``: constructor arguments, later assignments, or the
     command line's flags) override cfg.preset's values. With cfg.resume, continues that run: only the
@@ -520,9 +528,9 @@ def train(cfg: Config) -> dict:
     world = World.from_env()
     check_types(cfg)  # a Config from Python is not parsed: Config(algo="sac") stops here
     if cfg.resume is not None:  # the saved config holds its preset's values (--preset is refused with --resume)
-        prepared = prepare_resume(cfg, world)
+        prepared = prepare_resume(cfg, world, env)
     else:
-        prepared = prepare(cfg, world)
+        prepared = prepare(cfg, world, env)
         prepared.command = command_line(cfg)  # the flags the caller set, before the preset fills the rest
     threads = torch.get_num_threads()  # --torch-threads changes a process-wide setting: put it back after
     try:
@@ -571,6 +579,7 @@ def build(prepared: Prepared, world: World) -> Session:
         max_episode_steps=cfg.max_episode_steps,
         repeat_action_probability=cfg.repeat_action_probability,
         batch_size=cfg.recv_batch_size if cfg.async_envs else None,
+        device=device,
     )
     try:
         policy = make_policy(info).to(device)

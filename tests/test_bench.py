@@ -53,6 +53,23 @@ def test_bench_smoke(tmp_path, capsys):
     assert result["machine"]["commit"] != "unknown" and "fastppo" in result["machine"]["versions"]
 
 
+@pytest.mark.parametrize("env_id,source,label", [("gym:CartPole-v1", "gym", "Gymnasium"),
+                                                  ("torch:CartPole-v1", "device", "device env")])
+def test_bench_of_your_own_env(tmp_path, capsys, env_id, source, label):
+    """A Gymnasium vector env and a device env are measured like EnvPool's: the env alone (sync: no send/recv, so
+    the bench's default --async-envs is dropped), envs + inference, training."""
+    assert main(["bench", *TINY, "--env-id", env_id, "--num-envs", "4", "--seconds", "0.2", "--warmup", "0.05",
+                 "--out-dir", str(tmp_path), "--name", source]) == 0
+    assert f"{label} sync" in capsys.readouterr().out
+    result = json.loads((tmp_path / f"{source}.json").read_text())
+    assert result["env_source"] == source and result["settings"]["async_envs"] is False
+    assert result["settings"]["overlap"] is True and "gymnasium" in result["machine"]["versions"]
+    (point,) = result["points"]
+    assert point["envpool_async"] is None and point["ceiling"] == point["envpool_sync"] > 0
+    assert point["batch_size"] == 4 and point["inference"] > 0 and point["training"] > 0
+    assert (tmp_path / f"{source}.png").stat().st_size > 0
+
+
 def test_training_is_measured_over_whole_iterations_three_at_least():
     cfg = Config(num_envs=8, num_steps=32)  # 256 steps per iteration
     bench = BenchConfig(seconds=5.0, warmup=2.0)
@@ -130,6 +147,7 @@ def test_resolve_bench_resolves_every_point_as_train_does(tmp_path):
     (["--cudagraphs", "True"], "--cudagraphs needs CUDA; the training device is cpu"),
     (["--learning-rate", "-1"], "--learning-rate must be positive, got -1.0"),
     (["--env-id", "CartPole-v9"], "unknown --env-id 'CartPole-v9'"),
+    (["--env-id", "torch:CartPole-v1", "--async-envs"], "--async-envs is EnvPool's send/recv"),
     (["--name", "a/b"], "--name must be a file name (no folder), got 'a/b'"),
     (["--out-dir", "{file}"], "exists and is not a folder"),
 ])

@@ -83,3 +83,16 @@ def test_overlap_thread_sets_the_indexed_training_device(fake_cuda):
 def test_an_index_less_cuda_device_is_refused_before_any_thread(fake_cuda):
     with pytest.raises(ValueError, match="with its index"):
         BackgroundCollection(NoCollector(), torch.device("cuda"))
+
+
+def test_a_device_env_collection_stays_on_the_callers_stream(fake_cuda):
+    """Envs on the device replace their state tensors every step: their --overlap thread keeps the trainer's stream
+    (no stream of its own, where the allocator could hand a freed tensor to the update too early), on the right
+    device."""
+    collector = NoCollector()
+    collector.on_device = True
+    background = BackgroundCollection(collector, torch.device("cuda", 0))
+    assert background.stream is None
+    background.start(actor=None, buf=None)
+    background.wait()
+    assert collector.collected == 1 and fake_cuda == [0]

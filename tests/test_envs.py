@@ -7,8 +7,9 @@ import re
 import numpy as np
 import pytest
 import torch
+from gymnasium.spaces import Box, Discrete, MultiDiscrete
 
-from fastppo.envs import EnvAdapter, EnvError, EpisodeStats, env_info, make_envs
+from fastppo.envs import EnvAdapter, EnvError, EpisodeStats, env_info, make_envs, space_fields
 from fastppo.kernels import reference
 from fastppo.policy import make_policy
 from fastppo.rollout import Collector, Rollout
@@ -185,6 +186,20 @@ def test_env_info_of_every_space_fastppo_trains_on(env_id, expected):
 def test_unsupported_spaces_are_one_line(env_id, message):
     with pytest.raises(EnvError, match=re.escape(message)):
         env_info(env_id)
+
+
+@pytest.mark.parametrize("obs_space,action_space,message", [
+    (Box(-1, 1, (3,)), Discrete(4, start=1), "Discrete(4, start=1) action space; fastppo's actions start at 0"),
+    (Discrete(5, start=-2), Discrete(2), "observes a Discrete(5, start=-2); fastppo one-hots state indices from 0"),
+    (Box(-1, 1, (3,)), MultiDiscrete([2, 3]), "MultiDiscrete([2 3]) action space; fastppo trains on Discrete and"),
+    (Box(-1, 1, (3,)), Box(-np.inf, np.inf, (2,)), "unbounded Box action space"),
+    (Box(0, 255, (96, 96, 3), np.uint8), Discrete(2), "observes (H, W, C) = (96, 96, 3) frames"),
+], ids=["actions-from-1", "states-from-minus-2", "multi-discrete", "unbounded-box", "channels-last"])
+def test_space_fields_refuse_what_no_policy_has_in_one_line(obs_space, action_space, message):
+    """The spaces of any env (EnvPool's, or Gymnasium's for envs of your own), checked by one function."""
+    with pytest.raises(EnvError, match=re.escape(message)):
+        space_fields("X-v0", obs_space, action_space)
+    assert space_fields("X-v0", Discrete(5), Box(-2, 2, (1,)))["obs_classes"] == 5
 
 
 def test_adapter_flattens_dict_observations_and_clips_continuous_actions():
