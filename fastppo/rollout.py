@@ -285,7 +285,12 @@ def pack_arrival(host: dict[str, np.ndarray], obs: np.ndarray, reward: np.ndarra
     """Write one step of b envs into the first b of the host arrival rows `host` (RowLayout.host_views): the
     observations convert to the storage's dtype on the way."""
     b = len(reward)
-    np.copyto(host["obs"][:b], obs, casting="same_kind")
+    dst = host["obs"][:b]
+    if obs.dtype == dst.dtype and obs.flags.writeable:
+        # torch's copy: 1.6 ms against numpy's 2.4 ms for 1,024 Pong frames into their rows (one thread)
+        torch.from_numpy(dst).copy_(torch.from_numpy(obs))
+    else:
+        np.copyto(dst, obs, casting="same_kind")
     host["reward"][:b] = reward
     flags = host["flags"]
     flags[:b, 0], flags[:b, 1], flags[:b, 2], flags[:b, 3] = terminated, truncated, valid, prev_valid
