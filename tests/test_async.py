@@ -337,3 +337,70 @@ def test_gather_rows_is_indexing(shape, dtype):
     idx = torch.tensor([3, 10, 0, 3, 7])
     torch.testing.assert_close(gather_rows(t, idx), t[idx], rtol=0, atol=0)
     torch.testing.assert_close(gather_rows(t[:, None].expand(11, 2, *shape), idx), t[idx, None].expand(5, 2, *shape))
+
+
+class RecordingPool:
+    """A real EnvPool pool, recording what each env returned and was sent (observations as hashes)."""
+
+    def __init__(self, envs, num_envs: int):
+        self.envs = envs
+        keys = ("obs", "action", "reward", "terminated", "truncated")
+        self.log = {key: [[] for _ in range(num_envs)] for key in keys}
+
+    def async_reset(self):
+        return self.envs.async_reset()
+
+    def recv(self):
+        obs, reward, terminated, truncated, info = self.envs.recv()
+        for i, n in enumerate(info["env_id"]):
+            if self.log["obs"][n]:  # the result of the env's last transition
+                for key, value in (("reward", float(reward[i])), ("terminated", bool(terminated[i])),
+                                   ("truncated", bool(truncated[i]))):
+                    self.log[key][n].append(value)
+            self.log["obs"][n].append(obs[i].tobytes())
+        return obs, reward, terminated, truncated, info
+
+    def send(self, action, env_id):
+        for a, n in zip(np.asarray(action), env_id, strict=True):
+            self.log["action"][n].append(int(a))
+        return self.envs.send(action, env_id)
+
+    def __getattr__(self, name):
+        return getattr(self.envs, name)
+
+
+def column_is(buf: Rollout, j: int, frames: list[bytes], log: dict, n: int, k0: int) -> bool:
+    """Column j of buf (its frames as bytes) is env n's transitions k0 .. k0 + T - 1 by the env's record."""
+    T = buf.rewards.shape[0]
+    ended = [i > 0 and (log["terminated"][n][i - 1] or log["truncated"][n][i - 1]) for i in range(k0, k0 + T)]
+    return (log["obs"][n][k0 : k0 + T + 1] == frames
+            and buf.actions[:, j].tolist() == log["action"][n][k0 : k0 + T]
+            and buf.rewards[:, j].tolist() == log["reward"][n][k0 : k0 + T]
+            and buf.terminated[:, j].tolist() == log["terminated"][n][k0 : k0 + T]
+            and buf.truncated[:, j].tolist() == log["truncated"][n][k0 : k0 + T]
+            and buf.valid[:, j].tolist() == [not e for e in ended])
+
+
+def test_async_collection_of_real_pong_matches_each_envs_own_record():
+    """EnvPool's own async Pong (truncated every 100 steps, so games end inside segments): each column of
+    each rollout is T consecutive transitions of one env (frames, actions, rewards, ends, the reset step
+    masked, the bootstrap frame) as that env's record says; static frames may match several places of an
+    env's record, and one of them must match everything."""
+    info = env_info("Pong-v5")
+    N, B, T = 6, 3, 16
+    pool = RecordingPool(make_envs(info, N, 3, batch_size=B, max_episode_steps=100), N)
+    torch.manual_seed(0)
+    policy = make_policy(info)
+    collector = AsyncCollector(pool, info, torch.device("cpu"), N, B)
+    (buf,) = collector.allocate(T)
+    log, ends, rewards = pool.log, 0, 0
+    for _ in range(14):
+        collector.collect(policy, buf)
+        for j in range(N):
+            frames = [buf.obs[r, j].numpy().tobytes() for r in range(T)] + [buf.next_obs[j].numpy().tobytes()]
+            found = [(n, k0) for n in range(N) for k0 in range(len(log["obs"][n]) - T)
+                     if log["obs"][n][k0] == frames[0] and column_is(buf, j, frames, log, n, k0)]
+            assert found, f"column {j}: no env's record holds these {T} transitions"
+            ends += int(buf.truncated[:, j].sum() + buf.terminated[:, j].sum())
+            rewards += int((buf.rewards[:, j] != 0).sum())
+    assert ends >= N and rewards > 0  # games ended inside segments, and points were scored
