@@ -12,7 +12,9 @@ CleanRL's to float rounding (tests/test_cleanrl_parity.py; the README lists the 
 differences in the data).
 
 ``fast`` aims at wall-clock time to score with many EnvPool envs: asynchronous envs, updates
-overlapped with collection, fewer epochs. Its values are provisional, not yet tuned on a GPU. For
+overlapped with collection, fewer epochs. Its values are provisional, not yet tuned on a GPU, and on
+Pong it does not yet learn as well as ``cleanrl`` per env step: neither these values nor 64 async envs
+x 16 steps with CleanRL's own update (docs/presets.md has what was measured). For
 Atari they come from rl_games' EnvPool Pong settings (24 envs x 256 steps, 3 epochs, clip 0.2, lr
 3e-4) and EnvPool's speed alone on a 16-core machine (64 Pong envs with recv batches of 32 already
 reached its ceiling); for continuous control, 64 envs x 64 steps in 4 minibatches of 1024 and 5
