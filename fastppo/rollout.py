@@ -383,14 +383,7 @@ class Collector:
 
     def __init__(self, envs, info: EnvInfo, device: torch.device, generator: torch.Generator | None = None,
                  timer: PhaseTimer | None = None, norms: Normalizers | None = None, record: bool = True):
-        self.envs = envs
-        self.info = info
-        self.record = record
-        self.device = device
-        self.generator = generator
-        self.timer = timer or PhaseTimer(device)
-        self.norms = norms or Normalizers(None, None)
-        self.layout = RowLayout.of(info)
+        self._setup(envs, info, device, generator, timer, norms, record)
         obs, _ = envs.reset()
         self.num_envs = N = len(obs)
         self.stage = Stager(self.layout, N, device)
@@ -402,6 +395,18 @@ class Collector:
         self._carry(obs, np.zeros(N, dtype=bool), update=None)
         self.action_dtype = action_log_dtype(info)
         self.action_log: list[np.ndarray] = []
+
+    def _setup(self, envs, info: EnvInfo, device: torch.device, generator: torch.Generator | None,
+               timer: PhaseTimer | None, norms: Normalizers | None, record: bool) -> None:
+        """What every collector of this family holds (DeviceCollector's too)."""
+        self.envs = envs
+        self.info = info
+        self.record = record
+        self.device = device
+        self.generator = generator
+        self.timer = timer or PhaseTimer(device)
+        self.norms = norms or Normalizers(None, None)
+        self.layout = RowLayout.of(info)
 
     def _carry(self, obs: np.ndarray, done: np.ndarray, update: bool | None) -> None:
         """Row 0 of the next rollout: obs, valid unless done; normalised (None: later, by collect)."""
@@ -558,14 +563,7 @@ class DeviceCollector(Collector):
 
     def __init__(self, envs, info: EnvInfo, device: torch.device, generator: torch.Generator | None = None,
                  timer: PhaseTimer | None = None, norms: Normalizers | None = None, record: bool = True):
-        self.envs = envs
-        self.info = info
-        self.record = record
-        self.device = device
-        self.generator = generator
-        self.timer = timer or PhaseTimer(device)
-        self.norms = norms or Normalizers(None, None)
-        self.layout = RowLayout.of(info)
+        self._setup(envs, info, device, generator, timer, norms, record)
         obs = envs.reset()
         self.num_envs = N = obs.shape[0]
         self.stats = DeviceGames(N, device)
