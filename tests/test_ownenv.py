@@ -319,3 +319,16 @@ def test_bad_input_on_the_command_line_is_exit_2(tmp_path, capsys):
         assert main(["train", *args, "--device", "cpu", "--run-dir", str(tmp_path / "run")]) == 2
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert os.listdir(tmp_path) == []
+
+
+def test_a_gymnasium_async_vector_env_trains_as_the_sync_one(tmp_path):
+    """--env-kwargs vectorization_mode=async steps the envs in Gymnasium's AsyncVectorEnv (processes): same seed,
+    same games and losses as the SyncVectorEnv run."""
+    runs = {}
+    for mode in ("sync", "async"):
+        run = tmp_path / mode
+        assert main(["train", "--env-id", "gym:CartPole-v1", "--env-kwargs", f"vectorization_mode={mode}",
+                     "--num-envs", "4", "--num-steps", "64", "--total-timesteps", "768", "--device", "cpu",
+                     "--run-dir", str(run)]) == 0
+        runs[mode] = without_timings(read_metrics(run))
+    assert len(runs["async"]) == 3 and runs["async"] == runs["sync"]
