@@ -46,8 +46,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fastppo.bench import machine  # noqa: E402
-from fastppo.cli import USER_ERRORS  # noqa: E402
-from fastppo.config import Config, flags_given, mark_given, read_config  # noqa: E402
+from fastppo.cli import USER_ERRORS, given_flags  # noqa: E402
+from fastppo.config import Config, mark_given, read_config  # noqa: E402
 from fastppo.logger import read_metrics  # noqa: E402
 from fastppo.plot import drawn  # noqa: E402
 from fastppo.trainer import train  # noqa: E402
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     for run_dir, train_argv in launches:
         cfg = tyro.cli(Config, args=train_argv, prog="bench/learning.py -- (fastppo train flags)")
         try:
-            last = train(mark_given(cfg, flags_given(train_argv)))
+            last = train(mark_given(cfg, given_flags(cfg, train_argv)))
         except USER_ERRORS as e:
             print(f"learning.py: error: {e}", file=sys.stderr)
             return 2

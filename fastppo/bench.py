@@ -53,7 +53,6 @@ from fastppo.config import (
     env_kind,
     given_fields,
     mark_given,
-    record_given,
     replace,
     training_device,
 )
@@ -109,9 +108,6 @@ class BenchTraining(Config):
     dist_timeout: tyro.conf.Suppress[float] = 600.0
     capture_video: tyro.conf.Suppress[bool] = False
     tensorboard: tyro.conf.Suppress[bool] = False
-
-
-record_given(BenchTraining)  # BenchTraining(preset="fast", update_epochs=4) keeps its 4 epochs, as Config does
 
 
 @dataclass

@@ -16,6 +16,7 @@ This module imports torch and the rest only inside :func:`main`, so that such a 
 from __future__ import annotations
 
 import difflib
+import math
 import sys
 import types
 import typing
@@ -156,11 +157,88 @@ def check_flags(cls: type, argv: list[str], command: str) -> None:
             raise ConfigError(f"--{flag} {value!r} is not {_takes(hint)}")
 
 
+def given_flags(parsed, argv: list[str]) -> set[str]:
+    """The fields (leaf names, nested dataclasses included) that argv set in `parsed`, tyro's parse of argv.
+
+    tyro returns values only, so a flag given with its default value looks like no flag at all
+    (brentyi/tyro#254); a preset and --resume need the difference. So argv is parsed a second time
+    against a default instance in which every field holds another value of its type (_elsewhere): a
+    field comes out the same both times exactly when argv set it.
+    """
+    import tyro
+
+    other = tyro.cli(type(parsed), args=argv, default=_elsewhere(type(parsed)()), console_outputs=False)
+    theirs = _leaves(other)
+    return {name for name, value in _leaves(parsed).items() if _same(value, theirs[name])}
+
+
+def _leaves(obj, out: dict | None = None) -> dict:
+    """A dataclass's fields by name, the fields of nested dataclasses in place of the dataclass."""
+    import dataclasses
+
+    out = {} if out is None else out
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _leaves(value, out)
+        else:
+            out.setdefault(f.name, value)  # a nested field hidden by an outer one of the same name is never a flag
+    return out
+
+
+def _same(a, b) -> bool:
+    return a is b or (type(a) is type(b) and a == b)
+
+
+def _elsewhere(obj):
+    """A copy of dataclass `obj` in which every field (nested ones too) holds a value of its type other than obj's."""
+    import dataclasses
+
+    hints = typing.get_type_hints(type(obj))
+    values = {}
+    for f in dataclasses.fields(obj):
+        if not f.init:
+            continue
+        value = getattr(obj, f.name)
+        values[f.name] = _elsewhere(value) if dataclasses.is_dataclass(value) else _other(value, hints[f.name])
+    return type(obj)(**values)
+
+
+def _other(value, hint):
+    """A value of type `hint` that differs from `value` (TypeError for an annotation it does not know)."""
+    args = _union_args(hint)
+    if len(args) > 1:  # X | None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _some(inner) if value is None else None
+    if typing.get_origin(hint) is typing.Literal:
+        return next(c for c in typing.get_args(hint) if c != value)
+    if hint is bool:
+        return not value
+    if hint is int:
+        return value + 1
+    if hint is float:
+        return value + 1.0 if math.isfinite(value) else 0.0
+    if hint is str:
+        return value + "~"
+    if typing.get_origin(hint) is tuple:
+        return (*value, _some(typing.get_args(hint)[0]))
+    raise TypeError(f"given_flags: no other value for a field of type {hint}")
+
+
+def _some(hint):
+    """A value of type `hint`."""
+    if typing.get_origin(hint) is typing.Literal:
+        return typing.get_args(hint)[0]
+    if typing.get_origin(hint) is tuple:
+        return (_some(typing.get_args(hint)[0]),)
+    return {bool: True, int: 1, float: 1.0, str: "~"}[hint]
+
+
 def main(argv: list[str] | None = None) -> int:
     import tyro
 
     from fastppo.checkpoint import WriteFailed
-    from fastppo.config import ConfigError, TrainFlags, flags_given, mark_given
+    from fastppo.config import ConfigError, TrainFlags, mark_given
     from fastppo.evaluate import EvalConfig
     from fastppo.plot import PlotConfig
 
@@ -189,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             from fastppo.trainer import TrainingDiverged, TrainingInterrupted, train
 
             try:
-                train(mark_given(args.config(), flags_given(argv[1:])))
+                train(mark_given(args.config(), given_flags(args, argv[1:])))
             except (TrainingDiverged, RanksLost, WriteFailed) as e:
                 print(f"fastppo: {e}", file=sys.stderr)
                 return 1
@@ -207,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from fastppo.bench import run_bench
 
-            run_bench(args, flags_given(argv[1:]))
+            run_bench(args, given_flags(args, argv[1:]))
     except _user_errors() as e:
         print(f"fastppo: error: {e}", file=sys.stderr)
         return 2

@@ -304,6 +304,16 @@ class Config(TrackingOptions, OutputOptions, SpeedOptions, RolloutOptions, Algor
     One flat set of fields (``cfg.num_envs``), defined by topic in the option classes above.
     """
 
+    # Which fields the caller set (see given_fields below): the call's own arguments, and the values it made.
+    def __new__(cls, *args, **kwargs):
+        self = super().__new__(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        object.__setattr__(self, "_given", frozenset(names[: len(args)]) | frozenset(kwargs))
+        return self
+
+    def __post_init__(self):
+        object.__setattr__(self, "_made", {name: getattr(self, name) for name in _FIELD_NAMES})
+
     # --- derived sizes (read-only) ------------------------------------------------------------
     @property
     def batch_size(self) -> int:
@@ -386,46 +396,33 @@ class TrainFlags:
 # --- which fields the caller set ------------------------------------------------------------------
 # A preset fills the fields its caller did not set, and --resume refuses the fields outside
 # RESUME_FLAGS that its caller set. Both need to know which fields were set, not only their values:
-# Config(preset="fast", update_epochs=4) sets update_epochs to its default value and means it. So a
-# Config records the fields its constructor was given and every field assigned afterwards
-# (given_fields). The command line, whose parser passes every field to the constructor, replaces
-# that record with the flags actually on it (mark_given(cfg, flags_given(argv))). For the same reason
-# dataclasses.replace(cfg, ...) counts every field as set; config.replace keeps the record.
+# Config(preset="fast", update_epochs=4) sets update_epochs to its default value and means it.
+# - From Python, the call says it: Config.__new__ receives the call's arguments, and __post_init__ keeps
+#   the values it made, so a later assignment (cfg.update_epochs = 4) counts as set too.
+# - From the command line, tyro says it (cli.given_flags); the parsed flags build a Config of every
+#   field, and mark_given(cfg, names) then records the flags actually given.
+# dataclasses.replace(cfg, ...) calls Config with every field, so it counts every field as set;
+# config.replace keeps the record instead.
 
 _FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Config))
 
 
-def record_given(cls: type) -> type:
-    """Make a Config class (or subclass) record the fields its caller sets (see given_fields)."""
-    init = cls.__init__
-
-    @functools.wraps(init)
-    def __init__(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        object.__setattr__(self, "_given", set(_FIELD_NAMES[: len(args)]) | set(kwargs))
-
-    def __setattr__(self, name, value):
-        object.__setattr__(self, name, value)
-        given = self.__dict__.get("_given")
-        if given is not None and name in _FIELD_NAMES:
-            given.add(name)
-
-    cls.__init__ = __init__
-    cls.__setattr__ = __setattr__
-    return cls
-
-
-record_given(Config)
-
-
 def given_fields(cfg: Config) -> set[str]:
-    """The fields cfg's caller set: constructor arguments, later assignments, or the CLI's flags."""
-    return set(cfg.__dict__.get("_given", ()))
+    """The fields cfg's caller set: the Config call's arguments, fields assigned another value since, or the
+    command line's flags (mark_given)."""
+    made = cfg.__dict__.get("_made", {})
+    changed = {name for name, value in made.items() if not _same(getattr(cfg, name), value)}
+    return set(cfg.__dict__.get("_given", ())) | changed
+
+
+def _same(a, b) -> bool:
+    return a is b or (type(a) is type(b) and a == b)
 
 
 def mark_given(cfg: Config, names: set[str]) -> Config:
     """Record `names` as the fields the caller set (the command line's flags); returns cfg."""
-    object.__setattr__(cfg, "_given", set(names))
+    object.__setattr__(cfg, "_given", frozenset(names))
+    object.__setattr__(cfg, "_made", {name: getattr(cfg, name) for name in _FIELD_NAMES})
     return cfg
 
 
@@ -434,20 +431,6 @@ def replace(cfg: Config, given: bool = True, **changes) -> Config:
     would count every field as set); the changed fields count as set unless `given` is False (values
     filled in by a preset or a default)."""
     return mark_given(dataclasses.replace(cfg, **changes), given_fields(cfg) | (set(changes) if given else set()))
-
-
-def flags_given(argv: list[str]) -> set[str]:
-    """Config field names named on a command line (--total-timesteps 9 / --no-anneal-lr / --x=1)."""
-    given = set()
-    for token in argv:
-        if not token.startswith("--") or token == "--":
-            continue
-        name = token[2:].split("=", 1)[0].replace("-", "_")
-        if name not in _FIELD_NAMES and name.startswith("no_") and name[3:] in _FIELD_NAMES:
-            name = name[3:]
-        if name in _FIELD_NAMES:
-            given.add(name)
-    return given
 
 
 # --- resolution and validation --------------------------------------------------------------------

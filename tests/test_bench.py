@@ -118,7 +118,7 @@ def test_each_point_is_a_config_with_the_bench_defaults_and_the_preset_rule():
     cfg = point_config(bench, 16, "CartPole-v1", given_fields(bench.training), "discrete")
     assert (cfg.num_steps, cfg.update_epochs, cfg.learning_rate, cfg.num_envs, cfg.env_batch_size) == (128, 4, 3e-4,
                                                                                                        16, 4)
-    # the command line's flags (cli passes flags_given) are the given fields
+    # the command line's flags (cli.given_flags) are the given fields
     cfg = point_config(BenchConfig(seconds=1.0, warmup=0.0, training=BenchTraining(preset="cleanrl", num_steps=8)),
                        4, "CartPole-v1", {"preset", "num_steps"}, "discrete")
     assert (cfg.num_steps, cfg.async_envs, cfg.overlap, cfg.env_batch_size) == (8, False, False, None)

@@ -384,3 +384,49 @@ def test_version_is_the_package_version(capsys):
     assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "fastppo.__version__"}
     assert project["tool"]["setuptools"]["package-data"]["fastppo"] == ["py.typed"]
     assert (root / "fastppo" / "py.typed").is_file() and (root / "LICENSE").read_text().startswith("MIT License")
+
+
+def test_the_flags_given_come_from_tyros_parse_a_default_value_included():
+    """given_flags: the fields a command line set, as tyro parsed it: a value equal to the field's default
+    counts (--seed 1, --no-track, --anneal-lr, --gamma=0.99, --target-return None), a field left out does
+    not; every field of every subcommand that takes one has another value of its type to tell them apart."""
+    import tyro
+
+    from fastppo.bench import BenchConfig
+    from fastppo.cli import _elsewhere, _leaves, _subcommands, given_flags
+    from fastppo.config import Config, TrainFlags
+
+    for name, cls in _subcommands().items():
+        if name == "eval":  # no defaults to tell apart (its run is positional), and it has no preset or resume
+            continue
+        ours, theirs = _leaves(cls()), _leaves(_elsewhere(cls()))
+        assert [k for k in ours if ours[k] == theirs[k]] == [], name
+
+    defaults = Config()
+    argv = ["--seed", "1", "--no-track", "--anneal-lr", "--gamma=0.99", "--target-return", "None",
+            "--wandb-tags", "a", "b", "--preset", "fast"]
+    assert (defaults.seed, defaults.track, defaults.anneal_lr, defaults.gamma) == (1, False, True, 0.99)
+    assert given_flags(tyro.cli(TrainFlags, args=argv), argv) == {
+        "seed", "track", "anneal_lr", "gamma", "target_return", "wandb_tags", "preset"}
+    assert given_flags(tyro.cli(TrainFlags, args=[]), []) == set()
+    argv = ["--preset", "fast", "--update-epochs", "4", "--batch-fraction", "0.5", "--no-overlap"]
+    assert given_flags(tyro.cli(BenchConfig, args=argv), argv) == {"preset", "update_epochs", "batch_fraction",
+                                                                   "overlap"}
+
+
+def test_a_config_from_python_knows_its_calls_arguments_without_wrapping_its_methods():
+    """Config records the Config call's arguments (positional ones too) and the values it made: a later
+    assignment of another value counts as set, a copy (copy.copy, pickle) keeps the record."""
+    import copy
+    import pickle
+
+    from fastppo.config import Config, given_fields, mark_given
+
+    assert not hasattr(Config.__init__, "__wrapped__") and "__setattr__" not in vars(Config)  # dataclass's own
+    cfg = Config(None, num_steps=16, update_epochs=4)
+    assert given_fields(cfg) == {"env_id", "num_steps", "update_epochs"}
+    cfg.learning_rate = 1e-3
+    cfg.seed = cfg.seed  # the value it had: nothing to keep from a preset
+    assert given_fields(cfg) == {"env_id", "num_steps", "update_epochs", "learning_rate"}
+    assert given_fields(copy.copy(cfg)) == given_fields(pickle.loads(pickle.dumps(cfg))) == given_fields(cfg)
+    assert given_fields(mark_given(cfg, {"seed"})) == {"seed"}
