@@ -518,9 +518,9 @@ def train(cfg: Config, env: Callable | None = None) -> dict:
     run names the env by the factory's import path where it has one (so ``fastppo eval`` and a resume make it
     again), else ``python:<name>``, and a resume then takes the same env= again.
 
-    The fields the caller set (``config.given_fields``: constructor arguments, later assignments, or the
-    command line's flags) override cfg.preset's values. With cfg.resume, continues that run: only the
-    RESUME_FLAGS may be set then. Raises ConfigError / EnvError / CheckpointError on bad input (before
+    The fields the caller set (``config.given_fields``: the Config call's arguments, fields assigned another
+    value since, or the command line's flags) override cfg.preset's values. With cfg.resume, continues that
+    run: only the RESUME_FLAGS may be set then. Raises ConfigError / EnvError / CheckpointError on bad input (before
     anything is written), TrainingInterrupted after SIGINT/SIGTERM, TrainingDiverged on NaN, WriteFailed
     when the run folder cannot be written. Under torchrun: one rank of a data-parallel run; only rank
     0 prints and writes the run folder.
