@@ -92,6 +92,16 @@ def _mlp(info: EnvInfo, hidden: int, out: int, std: float) -> nn.Sequential:
                          nn.Tanh(), layer_init(nn.Linear(hidden, out), std=std))
 
 
+def _run(mlp: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """mlp(x) (an :func:`_mlp`), the same ops without nn.Module's call on each of its six layers: a few us each,
+    about 15% of acting for one env on the CPU."""
+    first, hidden, _, hidden2, _, last = mlp
+    x = x.flatten(1) if isinstance(first, nn.Flatten) else first(x)
+    x = torch.tanh(F.linear(x, hidden.weight, hidden.bias))
+    x = torch.tanh(F.linear(x, hidden2.weight, hidden2.bias))
+    return F.linear(x, last.weight, last.bias)
+
+
 def _input(obs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Float observations in the model's dtype (float32, or float64 in tests); state indices as they are."""
     return obs.to(dtype) if obs.is_floating_point() else obs
@@ -110,7 +120,7 @@ class MLP(nn.Module):
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """obs (B, *obs_shape) -> logits (B, A), value (B,)."""
         obs = _input(obs, self.critic[1].weight.dtype)
-        return self.actor(obs), self.critic(obs).squeeze(-1)
+        return _run(self.actor, obs), _run(self.critic, obs).squeeze(-1)
 
     def policy_parameters(self) -> list[nn.Parameter]:
         return list(self.actor.parameters())
@@ -134,9 +144,9 @@ class GaussianMLP(nn.Module):
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """obs (B, *obs_shape) -> [mean, log-std] (B, 2 D), value (B,)."""
         obs = _input(obs, self.critic[1].weight.dtype)
-        mean = self.actor_mean(obs)
+        mean = _run(self.actor_mean, obs)
         dist = torch.cat([mean, self.actor_logstd.expand_as(mean).to(mean.dtype)], dim=-1)
-        return dist, self.critic(obs).squeeze(-1)
+        return dist, _run(self.critic, obs).squeeze(-1)
 
     def policy_parameters(self) -> list[nn.Parameter]:
         return [*self.actor_mean.parameters(), self.actor_logstd]
