@@ -167,9 +167,11 @@ def given_flags(parsed, argv: list[str]) -> set[str]:
     """
     import tyro
 
+    from fastppo.config import same_value
+
     other = tyro.cli(type(parsed), args=argv, default=_elsewhere(type(parsed)()), console_outputs=False)
     theirs = _leaves(other)
-    return {name for name, value in _leaves(parsed).items() if _same(value, theirs[name])}
+    return {name for name, value in _leaves(parsed).items() if same_value(value, theirs[name])}
 
 
 def _leaves(obj, out: dict | None = None) -> dict:
@@ -184,10 +186,6 @@ def _leaves(obj, out: dict | None = None) -> dict:
         else:
             out.setdefault(f.name, value)  # a nested field hidden by an outer one of the same name is never a flag
     return out
-
-
-def _same(a, b) -> bool:
-    return a is b or (type(a) is type(b) and a == b)
 
 
 def _elsewhere(obj):

@@ -411,11 +411,12 @@ def given_fields(cfg: Config) -> set[str]:
     """The fields cfg's caller set: the Config call's arguments, fields assigned another value since, or the
     command line's flags (mark_given)."""
     made = cfg.__dict__.get("_made", {})
-    changed = {name for name, value in made.items() if not _same(getattr(cfg, name), value)}
+    changed = {name for name, value in made.items() if not same_value(getattr(cfg, name), value)}
     return set(cfg.__dict__.get("_given", ())) | changed
 
 
-def _same(a, b) -> bool:
+def same_value(a, b) -> bool:
+    """Whether two values of a field are the same: equal and of one type (4 is not 4.0, True is not 1)."""
     return a is b or (type(a) is type(b) and a == b)
 
 
