@@ -324,3 +324,18 @@ def test_small_envs_learn(tmp_path, capsys, env_id, target, budget, extra):
                  str(budget), "--target-return", str(target), "--seed", "1", *extra]) == 0
     assert f"target return {float(target)} reached" in capsys.readouterr().out
     assert read_metrics(run_dir)[-1]["global_step"] < budget
+
+
+@pytest.mark.parametrize("env_id", ["HalfCheetah-v4", "CartPole-v1", "Taxi-v3"])
+def test_mlp_policies_compute_exactly_what_their_layers_do(env_id):
+    """GaussianMLP and MLP run their layers' ops without the per-layer module calls (policy._run): the
+    outputs equal the nn.Sequential's bit for bit, on flat and one-hot (state index) observations."""
+    info = env_info(env_id)
+    torch.manual_seed(0)
+    policy = make_policy(info)
+    obs = (torch.randint(0, info.obs_classes, (5,)) if info.obs_classes else torch.randn(5, *info.obs_shape))
+    dist, value = policy(obs)
+    heads = (policy.actor_mean, policy.critic) if info.continuous else (policy.actor, policy.critic)
+    expected = heads[0](obs if info.obs_classes else obs.float())
+    assert torch.equal(dist[:, : expected.shape[1]], expected)
+    assert torch.equal(value, heads[1](obs if info.obs_classes else obs.float()).squeeze(-1))
