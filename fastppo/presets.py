@@ -11,14 +11,15 @@ normalisation. These are also fastppo's defaults (``config.KIND_DEFAULTS``). The
 CleanRL's to float rounding (tests/test_cleanrl_parity.py; the README lists the three deliberate
 differences in the data).
 
-``fast`` aims at wall-clock time to score with many EnvPool envs: asynchronous envs, updates
-overlapped with collection, fewer epochs. Its values are provisional, not yet tuned on a GPU, and on
-Pong it does not yet learn as well as ``cleanrl`` per env step: neither these values nor 64 async envs
-x 16 steps with CleanRL's own update (docs/presets.md has what was measured). For
-Atari they come from rl_games' EnvPool Pong settings (24 envs x 256 steps, 3 epochs, clip 0.2, lr
-3e-4) and EnvPool's speed alone on a 16-core machine (64 Pong envs with recv batches of 32 already
-reached its ceiling); for continuous control, 64 envs x 64 steps in 4 minibatches of 1024 and 5
-epochs trade CleanRL's 320 small gradient steps per 2048 env steps for 20 large ones per 4096.
+``fast`` aims at wall-clock time to score with many EnvPool envs: asynchronous envs and updates
+overlapped with collection. For Atari: 32 async envs x 128 steps, CleanRL's update per sample
+(minibatches of 256, 4 epochs, lr 2.5e-4 annealed) with clip 0.2, chosen from runs on Pong (the
+comment above ``_FAST_ATARI`` has the numbers); not yet timed on a GPU, and on Pong seed 1 it was at
+-15.6 by 500k steps where ``cleanrl`` was at -11.3 (docs/presets.md). For other discrete-action envs:
+64 async envs x 128 steps, 4 minibatches, 3 epochs, lr 3e-4, clip 0.2 (on Acrobot-v1, --overlap and 3
+epochs at 3e-4 cost no steps to -100: docs/presets.md); for continuous control, 64 envs x 64 steps in 4
+minibatches of 1024 and 5 epochs trade CleanRL's 320 small gradient steps per 2048 env steps for 20
+large ones per 4096.
 
 A preset may set any Config field, ``lr_schedule`` and ``norm_value`` included; a preset's
 ``lr_schedule`` yields to an ``--anneal-lr`` / ``--no-anneal-lr`` given on the command line
@@ -34,13 +35,28 @@ _CLEANRL_COMMON = dict(
     vf_coef=0.5, max_grad_norm=0.5, target_kl=None, minibatch_by="sample", advantages="rollout", async_envs=False,
     overlap=False, compile=False, cudagraphs=False, bf16=False,
 )
+# Atari: measured on Pong-v5 (seed 1, CPU, recent return = mean of the last 10 games; docs/presets.md has
+# every run). CleanRL's update per sample is kept: 128 steps per env (64 envs x 16 steps were at -20.1 at
+# 500k steps with async envs and at -21.0 at 310k with sync ones: with lambda = 0.95 an untrained critic's
+# bootstrap 16 frames on carries no point), minibatches of 256 and 4 epochs (16 gradient steps per 1,024
+# samples), lr 2.5e-4 annealed.
+# Clip 0.2, not CleanRL's 0.1: with async envs and --overlap the rollout's first ratios are already off 1
+# (collected by the weights before the last update), and at 0.1 the clipped fraction's 90th percentile
+# was 0.28 and the median KL of an update 0.0017 over the first 500k steps (16 envs): -16.6 at 500k.
+# At 0.2: 0.15 and 0.0062, -12.3 at 500k with 16 envs (0.15, 0.0070 and -15.6 with 32; CleanRL's
+# settings: -11.3).
+# 32 envs, not 16: a GPU needs envs to keep busy, and per env step the two were within Pong's seed
+# spread (32 was ahead from 300k to 450k steps, 16 at 500k). 64 x 128 in 32 minibatches with clip 0.1
+# was still at -19.9 at 450k steps.
+_FAST_ATARI = dict(num_envs=32, async_envs=True, overlap=True, num_steps=128, num_minibatches=16, update_epochs=4,
+                   learning_rate=2.5e-4, clip_coef=0.2, kernels="auto")
 _FAST_DISCRETE = dict(num_envs=64, async_envs=True, overlap=True, num_steps=128, num_minibatches=4, update_epochs=3,
                       learning_rate=3e-4, clip_coef=0.2, kernels="auto")
 
 PRESETS: dict[str, dict[str, dict]] = {
     "cleanrl": {kind: {**_CLEANRL_COMMON, **values} for kind, values in KIND_DEFAULTS.items()},
     "fast": {
-        "atari": _FAST_DISCRETE,
+        "atari": _FAST_ATARI,
         "discrete": _FAST_DISCRETE,
         "continuous": dict(num_envs=64, async_envs=True, overlap=True, num_steps=64, num_minibatches=4,
                            update_epochs=5, learning_rate=3e-4, clip_coef=0.2, kernels="auto"),
