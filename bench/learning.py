@@ -27,7 +27,9 @@ recent return was recorded are drawn as the mean over the latest iterations hold
 
 The run folders are kept under ``<out-dir>/runs/`` (git-ignored): ``<name>`` for one seed,
 ``<name>_seed<S>`` for several. ``--report RUN_DIR [...]`` trains nothing and writes the results of
-existing run folders (a run of ``fastppo train`` too), measured against --target-return if given.
+existing run folders (a run of ``fastppo train`` too), measured against --target-return if given;
+``--label TEXT`` names the runs in the legend and title (and in the JSON, ``label``) where
+``--preset NAME`` would not say what they ran.
 ``--resume RUN_DIR`` goes on with one such run (its own env, preset,
 target and seed; ``fastppo train --resume`` rebuilds the envs exactly) for another --max-seconds,
 and writes the results of the whole run: steps and seconds count from its start.
@@ -73,6 +75,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                    "target included) and write the results of the whole run")
     p.add_argument("--compare", action="append", default=[], metavar="RESULT.json",
                    help="draw the runs of this result file beside (repeatable)")
+    p.add_argument("--label", default=None, help="what the legend and the title call these runs (default: "
+                   "--preset NAME), say for runs whose explicit flags equal another preset's values")
     p.add_argument("--report", nargs="+", default=None, metavar="RUN_DIR",
                    help="train nothing: write the results of these existing run folders (one per seed), measured "
                    "against --target-return (default: each run's own)")
@@ -157,6 +161,11 @@ def machine_name(info: dict) -> str:
     return info["gpu"] or f"{info['cpu']} ({info['cpu_cores']} cores)"
 
 
+def run_label(run: dict, result: dict | None = None) -> str:
+    """What a run is called in the picture: its --label, or --preset NAME."""
+    return run.get("label") or (result or {}).get("label") or f"--preset {run['preset']}"
+
+
 def plot(runs: list[dict], compared: list[tuple[str, dict]], target: float, title: str, path: str) -> None:
     """Two panels, recent return against agent steps and against wall-clock seconds: a line per seed (with
     a dot where it first reached the target), the compared files' runs dashed, the target."""
@@ -166,13 +175,13 @@ def plot(runs: list[dict], compared: list[tuple[str, dict]], target: float, titl
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    lines = [(run, "-", f"{run['preset']} seed {run['seed']}") for run in runs]
+    lines = [(run, "-", f"{run_label(run)} seed {run['seed']}") for run in runs]
     for file, result in compared:
         where = machine_name(result["machine"])
         for run in result.get("runs", [result]):
             env = f"{run['env_id']}, " if run["env_id"] != runs[0]["env_id"] else ""
-            lines.append((run, "--", f"{env}{run['preset']} seed {run.get('seed', run['config']['seed'])}, {where} "
-                                     f"({Path(file).name})"))
+            seed = run.get("seed", run["config"]["seed"])
+            lines.append((run, "--", f"{env}{run_label(run, result)} seed {seed}, {where} ({Path(file).name})"))
     for ax, key, label in ((axes[0], "global_step", "agent steps"), (axes[1], "seconds", "wall-clock seconds")):
         for run, style, name in lines:
             points = run["curve"]
@@ -218,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                                        *train_args]))
     runs = []
     where = machine_name(info)
+    label = {} if args.label is None else {"label": args.label}
     if args.report is not None:
         name = args.name or Path(args.report[0]).name
         for run_dir in args.report:
@@ -228,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             at_target = own is not None and recent is not None and recent >= own
             last = {**metrics[-1], "stopped_by": "target_return" if at_target else
                     "total_timesteps" if done else "stopped early"}
-            runs.append(run_record(run_dir, last, resumed=False, target=args.target_return))
+            runs.append({**run_record(run_dir, last, resumed=False, target=args.target_return), **label})
         launches = []
     for run_dir, train_argv in launches:
         cfg = tyro.cli(Config, args=train_argv, prog="bench/learning.py -- (fastppo train flags)")
@@ -237,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         except USER_ERRORS as e:
             print(f"learning.py: error: {e}", file=sys.stderr)
             return 2
-        run = run_record(str(run_dir), last, args.resume is not None)
+        run = {**run_record(str(run_dir), last, args.resume is not None), **label}
         runs.append(run)
         status = "reached" if run["reached"] else "NOT reached"
         print(f"{run['env_id']} --preset {run['preset']} seed {run['seed']}: target {run['target_return']:g} "
@@ -250,13 +260,14 @@ def main(argv: list[str] | None = None) -> int:
     if len(runs) == 1:
         result = {**first, **common}
     else:
-        result = {"env_id": first["env_id"], "preset": first["preset"], "target_return": first["target_return"],
-                  "seeds": [r["seed"] for r in runs], "reached": all(r["reached"] for r in runs), "runs": runs,
+        result = {"env_id": first["env_id"], "preset": first["preset"], **label,
+                  "target_return": first["target_return"], "seeds": [r["seed"] for r in runs],
+                  "reached": all(r["reached"] for r in runs), "runs": runs,
                   **common}
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / f"{name}.json", "w") as f:
         json.dump(result, f, indent=1)
-    title = f"{first['env_id']}, --preset {first['preset']}, {where}"
+    title = f"{first['env_id']}, {run_label(first)}, {where}"
     plot(runs, args.compared, first["target_return"], title, str(out_dir / f"{name}.png"))
     print(f"wrote {out_dir / name}.json and .png")
     return 0

@@ -143,6 +143,17 @@ def test_learning_bench_runs_several_seeds_and_draws_another_result_beside(tmp_p
     assert [r["seed"] for r in both["runs"]] == [3, 1] and both["target_return"] == 20
     assert both["runs"][0]["curve"] == one["curve"] and both["runs"][0]["stopped_by"] == "total_timesteps"
     assert both["runs"][1]["target_steps"] <= result["runs"][0]["target_steps"]  # 20 comes before 30
+    # --label: what the picture and the JSON call runs whose flags equal another preset's values
+    proc = subprocess.run([*report, "--report", str(out / "runs" / "one"), "--name", "labelled", "--label",
+                           "fast's settings"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    labelled = json.loads((out / "labelled.json").read_text())
+    assert labelled["label"] == "fast's settings" and labelled["preset"] == one["preset"]
+    from importlib import util
+    spec = util.spec_from_file_location("learning", ROOT / "bench" / "learning.py")
+    learning = util.module_from_spec(spec)
+    spec.loader.exec_module(learning)
+    assert learning.run_label(labelled) == "fast's settings" and learning.run_label(one) == f"--preset {one['preset']}"
     missing = subprocess.run([*report, "--report", str(tmp_path / "nothing")], capture_output=True, text=True)
     assert missing.returncode == 2 and "no such run folder" in missing.stderr.strip().splitlines()[-1]
 
