@@ -13,13 +13,13 @@ differences in the data).
 
 ``fast`` aims at wall-clock time to score with many EnvPool envs: asynchronous envs and updates
 overlapped with collection. For Atari: 32 async envs x 128 steps, CleanRL's update per sample
-(minibatches of 256, 4 epochs, lr 2.5e-4 annealed) with clip 0.2, chosen from runs on Pong (the
-comment above ``_FAST_ATARI`` has the numbers); not yet timed on a GPU, and on Pong seed 1 it was at
--15.6 by 500k steps where ``cleanrl`` was at -11.3 (docs/presets.md). For other discrete-action envs:
-64 async envs x 128 steps, 4 minibatches, 3 epochs, lr 3e-4, clip 0.2 (on Acrobot-v1, --overlap and 3
-epochs at 3e-4 cost no steps to -100: docs/presets.md); for continuous control, 64 envs x 64 steps in 4
-minibatches of 1024 and 5 epochs trade CleanRL's 320 small gradient steps per 2048 env steps for 20
-large ones per 4096.
+(minibatches of 256, 4 epochs, lr 2.5e-4 annealed) with clip 0.2, chosen from runs on Pong (the comment
+above ``_FAST_ATARI`` has the numbers); not yet timed on a GPU, and on Pong seed 1 it was at -16.0 at
+500k steps and 2.0 at 1M where ``cleanrl`` was at -11.3 and 2.1 (docs/presets.md). For other discrete-
+action envs: 64 async envs x 128 steps, 4 minibatches, 3 epochs, lr 3e-4, clip 0.2 (on Acrobot-v1,
+--overlap and 3 epochs at 3e-4 cost no steps to -100: docs/presets.md); for continuous control, 64 envs
+x 64 steps in 4 minibatches of 1024 and 5 epochs trade CleanRL's 320 small gradient steps per 2048 env
+steps for 20 large ones per 4096.
 
 A preset may set any Config field, ``lr_schedule`` and ``norm_value`` included; a preset's
 ``lr_schedule`` yields to an ``--anneal-lr`` / ``--no-anneal-lr`` given on the command line
@@ -43,11 +43,12 @@ _CLEANRL_COMMON = dict(
 # Clip 0.2, not CleanRL's 0.1: with async envs and --overlap the rollout's first ratios are already off 1
 # (collected by the weights before the last update), and at 0.1 the clipped fraction's 90th percentile
 # was 0.28 and the median KL of an update 0.0017 over the first 500k steps (16 envs): -16.6 at 500k.
-# At 0.2: 0.15 and 0.0062, -12.3 at 500k with 16 envs (0.15, 0.0070 and -15.6 with 32; CleanRL's
+# At 0.2: 0.15 and 0.0062, -12.3 at 500k with 16 envs (0.15, 0.0070 and -16.0 with 32; CleanRL's
 # settings: -11.3).
 # 32 envs, not 16: a GPU needs envs to keep busy, and per env step the two were within Pong's seed
 # spread (32 was ahead from 300k to 450k steps, 16 at 500k). 64 x 128 in 32 minibatches with clip 0.1
-# was still at -19.9 at 450k steps.
+# was still at -19.9 at 450k steps. These values went on to 2.0 at 1M steps (CleanRL's: 2.1); the mean
+# of all games from 900k to 1M was 3.4 against CleanRL's 6.0: about 50-100k steps behind it.
 _FAST_ATARI = dict(num_envs=32, async_envs=True, overlap=True, num_steps=128, num_minibatches=16, update_epochs=4,
                    learning_rate=2.5e-4, clip_coef=0.2, kernels="auto")
 _FAST_DISCRETE = dict(num_envs=64, async_envs=True, overlap=True, num_steps=128, num_minibatches=4, update_epochs=3,
