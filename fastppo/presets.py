@@ -15,11 +15,11 @@ differences in the data).
 overlapped with collection. For Atari: 32 async envs x 128 steps, CleanRL's update per sample
 (minibatches of 256, 4 epochs, lr 2.5e-4 annealed) with clip 0.2, chosen from runs on Pong (the comment
 above ``_FAST_ATARI`` has the numbers); not yet timed on a GPU, and on Pong seed 1 it was at -16.0 at
-500k steps and 2.0 at 1M where ``cleanrl`` was at -11.3 and 2.1 (docs/presets.md). For other discrete-
-action envs: 64 async envs x 128 steps, 4 minibatches, 3 epochs, lr 3e-4, clip 0.2 (on Acrobot-v1,
---overlap and 3 epochs at 3e-4 cost no steps to -100: docs/presets.md); for continuous control, 64 envs
-x 64 steps in 4 minibatches of 1024 and 5 epochs trade CleanRL's 320 small gradient steps per 2048 env
-steps for 20 large ones per 4096.
+500k steps and 2.0 at 1M where ``cleanrl`` was at -11.3 and 2.1 (docs/presets.md). For other
+discrete-action envs: 64 async envs x 128 steps, 4 minibatches, 3 epochs, lr 3e-4, clip 0.2 (on
+Acrobot-v1, --overlap and 3 epochs at 3e-4 cost no steps to -100: docs/presets.md); for continuous
+control, 64 envs x 64 steps in 4 minibatches of 1024 and 5 epochs trade CleanRL's 320 small gradient
+steps per 2048 env steps for 20 large ones per 4096.
 
 A preset may set any Config field, ``lr_schedule`` and ``norm_value`` included; a preset's
 ``lr_schedule`` yields to an ``--anneal-lr`` / ``--no-anneal-lr`` given on the command line
