@@ -161,9 +161,9 @@ def machine_name(info: dict) -> str:
     return info["gpu"] or f"{info['cpu']} ({info['cpu_cores']} cores)"
 
 
-def run_label(run: dict, result: dict | None = None) -> str:
+def run_label(run: dict) -> str:
     """What a run is called in the picture: its --label, or --preset NAME."""
-    return run.get("label") or (result or {}).get("label") or f"--preset {run['preset']}"
+    return run.get("label") or f"--preset {run['preset']}"
 
 
 def plot(runs: list[dict], compared: list[tuple[str, dict]], target: float, title: str, path: str) -> None:
@@ -181,7 +181,7 @@ def plot(runs: list[dict], compared: list[tuple[str, dict]], target: float, titl
         for run in result.get("runs", [result]):
             env = f"{run['env_id']}, " if run["env_id"] != runs[0]["env_id"] else ""
             seed = run.get("seed", run["config"]["seed"])
-            lines.append((run, "--", f"{env}{run_label(run, result)} seed {seed}, {where} ({Path(file).name})"))
+            lines.append((run, "--", f"{env}{run_label(run)} seed {seed}, {where} ({Path(file).name})"))
     for ax, key, label in ((axes[0], "global_step", "agent steps"), (axes[1], "seconds", "wall-clock seconds")):
         for run, style, name in lines:
             points = run["curve"]
