@@ -116,6 +116,14 @@ class AlgorithmOptions:
     the critic trained by Adam with --learning-rate, --update-epochs and --num-minibatches)"""
     loss: Literal["clip", "penalty"] = "clip"
     """PPO variant: clipped surrogate, or surrogate minus adaptive beta * KL(old || new)"""
+    decoupled: bool = False
+    """decoupled PPO (Hilton et al. 2021): the "old" policy that the clip (or the penalty's KL)
+    holds the update near is the policy at the start of the update (pi_prox, from one forward
+    pass over the batch without gradients), and each sample's advantage is weighted by
+    pi_prox(a|s) / pi_behaviour(a|s), the importance weight from the policy that acted. With
+    --overlap the envs act one update behind, so the ratio to the behaviour policy starts away
+    from 1 and clipping spends part of each update; decoupled, it starts at exactly 1. On-policy
+    (no --overlap) the two policies are the same and the update is CleanRL's"""
     learning_rate: float | None = None
     """Adam learning rate, eps 1e-5 (None: 2.5e-4; 3e-4 for continuous actions)"""
     anneal_lr: bool = True
@@ -680,6 +688,10 @@ def validate(cfg: Config) -> None:
                                          ("--bf16", cfg.bf16)) if on]
         if refused:
             raise ConfigError(f"{refused[0]} is for --algo ppo; --algo trpo does not take it")
+    if cfg.decoupled and cfg.advantages == "epoch" and cfg.minibatch_by == "env":
+        # that path's advantages come out of the fused GAE + loss op, where no weight can reach them
+        raise ConfigError("--decoupled does not go with --advantages epoch --minibatch-by env (the fused GAE + loss "
+                          "op); use --minibatch-by sample")
     if cfg.kl_min >= cfg.kl_max:
         raise ConfigError(f"--kl-min ({cfg.kl_min}) must be below --kl-max ({cfg.kl_max})")
     if not 0 < cfg.kl_coef_min <= cfg.kl_coef_max:
@@ -768,7 +780,8 @@ PENALTY_ONLY = {"kl_coef", "kl_coef_min", "kl_coef_max"}
 KL_TARGET = {"kl_target", "kl_max", "kl_min"}
 ADAPTIVE_LR_ONLY = {"lr_min", "lr_max", "lr_factor"}
 TRPO_ONLY = {"max_kl", "cg_iters", "cg_damping", "line_search_steps"}
-PPO_ONLY = {"loss", "clip_coef", "clip_vloss", "ent_coef", "vf_coef", "target_kl"} | PENALTY_ONLY | KL_TARGET
+PPO_ONLY = ({"loss", "decoupled", "clip_coef", "clip_vloss", "ent_coef", "vf_coef", "target_kl"} | PENALTY_ONLY
+            | KL_TARGET)
 
 
 def unread_options(algo: str, loss: str, schedule: str | None = None) -> set[str]:

@@ -8,6 +8,11 @@ distributions averaged over the batch's states, computed exactly from the stored
 distribution (logits, or a diagonal Gaussian's mean and log-std); it is not a distance between
 parameters. Both add vf_coef * value loss - ent_coef * entropy. The elementwise work is one op of
 ``fastppo.kernels``: ``ppo_loss`` (categorical) or ``gaussian_ppo_loss``, or their fused-GAE twins.
+
+Decoupled PPO (--decoupled; Hilton et al. 2021, "Batch size-invariance for policy optimization"): pi_old
+above is pi_prox, the policy at the start of the update, and A is w * A with w = pi_prox(a|s) /
+pi_behaviour(a|s) the importance weight from the policy that acted (the advantages are normalised before
+they are weighted). The clip then bounds how far one update moves the policy, however old the data.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 from torch import nn
 
 from fastppo.config import Config
+from fastppo.kernels.reference import normalize_advantages
 from fastppo.policy import kl as exact_kl
 from fastppo.policy import split_gaussian
 
@@ -48,7 +54,12 @@ def minibatch_loss(
     Gaussian's [mean, log-std]. dist (M, P) and values (M,) are the current policy's; mb holds the
     flattened rollout fields at the minibatch's indices (its "dist" is the behaviour policy's)."""
     common = dict(mask=mb["valid"], **loss_kwargs(cfg, kl_coef))
-    data = (mb["actions"], mb["logprobs"], mb["advantages"], values, mb["values"], mb["returns"])
+    advantages = mb["advantages"]
+    if "weights" in mb:  # --decoupled: normalise first (as without it), then weight pi_prox / pi_behaviour
+        if common["norm_adv"]:
+            advantages = normalize_advantages(advantages, mb["valid"])
+        advantages, common["norm_adv"] = advantages * mb["weights"], False
+    data = (mb["actions"], mb["logprobs"], advantages, values, mb["values"], mb["returns"])
     if kind == "gaussian":
         old_mean, old_log_std = split_gaussian(mb["dist"])
         return ops.gaussian_ppo_loss(*split_gaussian(dist), *data, old_mean=old_mean, old_log_std=old_log_std,

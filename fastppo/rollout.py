@@ -184,6 +184,9 @@ class Rollout:
     returns: torch.Tensor  # (T, N)
     # host side: (returns, lengths) of the games that ended while this rollout was collected
     games: tuple[list[float], list[int]] = ((), ())
+    # --decoupled: pi_prox(a|s) / pi_behaviour(a|s) (T, N), set by trainer.proximal_rollout, which also puts
+    # pi_prox's log-probs and distributions in logprobs and dist; None otherwise
+    weights: torch.Tensor | None = None
 
     @classmethod
     def allocate(cls, info: EnvInfo, num_steps: int, num_envs: int, device: torch.device,
@@ -228,6 +231,7 @@ def flatten(buf: Rollout) -> dict[str, torch.Tensor]:
         "advantages": buf.advantages.reshape(-1),
         "returns": buf.returns.reshape(-1),
         "valid": buf.valid.reshape(-1),
+        **({} if buf.weights is None else {"weights": buf.weights.reshape(-1)}),
     }
 
 

@@ -8,6 +8,7 @@ Plain functions over plain tensors, in CleanRL's order (:func:`_loop`):
         [--norm-value] de-normalise buf's values
         compute_advantages(buf, ops.gae, ...)      # GAE, once per rollout
         [--norm-value] returns -> statistics; normalise the targets
+        [--decoupled] pi_prox <- the policy now; weights pi_prox / pi_behaviour
         stats = update(policy, optimizer, buf)     # K epochs of minibatches (PPO-clip or -penalty),
                                                    #   or trpo.trpo_update (--algo trpo)
         collection.refresh(policy)                 # what acts next (--overlap: theta' <- theta)
@@ -71,7 +72,8 @@ from fastppo.logger import RecentReturns, RunLogger, command_line, keep_metrics_
 from fastppo.loss import AdaptiveKLCoef, AdaptiveLR, gae_minibatch_loss, minibatch_loss, policy_kl
 from fastppo.normalize import ValueNormalizer
 from fastppo.perf import PHASES, PhaseTimer, learner_forward
-from fastppo.policy import make_policy
+from fastppo.policy import kl as exact_kl
+from fastppo.policy import log_prob, make_policy
 from fastppo.prepare import Prepared, claim_run_dir, make_normalizers, make_optimizer, prepare, prepare_resume
 from fastppo.rollout import Collection, Rollout, dist_kind, flatten, gather_rows, make_collection
 from fastppo.runfolder import RunFolder
@@ -110,6 +112,27 @@ def value_predictions(policy: nn.Module, buf: Rollout, chunk: int) -> torch.Tens
         values = [policy(obs[i : i + chunk])[1].float() for i in range(0, obs.shape[0], chunk)]
         values.append(policy(buf.next_obs)[1].float())  # row T, the bootstrap
     return torch.cat(values).view(T + 1, N)
+
+
+def proximal_rollout(policy: nn.Module, buf: Rollout, chunk: int) -> tuple[Rollout, torch.Tensor]:
+    """--decoupled: buf with the policy at the start of the update (pi_prox) as its "old" policy.
+
+    One forward pass over the batch without gradients, in chunks of `chunk` states. The returned rollout's
+    logprobs and dist are pi_prox's (new tensors: the collector's storage keeps what acted), and its weights
+    pi_prox(a|s) / pi_behaviour(a|s), the importance weights from the policy that acted to pi_prox, which the
+    loss puts on the normalised advantages. Also returns the policy lag: the exact mean KL(pi_behaviour ||
+    pi_prox) over the valid states (0-dim; no host sync here)."""
+    T, N = buf.rewards.shape
+    kind = dist_kind(buf)
+    b = flatten(buf)
+    with torch.no_grad():
+        dist = torch.cat([policy(b["obs"][i : i + chunk])[0] for i in range(0, T * N, chunk)]).to(buf.dist.dtype)
+        logp = log_prob(kind, dist, b["actions"]).to(buf.logprobs.dtype)
+        weights = torch.exp(logp - b["logprobs"])
+        valid = b["valid"].to(dist.dtype)
+        lag = (exact_kl(kind, b["dist"], dist) * valid).sum() / valid.sum().clamp_min(1)
+    prox = dataclasses.replace(buf, logprobs=logp.view(T, N), dist=dist.view(T, N, -1), weights=weights.view(T, N))
+    return prox, lag
 
 
 def sample_minibatches(policy: nn.Module, buf: Rollout, cfg: Config, ops: kernels.Ops, kl_coef: float,
@@ -319,6 +342,7 @@ def iteration_metrics(cfg: Config, progress: Progress, lr: float, kl_coef: float
         "losses/kl_coef": kl_coef,
         "losses/epochs": int(values["epochs"]),
         "time/elapsed": progress.elapsed(),
+        **({"losses/lag_kl": values["lag_kl"]} if "lag_kl" in values else {}),
         **{k: values[k] for k in values if k.startswith("trpo/")},
     }
 
@@ -723,12 +747,16 @@ def _loop(cfg: Config, prepared: Prepared, s: Session, logger, tracker, stop: St
                 if s.value_norm is not None:
                     s.value_norm.update(buf.returns, buf.valid)
             with s.timer.phase("update"):
+                if cfg.decoupled:  # pi_prox replaces the behaviour policy in the loss and the measured KL
+                    buf, lag_kl = proximal_rollout(s.train_forward, buf, cfg.minibatch_size)
                 targets = normalized_targets(buf, s.value_norm)
                 if cfg.algo == "trpo":
                     stats = trpo_update(s.policy, s.forward, s.optimizer, targets, cfg)
                 else:
                     stats = update(s.train_forward, s.optimizer, targets, cfg, ops, kl_coef, s.value_norm)
                 stats.update(rollout_stats(buf, s.forward, cfg), params_finite=params_finite(s.policy))
+                if cfg.decoupled:
+                    stats["lag_kl"] = lag_kl
             s.collection.refresh(s.policy)
             with s.timer.phase("logging", host=True):
                 values = host_values(stats, device)
