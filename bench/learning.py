@@ -174,7 +174,6 @@ def plot(runs: list[dict], compared: list[tuple[str, dict]], target: float, titl
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     lines = [(run, "-", f"{run_label(run)} seed {run['seed']}") for run in runs]
     for file, result in compared:
         where = machine_name(result["machine"])
@@ -182,6 +181,8 @@ def plot(runs: list[dict], compared: list[tuple[str, dict]], target: float, titl
             env = f"{run['env_id']}, " if run["env_id"] != runs[0]["env_id"] else ""
             seed = run.get("seed", run["config"]["seed"])
             lines.append((run, "--", f"{env}{run_label(run)} seed {seed}, {where} ({Path(file).name})"))
+    legend = 0.22 * (len(lines) + (target is not None))  # inches under the panels, one row per entry
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5 + legend))
     for ax, key, label in ((axes[0], "global_step", "agent steps"), (axes[1], "seconds", "wall-clock seconds")):
         for run, style, name in lines:
             points = run["curve"]
@@ -197,9 +198,10 @@ def plot(runs: list[dict], compared: list[tuple[str, dict]], target: float, titl
             ax.axhline(target, color="k", ls=":", lw=0.8, label=f"target {target:g}")
         ax.set_xlabel(label)
         ax.set_ylabel(f"recent return (last {runs[0]['config']['target_return_games']} games)")
-    axes[0].legend(loc="upper left", fontsize="small")
+    # below both panels, so that long labels do not squeeze them
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", fontsize="small", frameon=False)
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, (legend + 0.1) / (4.5 + legend), 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
