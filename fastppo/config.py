@@ -82,9 +82,9 @@ class RunOptions:
     hyperparameters exactly (ppo_atari_envpool, ppo, or ppo_continuous_action), every
     throughput option off. fast (chosen on Pong on CPU, not yet timed on a GPU): async envs
     (recv num_envs / 2) and --overlap; Atari 32 envs x 128 steps, minibatches of 256, 4
-    epochs, lr 2.5e-4 annealed, clip 0.2; other discrete actions 64 x 128, 4 minibatches, 3
-    epochs, lr 3e-4, clip 0.2; continuous 64 x 64, 4 minibatches, 5 epochs, lr 3e-4, clip 0.2.
-    fastppo/presets.py lists them and why"""
+    epochs, lr 2.5e-4 annealed, clip 0.2, --decoupled; other discrete actions 64 x 128, 4
+    minibatches, 3 epochs, lr 3e-4, clip 0.2; continuous 64 x 64, 4 minibatches, 5 epochs, lr
+    3e-4, clip 0.2. fastppo/presets.py lists them and why"""
     total_timesteps: int | None = None
     """total agent steps, all ranks together (None: 10M for Atari, 500k for other discrete
     actions, 1M for continuous ones)"""

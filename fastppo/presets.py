@@ -13,9 +13,10 @@ differences in the data).
 
 ``fast`` aims at wall-clock time to score with many EnvPool envs: asynchronous envs and updates
 overlapped with collection. For Atari: 32 async envs x 128 steps, CleanRL's update per sample
-(minibatches of 256, 4 epochs, lr 2.5e-4 annealed) with clip 0.2, chosen from runs on Pong (the comment
-above ``_FAST_ATARI`` has the numbers); not yet timed on a GPU, and on Pong seed 1 it was at -16.0 at
-500k steps and 2.0 at 1M where ``cleanrl`` was at -11.3 and 2.1 (docs/presets.md). For other
+(minibatches of 256, 4 epochs, lr 2.5e-4 annealed) with clip 0.2 centred on the update's start
+(``--decoupled``), chosen from runs on Pong (the comment above ``_FAST_ATARI`` has the numbers); not yet
+timed on a GPU; on Pong seed 1 it was at -3.6 at 500k steps and 5.4 at 1M where ``cleanrl`` was at -11.3
+and 2.1 (docs/presets.md). For other
 discrete-action envs: 64 async envs x 128 steps, 4 minibatches, 3 epochs, lr 3e-4, clip 0.2 (on
 Acrobot-v1, --overlap and 3 epochs at 3e-4 cost no steps to -100: docs/presets.md); for continuous
 control, 64 envs x 64 steps in 4 minibatches of 1024 and 5 epochs trade CleanRL's 320 small gradient
@@ -47,10 +48,17 @@ _CLEANRL_COMMON = dict(
 # settings: -11.3).
 # 32 envs, not 16: a GPU needs envs to keep busy, and per env step the two were within Pong's seed
 # spread (32 was ahead from 300k to 450k steps, 16 at 500k). 64 x 128 in 32 minibatches with clip 0.1
-# was still at -19.9 at 450k steps. These values went on to 2.0 at 1M steps (CleanRL's: 2.1); the mean
-# of all games from 900k to 1M was 3.4 against CleanRL's 6.0: about 50-100k steps behind it.
+# was still at -19.9 at 450k steps. Without --decoupled these values went on to 2.0 at 1M steps (CleanRL's:
+# 2.1), about 50-100k steps behind CleanRL's settings.
+# --decoupled (the clip centred on the weights at the start of each update; the lag to the weights that
+# acted corrected by the advantages' importance weight): with everything above and seed 1, -3.6 at 500k
+# steps and 5.4 at 1M, against -16.0 and 2.0 without it (CleanRL's settings: -11.3 and 2.1); seed 2, -8.8
+# at 500k against CleanRL's -15.8. The mean of all games from 400k to 500k: -4.6 (seed 1) and -10.0 (seed
+# 2) against -15.7 without it and CleanRL's -14.1 and -17.6. With --overlap the data is one update old
+# (median KL 0.008 from the weights that acted to the update's start): coupled, an update starts that far
+# from its clip's centre and 8% of the samples were clipped (median), decoupled 6%.
 _FAST_ATARI = dict(num_envs=32, async_envs=True, overlap=True, num_steps=128, num_minibatches=16, update_epochs=4,
-                   learning_rate=2.5e-4, clip_coef=0.2, kernels="auto")
+                   learning_rate=2.5e-4, clip_coef=0.2, decoupled=True, kernels="auto")
 _FAST_DISCRETE = dict(num_envs=64, async_envs=True, overlap=True, num_steps=128, num_minibatches=4, update_epochs=3,
                       learning_rate=3e-4, clip_coef=0.2, kernels="auto")
 

@@ -193,3 +193,20 @@ def test_a_changed_copy_keeps_the_record_of_what_was_set():
     assert filled.update_epochs == 4 and filled.num_steps == fast["num_steps"]
     resolved = resolve(filled, env_info("CartPole-v1"))
     assert given_fields(resolved) == given_fields(cfg)  # kl_max, world_size, the kind's defaults: filled in
+
+
+def test_fast_for_atari_is_the_measured_setting_and_valid():
+    """fast's Atari values (docs/presets.md: measured on Pong) resolve to a valid config: 32 async envs x 128
+    with --overlap, minibatches of 256, clip 0.2 and --decoupled; --no-decoupled given wins."""
+    from fastppo.config import Config, env_kind, resolve, validate
+    from fastppo.envs import env_info
+    from fastppo.presets import apply_preset
+
+    info = env_info("Pong-v5")
+    assert env_kind(info) == "atari"
+    cfg = resolve(apply_preset(Config(env_id="Pong-v5", preset="fast", device="cpu"), env_kind(info)), info)
+    validate(cfg)
+    assert (cfg.num_envs, cfg.num_steps, cfg.minibatch_size, cfg.update_epochs) == (32, 128, 256, 4)
+    assert cfg.async_envs and cfg.overlap and cfg.decoupled and cfg.clip_coef == 0.2
+    off = apply_preset(Config(env_id="Pong-v5", preset="fast", device="cpu", decoupled=False), "atari")
+    assert off.decoupled is False and off.overlap
