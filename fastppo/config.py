@@ -490,6 +490,8 @@ def resolve(cfg: Config, info: EnvInfo, world_size: int = 1) -> Config:
         fills["kl_min"] = cfg.kl_target / 1.5
     fills["lr_schedule"] = lr_schedule(cfg)
     fills["anneal_lr"] = fills["lr_schedule"] == "anneal"  # so that the resolved config says one thing
+    if cfg.algo == "trpo" and cfg.decoupled and "decoupled" not in given_fields(cfg):
+        fills["decoupled"] = False  # a preset's: TRPO's step has no clip to centre (given, check_options_read refuses)
     cfg = replace(cfg, given=False, **fills)
     if cfg.norm_obs and (info.is_image or info.obs_classes):
         what = "frames" if info.is_image else "a state index"
@@ -691,7 +693,7 @@ def validate(cfg: Config) -> None:
     if cfg.decoupled and cfg.advantages == "epoch" and cfg.minibatch_by == "env":
         # that path's advantages come out of the fused GAE + loss op, where no weight can reach them
         raise ConfigError("--decoupled does not go with --advantages epoch --minibatch-by env (the fused GAE + loss "
-                          "op); use --minibatch-by sample")
+                          "op); give --minibatch-by sample, or --no-decoupled")
     if cfg.kl_min >= cfg.kl_max:
         raise ConfigError(f"--kl-min ({cfg.kl_min}) must be below --kl-max ({cfg.kl_max})")
     if not 0 < cfg.kl_coef_min <= cfg.kl_coef_max:

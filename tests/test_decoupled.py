@@ -172,3 +172,16 @@ def test_cartpole_learns_to_450_decoupled_with_overlap(tmp_path, capsys):
     assert code == 0
     assert "target return 450.0 reached" in capsys.readouterr().out
     assert read_metrics(run_dir)[-1]["global_step"] < 500_000
+
+
+def test_a_presets_decoupled_is_dropped_for_trpo():
+    """fast sets --decoupled for Atari; with --algo trpo (no clip to centre, and no weights in its loss) the
+    resolved config has it off, where --decoupled given is refused (above)."""
+    from fastppo.config import env_kind
+    from fastppo.presets import apply_preset
+
+    info = env_info("Pong-v5")
+    ppo = resolve(apply_preset(Config(env_id="Pong-v5", preset="fast", device="cpu"), env_kind(info)), info)
+    trpo = resolve(apply_preset(Config(env_id="Pong-v5", preset="fast", device="cpu", algo="trpo"), env_kind(info)),
+                   info)
+    assert ppo.decoupled and not trpo.decoupled
