@@ -1,15 +1,18 @@
-"""What one update costs with PPO-clip, PPO-penalty and TRPO: the same rollout, the same starting
-weights, the three updates interleaved in one process, so their ratios hold on a busy machine too.
+"""What one update costs with PPO-clip, PPO-clip with --decoupled, PPO-penalty and TRPO: the same rollout,
+the same starting weights, the four updates interleaved in one process, so their ratios hold on a busy
+machine too.
 
     python bench/update_cost.py --env-id CartPole-v1 --device cpu
     python bench/update_cost.py --env-id Hopper-v4 --device cpu --repeats 10
+    python bench/update_cost.py --env-id Pong-v5 --preset fast --device cpu --repeats 3
 
 Each algorithm's run is built as fastppo train builds it (prepare.prepare + trainer.build, --preset
 cleanrl unless another is given: its rollout size, epochs and minibatches). One rollout is collected
 by the first run and its advantages computed; then, --repeats times and in rotating order, every
 algorithm starts from the same weights and optimizer state and runs what the loop's "update" phase
-runs: update (or trpo_update), the batch statistics (rollout_stats: penalty's and TRPO's KL over the
-whole batch) and the one host read of the stats. Prints the median milliseconds per update and the
+runs: with --decoupled the forward pass that makes pi_prox (proximal_rollout), then update (or
+trpo_update), the batch statistics (rollout_stats: penalty's and TRPO's KL over the whole batch) and
+the one host read of the stats. Prints the median milliseconds per update and the
 ratio to clip's; writes bench/results/update_cost_<env>_<device>.json.
 """
 
@@ -31,16 +34,24 @@ from fastppo.bench import machine  # noqa: E402
 from fastppo.config import Config  # noqa: E402
 from fastppo.distributed import World  # noqa: E402
 from fastppo.prepare import prepare  # noqa: E402
-from fastppo.trainer import build, host_values, rollout_stats, update  # noqa: E402
+from fastppo.trainer import build, host_values, proximal_rollout, rollout_stats, update  # noqa: E402
 from fastppo.trpo import trpo_update  # noqa: E402
 
-ALGOS = {"clip": dict(algo="ppo", loss="clip"), "penalty": dict(algo="ppo", loss="penalty"), "trpo": dict(algo="trpo")}
+# --decoupled given either way (fast sets it for Atari): "clip" and "penalty" are the plain updates
+ALGOS = {
+    "clip": dict(algo="ppo", loss="clip", decoupled=False),
+    "decoupled": dict(algo="ppo", loss="clip", decoupled=True),
+    "penalty": dict(algo="ppo", loss="penalty", decoupled=False),
+    "trpo": dict(algo="trpo"),
+}
 
 
 def one_update(name: str, session, prepared, buf) -> float:
     """Seconds of one update as the loop runs it (the stats read back to the host included)."""
     cfg, ops = prepared.cfg, prepared.ops
     t = time.perf_counter()
+    if cfg.decoupled:
+        buf, _ = proximal_rollout(session.train_forward, buf, cfg.minibatch_size)
     if name == "trpo":
         stats = trpo_update(session.policy, session.forward, session.optimizer, buf, cfg)
     else:

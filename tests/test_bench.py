@@ -199,13 +199,13 @@ def test_bench_flags_are_the_training_fields_and_its_own():
         assert f"--{name.replace('_', '-')}" not in flags, name
 
 
-def test_update_cost_times_the_three_updates_on_one_rollout(tmp_path):
+def test_update_cost_times_the_four_updates_on_one_rollout(tmp_path):
     proc = subprocess.run([sys.executable, "bench/update_cost.py", "--env-id", "CartPole-v1", "--device", "cpu",
                            "--repeats", "1", "--out-dir", str(tmp_path)], cwd=Path(__file__).resolve().parents[1],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "update_cost_CartPole-v1_cpu.json").read_text())
-    assert set(result["ms_per_update_median"]) == {"clip", "penalty", "trpo"}
+    assert set(result["ms_per_update_median"]) == {"clip", "decoupled", "penalty", "trpo"}
     assert result["ratio_to_clip"]["clip"] == 1.0 and all(v > 0 for v in result["ms_per_update_median"].values())
     assert (result["num_envs"], result["num_steps"]) == (4, 128)
 
