@@ -68,6 +68,7 @@ from fastppo.config import (
 from fastppo.distributed import World
 from fastppo.envs import EnvInfo, make_envs
 from fastppo.evaluate import eval_metrics
+from fastppo.kernels.reference import masked_mean
 from fastppo.logger import RecentReturns, RunLogger, command_line, keep_metrics_until, write_model_card
 from fastppo.loss import AdaptiveKLCoef, AdaptiveLR, gae_minibatch_loss, minibatch_loss, policy_kl
 from fastppo.normalize import ValueNormalizer
@@ -128,9 +129,9 @@ def proximal_rollout(policy: nn.Module, buf: Rollout, chunk: int) -> tuple[Rollo
     with torch.no_grad():
         dist = torch.cat([policy(b["obs"][i : i + chunk])[0] for i in range(0, T * N, chunk)]).to(buf.dist.dtype)
         logp = log_prob(kind, dist, b["actions"]).to(buf.logprobs.dtype)
-        weights = torch.exp(logp - b["logprobs"])
-        valid = b["valid"].to(dist.dtype)
-        lag = (exact_kl(kind, b["dist"], dist) * valid).sum() / valid.sum().clamp_min(1)
+        # 1 on the steps the loss masks out (EnvPool's autoreset step), whatever was stored there
+        weights = torch.where(b["valid"], torch.exp(logp - b["logprobs"]), 1.0)
+        lag = masked_mean(exact_kl(kind, b["dist"], dist), b["valid"])
     prox = dataclasses.replace(buf, logprobs=logp.view(T, N), dist=dist.view(T, N, -1), weights=weights.view(T, N))
     return prox, lag
 
