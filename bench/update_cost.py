@@ -4,7 +4,7 @@ machine too.
 
     python bench/update_cost.py --env-id CartPole-v1 --device cpu
     python bench/update_cost.py --env-id Hopper-v4 --device cpu --repeats 10
-    python bench/update_cost.py --env-id Pong-v5 --preset fast --device cpu --repeats 3
+    python bench/update_cost.py --env-id Pong-v5 --preset fast --device cpu --repeats 5 --algos clip decoupled
 
 Each algorithm's run is built as fastppo train builds it (prepare.prepare + trainer.build, --preset
 cleanrl unless another is given: its rollout size, epochs and minibatches). One rollout is collected
@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="cleanrl", choices=["none", "cleanrl", "fast"])
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--algos", nargs="+", choices=list(ALGOS), default=list(ALGOS), metavar="NAME",
+                   help=f"which updates to time ({', '.join(ALGOS)}); clip is always one, the ratios' base")
     p.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
     args = p.parse_args(argv)
     if args.repeats < 1:
@@ -74,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
 
     runs = {}
     for name, algo in ALGOS.items():
+        if name != "clip" and name not in args.algos:
+            continue
         prepared = prepare(Config(env_id=args.env_id, preset=args.preset, device=args.device, seed=1, **algo))
         runs[name] = (prepared, build(prepared, World()))
     try:

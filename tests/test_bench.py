@@ -208,6 +208,12 @@ def test_update_cost_times_the_four_updates_on_one_rollout(tmp_path):
     assert set(result["ms_per_update_median"]) == {"clip", "decoupled", "penalty", "trpo"}
     assert result["ratio_to_clip"]["clip"] == 1.0 and all(v > 0 for v in result["ms_per_update_median"].values())
     assert (result["num_envs"], result["num_steps"]) == (4, 128)
+    proc = subprocess.run([sys.executable, "bench/update_cost.py", "--env-id", "CartPole-v1", "--device", "cpu",
+                           "--repeats", "1", "--algos", "decoupled", "--out-dir", str(tmp_path)],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "update_cost_CartPole-v1_cpu.json").read_text())
+    assert set(result["ms_per_update_median"]) == {"clip", "decoupled"}  # clip: the ratios' base, always
 
 
 def test_results_go_to_a_folder_in_the_current_directory_by_default(tmp_path, monkeypatch):
