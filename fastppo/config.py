@@ -122,8 +122,8 @@ class AlgorithmOptions:
     pass over the batch without gradients), and each sample's advantage is weighted by
     pi_prox(a|s) / pi_behaviour(a|s), the importance weight from the policy that acted. With
     --overlap the envs act one update behind, so the ratio to the behaviour policy starts away
-    from 1 and clipping spends part of each update; decoupled, it starts at exactly 1. On-policy
-    (no --overlap) the two policies are the same and the update is CleanRL's"""
+    from 1 and clipping spends part of each update; decoupled, it starts at exactly 1. Without
+    --overlap and --async-envs the two policies are the same and the update is the plain one"""
     learning_rate: float | None = None
     """Adam learning rate, eps 1e-5 (None: 2.5e-4; 3e-4 for continuous actions)"""
     anneal_lr: bool = True
