@@ -56,7 +56,8 @@ _CLEANRL_COMMON = dict(
 # at 500k against CleanRL's -15.8. The mean of all games from 400k to 500k: -4.6 (seed 1) and -10.0 (seed
 # 2) against -15.7 without it and CleanRL's -14.1 and -17.6. With --overlap the data is one update old
 # (median KL 0.008 from the weights that acted to the update's start): coupled, an update starts that far
-# from its clip's centre and 8% of the samples were clipped (median), decoupled 6%.
+# from its clip's centre and 8% of the samples were clipped (median), decoupled 6%. On Breakout (seed 1)
+# it changed little: 20 first reached at 549k steps against 541k without it, 27.2 at 1M against 25.3.
 _FAST_ATARI = dict(num_envs=32, async_envs=True, overlap=True, num_steps=128, num_minibatches=16, update_epochs=4,
                    learning_rate=2.5e-4, clip_coef=0.2, decoupled=True, kernels="auto")
 _FAST_DISCRETE = dict(num_envs=64, async_envs=True, overlap=True, num_steps=128, num_minibatches=4, update_epochs=3,
