@@ -24,6 +24,7 @@ the plain run, and matches it.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -135,6 +136,12 @@ def process_group(world: World, device: torch.device, timeout_s: float) -> Itera
     if not world.launched:
         yield
         return
+    # Imported before the group exists, on purpose: torch._dynamo imported while a group is up (the first
+    # optimizer and DDP import it) keeps that group, and its gloo worker threads, alive past
+    # destroy_process_group. Such a thread may then free a finished collective's tensors while the
+    # interpreter shuts down, and the process aborts after a finished run ("terminate called without an
+    # active exception"). tests/test_distributed.py checks that no gloo thread is left.
+    import torch._dynamo  # noqa: F401
     kwargs = {}
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -153,6 +160,7 @@ def process_group(world: World, device: torch.device, timeout_s: float) -> Itera
         raise RanksLost(f"rank {world.rank} of {world.size} lost the other ranks: {_first_line(e)} (a rank died, "
                         f"or stalled longer than --dist-timeout {timeout_s:g}s; see its output)") from e
     finally:
+        gc.collect()  # a DDP module left in a reference cycle holds the group: free it so the group goes too
         dist.destroy_process_group()
 
 

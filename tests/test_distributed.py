@@ -252,6 +252,30 @@ def test_a_stalled_rank_is_an_error_after_the_timeout(tmp_path):
         rank1.communicate()
 
 
+# Each worker lists its gloo threads once main() has returned.
+GLOO_THREADS_AFTER_RUN = textwrap.dedent("""
+    import os, sys
+    from fastppo.cli import main
+    code = main(sys.argv[1:])
+    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    print("gloo threads left:", sorted(n for n in names if "gloo" in n), file=sys.stderr)
+    sys.exit(code)
+""")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="lists threads through /proc")
+def test_the_process_group_is_gone_when_the_run_returns(tmp_path):
+    """Its worker threads joined: a group kept alive past destroy_process_group (torch._dynamo, imported
+    while the group is up, keeps it) lets a worker free a collective's tensors while the interpreter shuts
+    down, and the process then aborts, now and then, after a finished run ("terminate called without an active
+    exception")."""
+    (tmp_path / "threads.py").write_text(GLOO_THREADS_AFTER_RUN)
+    proc = torchrun(2, [str(tmp_path / "threads.py"), *CARTPOLE, "--num-envs", "2", "--num-steps", "64",
+                        "--total-timesteps", "512", "--run-dir", str(tmp_path / "run")], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("gloo threads left: []") == 2, proc.stderr[-3000:]
+
+
 def test_two_ranks_resume_exactly(tmp_path):
     """A 2-rank run resumed from its iteration-4 checkpoint equals the run that went straight on:
     each rank replays its own envs' actions and gets its own RNG states back."""
