@@ -160,7 +160,7 @@ def process_group(world: World, device: torch.device, timeout_s: float) -> Itera
         raise RanksLost(f"rank {world.rank} of {world.size} lost the other ranks: {_first_line(e)} (a rank died, "
                         f"or stalled longer than --dist-timeout {timeout_s:g}s; see its output)") from e
     finally:
-        gc.collect()  # a DDP module left in a reference cycle holds the group: free it so the group goes too
+        gc.collect()  # the update's DDP module holds the group: free it now even if a reference cycle kept it
         dist.destroy_process_group()
 
 
