@@ -16,7 +16,12 @@
 # then a closing table. Every JSON file names the card, the CPU, versions and fastppo's commit (where
 # the tree is not a git checkout, set FASTPPO_COMMIT): commit them under bench/results/.
 set -uo pipefail
-DEADLINE=$(( $(date +%s) + ${GPU_CHECK_SECONDS:-480} ))
+SECONDS_IN_ALL=${GPU_CHECK_SECONDS:-480}
+if ! [[ $SECONDS_IN_ALL =~ ^[0-9]+$ ]]; then
+  echo "gpu_check.sh: GPU_CHECK_SECONDS must be a whole number of seconds, got '$SECONDS_IN_ALL'" >&2
+  exit 2
+fi
+DEADLINE=$(( $(date +%s) + 10#$SECONDS_IN_ALL ))
 OUT_DIR=$(realpath -m "${1:-$(dirname "$0")/results/gpu_check}")  # a relative OUT_DIR is the caller's
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
