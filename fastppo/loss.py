@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from fastppo.config import Config
-from fastppo.kernels.reference import normalize_advantages
+from fastppo.kernels.reference import masked_mean, normalize_advantages
+from fastppo.policy import forward_in_chunks, split_gaussian
 from fastppo.policy import kl as exact_kl
-from fastppo.policy import split_gaussian
 
 
 def loss_kwargs(cfg: Config, kl_coef: float) -> dict:
@@ -163,10 +163,5 @@ def policy_kl(
     obs (B, ...), old_dist (B, P) the behaviour distributions, valid (B,); evaluated in chunks of
     `chunk` states without gradients. Returns a 0-dim tensor (no host sync here).
     """
-    total = torch.zeros((), device=old_dist.device)
-    with torch.no_grad():
-        for start in range(0, obs.shape[0], chunk):
-            sl = slice(start, start + chunk)
-            kl = exact_kl(kind, old_dist[sl].float(), policy(obs[sl])[0].float())
-            total += (kl * valid[sl]).sum()
-    return total / valid.sum().clamp_min(1)
+    dist = forward_in_chunks(policy, obs, chunk)[0]
+    return masked_mean(exact_kl(kind, old_dist.float(), dist.float()), valid)

@@ -195,6 +195,14 @@ def kl(kind: str, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     return (old_logp.exp() * (old_logp - new_logp)).sum(-1)
 
 
+def forward_in_chunks(forward: nn.Module, obs: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """forward(obs) over a whole batch without gradients, `chunk` observations at a time (one chunk's
+    activations in memory, not the batch's): the distributions (B, P) and values (B,), concatenated."""
+    with torch.no_grad():
+        outs = [forward(obs[i : i + chunk]) for i in range(0, obs.shape[0], chunk)]
+    return torch.cat([dist for dist, _ in outs]), torch.cat([value for _, value in outs])
+
+
 def noise_shape(kind: str, batch: int, dist_size: int) -> tuple[int, int]:
     """Shape of the noise one sampling step draws: Gumbel uniforms (B, A) or Gaussian normals (B, D)."""
     return (batch, dist_size // 2) if kind == "gaussian" else (batch, dist_size)

@@ -73,8 +73,8 @@ from fastppo.logger import RecentReturns, RunLogger, command_line, keep_metrics_
 from fastppo.loss import AdaptiveKLCoef, AdaptiveLR, gae_minibatch_loss, minibatch_loss, policy_kl
 from fastppo.normalize import ValueNormalizer
 from fastppo.perf import PHASES, PhaseTimer, learner_forward
+from fastppo.policy import forward_in_chunks, log_prob, make_policy
 from fastppo.policy import kl as exact_kl
-from fastppo.policy import log_prob, make_policy
 from fastppo.prepare import Prepared, claim_run_dir, make_normalizers, make_optimizer, prepare, prepare_resume
 from fastppo.rollout import Collection, Rollout, dist_kind, flatten, gather_rows, make_collection
 from fastppo.runfolder import RunFolder
@@ -109,10 +109,8 @@ def value_predictions(policy: nn.Module, buf: Rollout, chunk: int) -> torch.Tens
     """V(s) of every observation of the rollout under the current policy, row T included: (T + 1, N)."""
     T, N = buf.rewards.shape
     obs = buf.obs.flatten(0, 1)  # (T * N, ...), a view: no copy of the observation buffer
-    with torch.no_grad():
-        values = [policy(obs[i : i + chunk])[1].float() for i in range(0, obs.shape[0], chunk)]
-        values.append(policy(buf.next_obs)[1].float())  # row T, the bootstrap
-    return torch.cat(values).view(T + 1, N)
+    values = [forward_in_chunks(policy, o, chunk)[1] for o in (obs, buf.next_obs)]  # then row T, the bootstrap
+    return torch.cat(values).float().view(T + 1, N)
 
 
 def proximal_rollout(policy: nn.Module, buf: Rollout, chunk: int) -> tuple[Rollout, torch.Tensor]:
@@ -126,12 +124,11 @@ def proximal_rollout(policy: nn.Module, buf: Rollout, chunk: int) -> tuple[Rollo
     T, N = buf.rewards.shape
     kind = dist_kind(buf)
     b = flatten(buf)
-    with torch.no_grad():
-        dist = torch.cat([policy(b["obs"][i : i + chunk])[0] for i in range(0, T * N, chunk)]).to(buf.dist.dtype)
-        logp = log_prob(kind, dist, b["actions"]).to(buf.logprobs.dtype)
-        # 1 on the steps the loss masks out (EnvPool's autoreset step), whatever was stored there
-        weights = torch.where(b["valid"], torch.exp(logp - b["logprobs"]), 1.0)
-        lag = masked_mean(exact_kl(kind, b["dist"], dist), b["valid"])
+    dist = forward_in_chunks(policy, b["obs"], chunk)[0].to(buf.dist.dtype)  # no gradients from here on
+    logp = log_prob(kind, dist, b["actions"]).to(buf.logprobs.dtype)
+    # 1 on the steps the loss masks out (EnvPool's autoreset step), whatever was stored there
+    weights = torch.where(b["valid"], torch.exp(logp - b["logprobs"]), 1.0)
+    lag = masked_mean(exact_kl(kind, b["dist"], dist), b["valid"])
     prox = dataclasses.replace(buf, logprobs=logp.view(T, N), dist=dist.view(T, N, -1), weights=weights.view(T, N))
     return prox, lag
 
