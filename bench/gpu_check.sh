@@ -22,6 +22,8 @@ if ! [[ $SECONDS_IN_ALL =~ ^[0-9]+$ ]]; then
   exit 2
 fi
 DEADLINE=$(( $(date +%s) + 10#$SECONDS_IN_ALL ))
+KILL_AFTER=10  # seconds from a stage's SIGINT to its SIGKILL
+seconds_left() { echo $(( DEADLINE - $(date +%s) - KILL_AFTER )); }  # for a stage starting now
 OUT_DIR=$(realpath -m "${1:-$(dirname "$0")/results/gpu_check}")  # a relative OUT_DIR is the caller's
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -44,7 +46,7 @@ run() {  # run NAME SECONDS CMD...: time-limited, output appended to the log, st
   local name=$1 limit=$2 start rc left
   shift 2
   start=$(date +%s)
-  left=$(( DEADLINE - start - 10 ))  # 10 s for --kill-after
+  left=$(seconds_left)
   if (( left < 15 )); then
     echo "=== $name: skipped, ${left}s left of the deadline" | tee -a "$LOG"
     summary+=("$(printf '%-16s %-9s %4ss' "$name" skipped 0)")
@@ -52,7 +54,7 @@ run() {  # run NAME SECONDS CMD...: time-limited, output appended to the log, st
   fi
   (( limit > left )) && limit=$left
   echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
-  timeout --signal=INT --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+  timeout --signal=INT --kill-after="$KILL_AFTER" "$limit" "$@" 2>&1 | tee -a "$LOG"
   rc=${PIPESTATUS[0]}
   summary+=("$(printf '%-16s %-9s %4ss' "$name" "$([ "$rc" = 0 ] && echo ok || echo "FAIL($rc)")" $(( $(date +%s) - start )))")
 }
@@ -68,7 +70,7 @@ run fastppo_bench 130 python -m fastppo bench --env-id Pong-v5 --seconds 3 --war
 run host_overhead 20 python bench/host_overhead.py --device cuda --num-envs 64 256 1024 --rollouts 2 --out "$OUT_DIR"
 # 240 s of training, less where the stages before ran long: the run ends by itself, and writes its results,
 # before the deadline (30 s for start-up and the plot)
-PONG_SECONDS=$(( DEADLINE - $(date +%s) - 10 - 30 ))
+PONG_SECONDS=$(( $(seconds_left) - 30 ))
 (( PONG_SECONDS > 240 )) && PONG_SECONDS=240
 (( PONG_SECONDS < 1 )) && PONG_SECONDS=1
 run pong_to_score $(( PONG_SECONDS + 30 )) python bench/learning.py --env-id Pong-v5 --preset fast --target-return 20 \
